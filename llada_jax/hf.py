@@ -1,0 +1,353 @@
+"""Hugging Face checkpoint I/O: the official safetensors layout <-> this project's parameters.
+
+All HF conversion lives here (REFERENCE §1, "Checkpoints"). Torch `nn.Linear` weights are
+`[out, in]`; ours are `[in, ...out]`, experts stacked `[E, ...]` and layers stacked on a
+leading `layers` axis per group (dense / MoE). The fused `query_key_value` rows are
+Q heads | K heads | V heads; we keep three kernels so that heads shard cleanly.
+
+Loading streams one parameter leaf at a time: a leaf's buffer is filled from the tensors
+it needs, placed on device (with its sharding, if given), and released before the next,
+so the host never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Callable, Iterable, Optional
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llada_jax.config import ModelConfig
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some exporters still write
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the config: the message names the key, expected and found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One HF tensor (or a row slice of it) <-> one slice of one parameter leaf."""
+
+    hf_key: str
+    hf_shape: tuple
+    leaf: tuple  # path in the params tree
+    index: tuple  # index into the leaf (layer, expert) where this tensor goes
+    rows: Optional[tuple] = None  # (start, stop) row slice of the HF tensor (fused QKV)
+    kind: str = "t"  # how to turn HF [out, in] into ours: see _to_flax / _from_flax
+    heads: int = 0  # for reshapes that split a head axis
+
+
+def _to_flax(e: _Entry, w: np.ndarray, head_dim: int) -> np.ndarray:
+    if e.rows is not None:
+        w = w[e.rows[0]:e.rows[1]]
+    if e.kind == "id":
+        return w
+    if e.kind == "t":  # [out, in] -> [in, out]
+        return w.T
+    if e.kind == "in_heads":  # [N*H, D] -> [D, N, H]
+        return w.reshape(e.heads, head_dim, -1).transpose(2, 0, 1)
+    if e.kind == "out_heads":  # [D, N*H] -> [N, H, D]
+        return w.T.reshape(e.heads, head_dim, -1)
+    raise AssertionError(e.kind)
+
+
+def _from_flax(e: _Entry, w: np.ndarray) -> np.ndarray:
+    if e.kind == "id":
+        return w
+    if e.kind == "t":
+        return w.T
+    if e.kind == "in_heads":  # [D, N, H] -> [N*H, D]
+        return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+    if e.kind == "out_heads":  # [N, H, D] -> [D, N*H]
+        return w.reshape(-1, w.shape[-1]).T
+    raise AssertionError(e.kind)
+
+
+def _entries(c: ModelConfig) -> list[_Entry]:
+    """The complete key map, in checkpoint order."""
+    d, h, n, k = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
+    out = [_Entry("model.word_embeddings.weight", (c.vocab_size, d), ("embed",), (), kind="id")]
+    for i in range(c.num_layers):
+        moe = i >= c.num_dense_layers
+        grp = "moe_layers" if moe else "dense_layers"
+        j = i - c.num_dense_layers if moe else i
+        p = f"model.layers.{i}."
+        qkv = (p + "attention.query_key_value.weight", ((n + 2 * k) * h, d))
+        out += [
+            _Entry(p + "input_layernorm.weight", (d,), (grp, "input_norm", "scale"), (j,), kind="id"),
+            _Entry(*qkv, (grp, "attn", "q_proj"), (j,), rows=(0, n * h), kind="in_heads", heads=n),
+            _Entry(*qkv, (grp, "attn", "k_proj"), (j,), rows=(n * h, (n + k) * h), kind="in_heads", heads=k),
+            _Entry(*qkv, (grp, "attn", "v_proj"), (j,), rows=((n + k) * h, (n + 2 * k) * h), kind="in_heads", heads=k),
+            _Entry(p + "attention.query_layernorm.weight", (h,), (grp, "attn", "q_norm", "scale"), (j,), kind="id"),
+            _Entry(p + "attention.key_layernorm.weight", (h,), (grp, "attn", "k_norm", "scale"), (j,), kind="id"),
+            _Entry(p + "attention.dense.weight", (d, n * h), (grp, "attn", "o_proj"), (j,), kind="out_heads", heads=n),
+            _Entry(p + "post_attention_layernorm.weight", (d,), (grp, "post_attn_norm", "scale"), (j,), kind="id"),
+        ]
+        if not moe:
+            f = c.intermediate_size
+            for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+                out.append(_Entry(p + f"mlp.{name}.weight", shape, (grp, "mlp", name), (j,)))
+            continue
+        e_, f = c.num_experts, c.moe_intermediate_size
+        out += [
+            _Entry(p + "mlp.gate.weight", (e_, d), (grp, "moe", "router"), (j,)),
+            _Entry(p + "mlp.gate.expert_bias", (e_,), (grp, "moe", "expert_bias"), (j,), kind="id"),
+        ]
+        for e in range(e_):
+            q = p + f"mlp.experts.{e}."
+            out += [
+                _Entry(q + "gate_proj.weight", (f, d), (grp, "moe", "wi_gate"), (j, e)),
+                _Entry(q + "up_proj.weight", (f, d), (grp, "moe", "wi_up"), (j, e)),
+                _Entry(q + "down_proj.weight", (d, f), (grp, "moe", "wo"), (j, e)),
+            ]
+        if c.num_shared_experts:
+            fs = c.shared_intermediate_size
+            for name, shape in (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))):
+                out.append(_Entry(p + f"mlp.shared_experts.{name}.weight", shape, (grp, "moe", "shared", name), (j,)))
+    out += [
+        _Entry("model.norm.weight", (d,), ("final_norm", "scale"), (), kind="id"),
+        _Entry("lm_head.weight", (c.vocab_size, d), ("lm_head",), ()),
+    ]
+    return out
+
+
+def hf_keys(config: ModelConfig) -> dict[str, tuple]:
+    """Every HF tensor name of this architecture, with its shape (the reference key set)."""
+    return {e.hf_key: e.hf_shape for e in _entries(config)}
+
+
+def _leaf_shapes(config: ModelConfig) -> dict[tuple, tuple]:
+    from llada_jax.model import abstract_params
+
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(config), is_leaf=_is_boxed)[0]
+    return {tuple(p.key for p in path): _unbox(v) for path, v in flat}
+
+
+def _is_boxed(x):
+    return hasattr(x, "unbox")
+
+
+def _unbox(x):
+    return x.unbox() if _is_boxed(x) else x
+
+
+def _fp32_leaf(leaf: tuple) -> bool:
+    return leaf[-1] in ("router", "expert_bias")  # router is fp32 throughout (REFERENCE §1)
+
+
+# ---------------------------------------------------------------------------- reading
+class _Reader:
+    """Opens the single file or the shards of an index lazily; reads one tensor at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_NAME)
+        single = os.path.join(path, SINGLE_NAME)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: expected a 'weight_map' object, found {type(weight_map).__name__}")
+            self.files = dict(weight_map)
+            for shard in sorted(set(self.files.values())):
+                if not os.path.exists(os.path.join(path, shard)):
+                    raise CheckpointError(f"{index}: shard {shard!r} is listed but missing from {path}")
+        elif os.path.exists(single):
+            self.files = {}
+            with self._open(SINGLE_NAME) as f:
+                for key in f.keys():
+                    self.files[key] = SINGLE_NAME
+        else:
+            raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
+        self._handles = {}
+        self._last = (None, None)
+
+    def _open(self, name):
+        try:
+            return safe_open(os.path.join(self.path, name), framework="numpy")
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{os.path.join(self.path, name)}: cannot read safetensors file ({err})") from err
+
+    def shape(self, key):
+        h = self._handle(self.files[key])
+        return tuple(h.get_slice(key).get_shape())
+
+    def _handle(self, name):
+        if name not in self._handles:
+            self._handles[name] = self._open(name).__enter__()
+        return self._handles[name]
+
+    def get(self, key) -> np.ndarray:
+        if self._last[0] != key:  # the fused QKV tensor serves three leaves in a row
+            try:
+                self._last = (key, self._handle(self.files[key]).get_tensor(key))
+            except CheckpointError:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"{key}: cannot read tensor from {self.files[key]} ({err})") from err
+        return self._last[1]
+
+    def close(self):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
+                       config: Optional[ModelConfig] = None,
+                       progress: Optional[Callable[[str], None]] = None):
+    """Loads an HF directory (config.json + model.safetensors or a sharded index).
+
+    Returns `(config, params)`. `dtype` sets the parameter dtype (default: as in
+    `config.param_dtype`, float32); the router stays fp32. `shardings`, a pytree of
+    `jax.sharding.Sharding` matching the params, places each leaf as soon as it is read.
+    `progress(name)` is called after each leaf.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if config is None:
+        config = ModelConfig.from_hf_config(path)
+    if dtype is not None:
+        config = config.replace(param_dtype=jax.numpy.dtype(dtype).name)
+    entries = _entries(config)
+    reader = _Reader(path)
+    try:
+        expected = {e.hf_key: e.hf_shape for e in entries}
+        found = {k for k in reader.files if not k.endswith(_IGNORED_SUFFIXES)}
+        missing = sorted(set(expected) - found)
+        if missing:
+            k = missing[0]
+            raise CheckpointError(f"{path}: missing tensor {k!r} (expected shape {expected[k]}); "
+                                  f"{len(missing)} missing in all")
+        unexpected = sorted(found - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (shape "
+                                  f"{reader.shape(unexpected[0])}); {len(unexpected)} unexpected in all; "
+                                  "does config.json match the weights?")
+        for k, shape in expected.items():
+            got = reader.shape(k)
+            if got != tuple(shape):
+                raise CheckpointError(f"{k}: expected shape {tuple(shape)}, found {got}")
+
+        leaf_shapes = _leaf_shapes(config)
+        by_leaf: dict[tuple, list[_Entry]] = {}
+        for e in entries:
+            by_leaf.setdefault(e.leaf, []).append(e)
+        flat_shardings = _flatten_paths(shardings) if shardings is not None else {}
+        leaves = {}
+        # Visit leaves in checkpoint order so the reader's one-tensor cache serves fused QKV.
+        for leaf, group in by_leaf.items():
+            spec = leaf_shapes[leaf]
+            dt = np.float32 if _fp32_leaf(leaf) else jax.numpy.dtype(config.param_dtype)
+            buf = np.empty(spec.shape, dt)
+            for e in group:
+                buf[e.index] = _to_flax(e, reader.get(e.hf_key), config.head_dim).astype(dt)
+            leaves[leaf] = jax.device_put(buf, flat_shardings.get(leaf))
+            del buf
+            if progress:
+                progress("/".join(leaf))
+    finally:
+        reader.close()
+    return config, _unflatten_paths(leaves)
+
+
+def _flatten_paths(tree) -> dict[tuple, object]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    return {tuple(p.key for p in path): v for path, v in flat}
+
+
+def _unflatten_paths(leaves: dict[tuple, object]) -> dict:
+    out: dict = {}
+    for path, v in leaves.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+def _hf_tensors(config: ModelConfig, params, dtype) -> Iterable[tuple[str, Callable[[], np.ndarray], int]]:
+    """(key, thunk producing the tensor, nbytes) in checkpoint order; fused QKV re-assembled."""
+    flat = _flatten_paths(params)
+    entries = _entries(config)
+    grouped: dict[str, list[_Entry]] = {}
+    for e in entries:
+        grouped.setdefault(e.hf_key, []).append(e)
+    for key, group in grouped.items():
+        out_dt = np.float32 if key.endswith("expert_bias") else dtype
+
+        def make(group=group, out_dt=out_dt):
+            parts = [_from_flax(e, np.asarray(jax.device_get(flat[e.leaf][e.index]))) for e in group]
+            return np.ascontiguousarray(np.concatenate(parts, 0) if len(parts) > 1 else parts[0]).astype(out_dt)
+
+        yield key, make, int(np.prod(group[0].hf_shape)) * np.dtype(out_dt).itemsize
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
+                       max_shard_bytes: int = 5 * 2**30,
+                       progress: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Writes `config.json` and safetensors in the official layout (the PyTorch code loads it).
+
+    Shards above `max_shard_bytes` (`model-0000k-of-0000n.safetensors` + index). Each file
+    is written to a temporary name and renamed, so a killed save leaves no partial file.
+    `dtype` defaults to the parameter dtype; `expert_bias` is always written fp32.
+    Returns the written file names.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    dtype = np.dtype(jax.numpy.dtype(dtype or config.param_dtype))
+    tensors = list(_hf_tensors(config, params, dtype))
+    shards: list[list] = [[]]
+    size = 0
+    for item in tensors:
+        if shards[-1] and size + item[2] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[2]
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        data = {key: make() for key, make, _ in shard}
+        _atomic_write(os.path.join(path, name), lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
+        weight_map.update({key: name for key in data})
+        del data
+        if progress:
+            progress(name)
+    hf_cfg = config.to_hf_config()
+    hf_cfg["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
+
+    def dump(obj):
+        return lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n")
+
+    if n > 1:
+        total = sum(item[2] for item in tensors)
+        _atomic_write(os.path.join(path, INDEX_NAME), dump({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    _atomic_write(os.path.join(path, "config.json"), dump(hf_cfg))
+    return names + ([INDEX_NAME] if n > 1 else []) + ["config.json"]

@@ -1,0 +1,70 @@
+"""Every attention mask the project uses, in one place (REFERENCE §3).
+
+Masks are boolean, True where query i may attend key j (row = query, column = key), shaped
+`[T, T]` here; `forward` accepts `[B or 1, T, T]`. Builders take static Python ints so the
+masks are constants under `jit`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+
+def _check(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, found {value!r}")
+
+
+def bidirectional(length: int) -> Bool[Array, "T T"]:
+    """Full attention (MDLM, or block diffusion with one block)."""
+    _check("length", length)
+    return jnp.ones((length, length), dtype=bool)
+
+
+def block_causal(length: int, block_size: int) -> Bool[Array, "T T"]:
+    """Inference mask: query i sees key j iff block(j) <= block(i).
+
+    Bidirectional inside a block, causal across blocks; a finished block's K/V never change,
+    which is what makes the block KV cache exact.
+    """
+    _check("length", length)
+    _check("block_size", block_size)
+    b = jnp.arange(length) // block_size
+    return b[None, :] <= b[:, None]
+
+
+def composite(length: int, block_size: int) -> tuple[Bool[Array, "2L 2L"], Int[Array, "2L"]]:
+    """Training mask over `[x_t ; x_0]` (BD3-LM / dFactory `block_diffusion_mask`).
+
+    Returns `(mask [2L, 2L], positions [2L])` with positions `concat(arange(L), arange(L))`.
+      x_t -> x_t : same block (the noisy block itself)
+      x_t -> x_0 : strictly earlier clean blocks
+      x_0 -> x_0 : block causal
+      x_0 -> x_t : never
+    """
+    _check("length", length)
+    _check("block_size", block_size)
+    idx = jnp.arange(2 * length)
+    is_clean = idx >= length
+    blk = (idx % length) // block_size
+    q_clean, k_clean = is_clean[:, None], is_clean[None, :]
+    q_blk, k_blk = blk[:, None], blk[None, :]
+    noisy_noisy = ~q_clean & ~k_clean & (q_blk == k_blk)
+    noisy_clean = ~q_clean & k_clean & (q_blk > k_blk)
+    clean_clean = q_clean & k_clean & (q_blk >= k_blk)
+    positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
+    return noisy_noisy | noisy_clean | clean_clean, positions
+
+
+def document(doc_ids: Int[Array, "... T"]) -> Bool[Array, "... T T"]:
+    """Same-document mask for packed sequences: and it with any mask above.
+
+    For the composite input pass `concat([doc_ids, doc_ids], -1)`.
+    """
+    return doc_ids[..., :, None] == doc_ids[..., None, :]
+
+
+def key_padding(valid: Bool[Array, "B T"]) -> Bool[Array, "B 1 T"]:
+    """Masks out keys that are padding (True = a real token); broadcasts over queries."""
+    return valid[:, None, :]

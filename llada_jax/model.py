@@ -1,0 +1,359 @@
+"""The LLaDA2 MoE denoiser in Flax linen (REFERENCE §1).
+
+A pre-norm transformer whose position i predicts the clean token at position i (no shift).
+Modules hold parameters and nothing else; `forward` is the pure entry point.
+
+Dimension letters in einsums: B batch, T query length, S key length, D model, N query
+heads, K kv heads, G query heads per kv head, H head dim, F mlp width, E experts, V vocab.
+
+Every parameter carries logical axis names (see `sharding.py` for the rule table):
+  vocab, embed, heads, kv_heads, head_dim, mlp, exp, expert_mlp, router_exp, norm, layers.
+Activations carry act_batch, act_length, act_embed, act_heads, act_kv_heads, act_vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from llada_jax.config import ModelConfig
+
+Dtype = Any
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    """fp32 statistics, cast back to the input dtype, then times the weight (as the reference)."""
+
+    eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        w = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return w.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], rotary_dim: int, theta: float):
+    """Rotate-half (NeoX) RoPE on the first `rotary_dim` dims of each head; the rest untouched."""
+    inv_freq = theta ** (-jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+class Attention(nn.Module):
+    """QKV projections (stored per role so heads shard cleanly), QK-norm, partial RoPE, GQA.
+
+    The HF checkpoint fuses Q|K|V rows into one matrix; `hf.py` splits it by heads, which
+    is the same computation. With a cache, the chunk's K/V are written at `cache_index`
+    and the queries attend over the whole cache under `mask` ([B|1, T, S]).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        c = self.config
+        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = _param(self, "q_proj", _KERNEL_INIT, (d, n, h), ("embed", "heads", "head_dim"), pdt)
+        wk = _param(self, "k_proj", _KERNEL_INIT, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+        wv = _param(self, "v_proj", _KERNEL_INIT, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+        wo = _param(self, "o_proj", _KERNEL_INIT, (n, h, d), ("heads", "head_dim", "embed"), pdt)
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt)
+
+        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))  # [B, T, N, H]
+        kk = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt))  # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt))  # [B, T, K, H]
+        q = norm(name="q_norm")(q)
+        kk = norm(name="k_norm")(kk)
+        q = rope(q, positions, c.rotary_dim, c.rope_theta)
+        kk = rope(kk, positions, c.rotary_dim, c.rope_theta)
+        q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
+        kk = _constrain(kk, ("act_batch", "act_length", "act_kv_heads", None))
+        v = _constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+        new_cache = None
+        if cache is not None:
+            # Write this chunk's K/V at each row's cache_index; attend over the whole cache.
+            write = jax.vmap(lambda buf, upd, i: jax.lax.dynamic_update_slice_in_dim(buf, upd, i, axis=0))
+            kc = write(cache["k"], kk.astype(cache["k"].dtype), cache_index)
+            vc = write(cache["v"], v.astype(cache["v"].dtype), cache_index)
+            new_cache = {"k": kc, "v": vc}
+            kk, v = kc.astype(dt), vc.astype(dt)
+
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, kk).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+        if mask is not None:
+            scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # fp32 softmax
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+        out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
+        y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+    width: int
+    axis: str = "mlp"
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+        d, f = c.hidden_size, self.width
+        wg = _param(self, "gate_proj", _KERNEL_INIT, (d, f), ("embed", self.axis), pdt)
+        wu = _param(self, "up_proj", _KERNEL_INIT, (d, f), ("embed", self.axis), pdt)
+        wd = _param(self, "down_proj", _KERNEL_INIT, (f, d), (self.axis, "embed"), pdt)
+        g = jnp.einsum("btd,df->btf", x, wg.astype(dt))
+        u = jnp.einsum("btd,df->btf", x, wu.astype(dt))
+        hdn = _constrain(nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", hdn, wd.astype(dt))
+
+
+def route(x: Float[Array, "T D"], router_kernel, expert_bias, config: ModelConfig):
+    """Sigmoid router with group-limited top-k (REFERENCE §1), fp32 throughout.
+
+    `expert_bias` steers only the selection; the weights use the unbiased scores.
+    Returns (expert ids [T, k], combine weights [T, k] fp32).
+    """
+    c = config
+    logits = x.astype(jnp.float32) @ router_kernel.astype(jnp.float32)  # [T, E]
+    scores = jax.nn.sigmoid(logits)
+    sel = scores + expert_bias.astype(jnp.float32)
+    t = sel.shape[0]
+    per_group = c.num_experts // c.n_group
+    group_scores = jax.lax.top_k(sel.reshape(t, c.n_group, per_group), 2)[0].sum(-1)  # [T, n_group]
+    _, group_idx = jax.lax.top_k(group_scores, c.topk_group)  # [T, topk_group]
+    group_keep = jax.nn.one_hot(group_idx, c.n_group, dtype=jnp.bool_).any(axis=-2)  # [T, n_group]
+    expert_keep = jnp.repeat(group_keep, per_group, axis=-1)  # [T, E]
+    _, idx = jax.lax.top_k(jnp.where(expert_keep, sel, -jnp.inf), c.num_experts_per_tok)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if c.num_experts_per_tok > 1:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx, w * c.routed_scaling_factor
+
+
+def experts_ragged(x, idx, w, wi_gate, wi_up, wo, dtype):
+    """Dropless sorted dispatch: tokens grouped by expert, one ragged_dot per projection."""
+    t, kk = idx.shape
+    e = wi_gate.shape[0]
+    flat = idx.reshape(-1)  # [T*k]
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // kk]  # [T*k, D] sorted by expert
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    g = jax.lax.ragged_dot(rows, wi_gate.astype(dtype), sizes)
+    u = jax.lax.ragged_dot(rows, wi_up.astype(dtype), sizes)
+    out = jax.lax.ragged_dot(nn.silu(g) * u, wo.astype(dtype), sizes)  # [T*k, D]
+    out = jnp.zeros_like(out).at[order].set(out).reshape(t, kk, -1)
+    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w).astype(dtype)
+
+
+def experts_dense(x, idx, w, wi_gate, wi_up, wo, dtype):
+    """Every expert on every token, combined with a [T, E] weight matrix that is zero off the top-k."""
+    e = wi_gate.shape[0]
+    combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx, e, dtype=jnp.float32), w)  # [T, E]
+    g = jnp.einsum("td,edf->tef", x, wi_gate.astype(dtype))
+    u = jnp.einsum("td,edf->tef", x, wi_up.astype(dtype))
+    out = jnp.einsum("tef,efd->ted", nn.silu(g) * u, wo.astype(dtype))
+    return jnp.einsum("ted,te->td", out.astype(jnp.float32), combine).astype(dtype)
+
+
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (stacked [E, ...]) plus shared experts; no dropping, no aux loss."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+        d, e, f = c.hidden_size, c.num_experts, c.moe_intermediate_size
+        router = _param(self, "router", _KERNEL_INIT, (d, e), ("embed", "router_exp"), jnp.float32)
+        # A buffer, not trained by gradient (REFERENCE §1); the optimizer masks it out.
+        bias = _param(self, "expert_bias", nn.initializers.zeros, (e,), ("router_exp",), jnp.float32)
+        wi_gate = _param(self, "wi_gate", _KERNEL_INIT, (e, d, f), ("exp", "embed", "expert_mlp"), pdt)
+        wi_up = _param(self, "wi_up", _KERNEL_INIT, (e, d, f), ("exp", "embed", "expert_mlp"), pdt)
+        wo = _param(self, "wo", _KERNEL_INIT, (e, f, d), ("exp", "expert_mlp", "embed"), pdt)
+
+        b, t, _ = x.shape
+        x2 = x.reshape(b * t, d)
+        idx, w = route(x2, router, bias, c)
+        self.sow("intermediates", "router_idx", idx.reshape(b, t, -1))
+        self.sow("intermediates", "router_weight", w.reshape(b, t, -1))
+        y = EXPERT_IMPLS[c.moe_impl](x2, idx, w, wi_gate, wi_up, wo, dt).reshape(b, t, d)
+        if c.num_shared_experts:
+            y = y + MLP(c, c.shared_intermediate_size, axis="mlp", name="shared")(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache, cache_index):
+        c = self.config
+        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        x = _constrain(x, ("act_batch", "act_length", "act_embed"))
+        h, new_cache = Attention(c, name="attn")(norm(name="input_norm")(x), positions, mask, cache, cache_index)
+        x = x + h
+        hn = norm(name="post_attn_norm")(x)
+        x = x + (MoE(c, name="moe")(hn) if self.moe else MLP(c, c.intermediate_size, name="mlp")(hn))
+        return _constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stack(config: ModelConfig, moe: bool, length: int, name: str):
+    """`length` identical layers under nn.scan: parameters stacked on a leading `layers` axis."""
+    cls = DecoderLayer
+    if config.remat_policy != "none":
+        cls = nn.remat(cls, policy=_REMAT[config.remat_policy], prevent_cse=False)
+    return nn.scan(
+        cls,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, moe, name=name)
+
+
+class Transformer(nn.Module):
+    """Token ids -> fp32 logits. Optional KV cache: {"dense"|"moe": {"k","v": [L, B, S, K, H]}}."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask=None, cache=None, cache_index=None):
+        c = self.config
+        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+        emb = _param(self, "embed", nn.initializers.normal(stddev=0.02), (c.vocab_size, c.hidden_size),
+                     ("vocab", "embed"), pdt)
+        x = jnp.take(emb, tokens, axis=0).astype(dt)  # [B, T, D], no scaling
+        new_cache = {}
+        for group, moe, n in (("dense", False, c.num_dense_layers), ("moe", True, c.num_moe_layers)):
+            if n == 0:
+                continue
+            layer_cache = None if cache is None else cache[group]
+            x, new_cache[group] = _stack(c, moe, n, f"{group}_layers")(x, positions, mask, layer_cache, cache_index)
+        x = RMSNorm(c.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        head = _param(self, "lm_head", _KERNEL_INIT, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pdt)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt)).astype(jnp.float32)
+        logits = _constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits, (new_cache if cache is not None else None)
+
+
+def _prepare(config: ModelConfig, tokens, positions, mask):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens: expected shape [B, T], found {tokens.shape}")
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    else:
+        positions = jnp.asarray(positions)
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions, (b, t))
+        if positions.shape != (b, t):
+            raise ValueError(f"positions: expected shape [T] or [B, T] = {(b, t)}, found {positions.shape}")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim == 2:
+            mask = mask[None]
+        if mask.ndim != 3 or mask.shape[1:] != (t, t) or mask.shape[0] not in (1, b):
+            raise ValueError(f"mask: expected shape [B or 1, T, T] with B={b}, T={t}, found {mask.shape}")
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask: expected a boolean array (True = may attend), found dtype {mask.dtype}")
+    return tokens, positions, mask
+
+
+def forward(params, config: ModelConfig, tokens: Int[Array, "B T"],
+            positions: Optional[Int[Array, "B T"]] = None,
+            mask: Optional[Bool[Array, "B T T"]] = None) -> Float[Array, "B T V"]:
+    """Logits (fp32, [B, T, V]) of the denoiser. `mask[b, i, j]` True where query i may attend key j;
+    `None` is bidirectional attention. `positions` default to `arange(T)`."""
+    tokens, positions, mask = _prepare(config, tokens, positions, mask)
+    logits, _ = Transformer(config).apply({"params": params}, tokens, positions, mask)
+    return logits
+
+
+def forward_with_router(params, config: ModelConfig, tokens, positions=None, mask=None):
+    """Like `forward`, plus the router's choices: {"moe_layers": (idx [L, B, T, k], weight [L, B, T, k])}."""
+    tokens, positions, mask = _prepare(config, tokens, positions, mask)
+    (logits, _), state = Transformer(config).apply({"params": params}, tokens, positions, mask,
+                                                   mutable=["intermediates"])
+    inter = state["intermediates"]["moe_layers"]["moe"]
+    return logits, (inter["router_idx"][0], inter["router_weight"][0])
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):
+    """Random parameters (normal 0.02, norms at one, expert_bias at zero). Unboxed unless `boxed`."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = Transformer(config).init(rng, tokens, jnp.zeros((1, 8), jnp.int32))
+    params = variables["params"]
+    return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of the parameters, boxed with logical axis names, allocating nothing."""
+    return jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
+    """An empty KV cache for `length` positions: {"dense"|"moe": {"k", "v": [L, B, S, K, H]}}."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    cache = {}
+    for group, n in (("dense", config.num_dense_layers), ("moe", config.num_moe_layers)):
+        if n:
+            shape = (n, batch, length, config.num_kv_heads, config.head_dim)
+            cache[group] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return cache
+
+
+def forward_cached(params, config: ModelConfig, tokens, positions, mask, cache, cache_index):
+    """One chunk against a KV cache: writes the chunk's K/V at `cache_index` [B] and attends over
+    the whole cache under `mask` [B|1, T, S]. Returns (logits [B, T, V] fp32, new cache)."""
+    return Transformer(config).apply({"params": params}, tokens, positions, mask, cache, cache_index)

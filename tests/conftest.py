@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices and full-precision matmuls (the fixture's tolerance needs it)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "llada2_tiny")
+
+
+@pytest.fixture(scope="session")
+def fixture_dir():
+    if not os.path.isdir(FIXTURE_DIR):
+        pytest.fail(f"parity fixture not found at {FIXTURE_DIR} (CI clones with ../shared beside the repo)")
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(fixture_dir):
+    """(config, params) of the official tiny fixture model."""
+    from llada_jax.hf import load_hf_checkpoint
+
+    return load_hf_checkpoint(fixture_dir)
