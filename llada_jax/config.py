@@ -95,7 +95,8 @@ class ModelConfig:
             fail("num_heads", f"a multiple of num_kv_heads={self.num_kv_heads}", self.num_heads)
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             fail("partial_rotary_factor", "a value in (0, 1]", self.partial_rotary_factor)
-        if self.rotary_dim % 2 or self.rotary_dim == 0:
+        exact = self.head_dim * self.partial_rotary_factor
+        if self.rotary_dim % 2 or self.rotary_dim == 0 or abs(exact - self.rotary_dim) > 1e-9:
             fail("partial_rotary_factor",
                  f"a factor giving an even, non-zero rotary dim (head_dim={self.head_dim})",
                  f"{self.partial_rotary_factor} -> rotary_dim {self.rotary_dim}")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax.config import ModelConfig
+from llada_jax.sharding import constrain
 
 Dtype = Any
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
@@ -36,7 +37,7 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 def _constrain(x, axes):
-    return nn.with_logical_constraint(x, axes)
+    return constrain(x, axes)
 
 
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -295,7 +296,7 @@ def _prepare(config: ModelConfig, tokens, positions, mask):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     else:
         positions = jnp.asarray(positions)
-        if positions.ndim == 1:
+        if positions.ndim == 1 and positions.shape == (t,):
             positions = jnp.broadcast_to(positions, (b, t))
         if positions.shape != (b, t):
             raise ValueError(f"positions: expected shape [T] or [B, T] = {(b, t)}, found {positions.shape}")
