@@ -1,0 +1,100 @@
+r"""Training-objective benchmarks, printed as one JSON object (REFERENCE §3–4).
+
+  python launch/bench_loss.py                          # tiny, L=512, block 32
+  python launch/bench_loss.py --preset=small --batch=1
+
+1. The vectorized likelihood: one composite forward over [x_t ; x_0] (2L tokens) against the
+   per-block loop (one forward over [clean blocks < b, noisy block b] per block, L/B forwards),
+   both jitted, with the largest difference of their per-token log-probs as a check.
+2. `loss_fn` forward+backward time with T2T and MTF switched on and off.
+
+Times exclude compilation (one warm-up call) and are medians over --repeats calls. On CPU only
+ratios measured side by side in one run are meaningful; absolute numbers are for completeness.
+"""
+
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from llada_jax import masks, model, objectives
+from llada_jax.config import get_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "tiny", "Model preset.")
+flags.DEFINE_integer("batch", 2, "Sequences per batch (the loss doubles it with complementary masking).")
+flags.DEFINE_integer("length", 512, "Sequence length L.")
+flags.DEFINE_integer("block", 32, "Block size.")
+flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never noised).")
+flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
+
+
+def _time(fn, *args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], compile_s
+
+
+def _per_block_loop(config, block):
+    """log p(x_0 | x_t) block by block: the L/B forwards the composite input replaces."""
+
+    def fn(params, x_t, x_0):
+        out = []
+        for start in range(0, x_t.shape[1], block):
+            end = min(start + block, x_t.shape[1])
+            tokens = jnp.concatenate([x_0[:, :start], x_t[:, start:end]], axis=1)
+            logits = model.forward(params, config, tokens, mask=masks.block_causal(end, block))[:, start:]
+            out.append(objectives.token_logprobs(logits, x_0[:, start:end]))
+        return jnp.concatenate(out, axis=1)
+
+    return jax.jit(fn)
+
+
+def main(argv):
+    del argv
+    config = get_config(FLAGS.preset)
+    params = model.init_params(config, jax.random.key(0))
+    b, length = FLAGS.batch, FLAGS.length
+    tokens = jax.random.randint(jax.random.key(1), (b, length), 0, config.vocab_size - 2)
+    batch = {"tokens": tokens, "loss_mask": jnp.broadcast_to(jnp.arange(length) >= FLAGS.prompt, (b, length))}
+    out = {"device": jax.devices()[0].device_kind, "platform": platform.machine(), "preset": FLAGS.preset,
+           "params": config.param_counts()["total"], "batch": b, "length": length, "block": FLAGS.block}
+
+    base = objectives.ObjectiveConfig.for_model(config, block_size=FLAGS.block)
+    nb = objectives.noise(batch, jax.random.key(2), base)
+    composite = jax.jit(lambda p, xt, x0: objectives.per_token_logprobs(p, config, xt, x0, FLAGS.block))
+    loop = _per_block_loop(config, FLAGS.block)
+    t_comp, c_comp = _time(composite, params, nb.x_t, nb.x_0)
+    t_loop, c_loop = _time(loop, params, nb.x_t, nb.x_0)
+    diff = jnp.max(jnp.abs(composite(params, nb.x_t, nb.x_0) - loop(params, nb.x_t, nb.x_0)))
+    out["vectorized_likelihood"] = {
+        "rows": int(nb.x_t.shape[0]), "composite_s": round(t_comp, 5), "per_block_loop_s": round(t_loop, 5),
+        "loop_over_composite_time": round(t_loop / t_comp, 2), "max_abs_logprob_diff": float(diff),
+        "compile_s": {"composite": round(c_comp, 2), "per_block_loop": round(c_loop, 2)}}
+
+    grad = jax.jit(jax.value_and_grad(objectives.loss_fn, has_aux=True), static_argnums=(1, 2))
+    variants = {"m2t_only": dict(p_edit=0.0), "m2t_t2t": dict(p_edit=0.1), "m2t_mtf": dict(p_edit=0.0, mtf=True),
+                "m2t_t2t_mtf": dict(p_edit=0.1, mtf=True)}
+    out["loss_and_grad"] = {}
+    for name, kw in variants.items():
+        cfg = base.replace(**kw)
+        sec, comp = _time(lambda p: grad(p, config, cfg, batch, jax.random.key(3)), params)
+        out["loss_and_grad"][name] = {"seconds": round(sec, 5), "tokens_per_s": round(b * length / sec, 1),
+                                      "compile_s": round(comp, 2)}
+    ref = out["loss_and_grad"]["m2t_only"]["seconds"]
+    for v in out["loss_and_grad"].values():
+        v["time_over_m2t_only"] = round(v["seconds"] / ref, 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

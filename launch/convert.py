@@ -1,0 +1,57 @@
+r"""Converts checkpoints: Hugging Face directory <-> Orbax params checkpoint.
+
+  python launch/convert.py --hf_dir=/path/LLaDA2.1-mini --orbax_dir=/ckpt/mini      # HF -> Orbax
+  python launch/convert.py --orbax_dir=/ckpt/mini --hf_dir=/out/mini --to_hf        # Orbax -> HF
+
+HF -> Orbax streams one parameter at a time (the host never holds two copies of the model).
+With --mesh, leaves are placed in their shards as they are read.
+"""
+
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from llada_jax import checkpoint, hf, model, sharding
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors).", required=True)
+flags.DEFINE_string("orbax_dir", None, "Orbax checkpoint directory.", required=True)
+flags.DEFINE_bool("to_hf", False, "Convert Orbax -> HF instead of HF -> Orbax.")
+flags.DEFINE_string("dtype", None, "Parameter dtype to convert to (float32, bfloat16). Default: as stored.")
+flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes (e.g. '1,8,1,1'); default: one device.")
+flags.DEFINE_integer("max_shard_gb", 5, "HF shard size limit in GB (Orbax -> HF).")
+
+
+def _mesh_shardings(config):
+    if not FLAGS.mesh:
+        return None
+    d, f, t, e = (int(x) for x in FLAGS.mesh.split(","))
+    mesh = sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
+    return sharding.param_shardings(model.abstract_params(config), mesh)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    if not FLAGS.to_hf:
+        config = hf.ModelConfig.from_hf_config(FLAGS.hf_dir)
+        if FLAGS.dtype:
+            config = config.replace(param_dtype=FLAGS.dtype)
+        n_leaves = len(hf._leaf_shapes(config))
+        with tqdm(total=n_leaves, desc="HF -> Orbax", unit="param") as bar:
+            config, params = hf.load_hf_checkpoint(FLAGS.hf_dir, dtype=FLAGS.dtype, config=config,
+                                                   shardings=_mesh_shardings(config),
+                                                   progress=lambda name: bar.update(1))
+        checkpoint.save_params(FLAGS.orbax_dir, config, params)
+        counts = config.param_counts()
+        print(f"wrote {FLAGS.orbax_dir}: {counts['total']:,} parameters ({counts['active']:,} active)")
+    else:
+        config, params = checkpoint.load_params(FLAGS.orbax_dir)
+        with tqdm(desc="Orbax -> HF", unit="shard") as bar:
+            files = hf.save_hf_checkpoint(FLAGS.hf_dir, config, params, dtype=FLAGS.dtype,
+                                          max_shard_bytes=FLAGS.max_shard_gb * 2**30,
+                                          progress=lambda name: bar.update(1))
+        print(f"wrote {FLAGS.hf_dir}: {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
