@@ -1,0 +1,20 @@
+"""Data for LLaDA2 training and RL: offline tasks with rewards, TFDS array_record storage, grain pipelines.
+
+- `tasks`: addition, Countdown and 4x4 Sudoku generators and their verifiers (REFERENCE §6).
+- `builders`: TFDS builders writing array_record (no TensorFlow), the JSONL importer, `open_split`.
+- `pipeline`: grain SFT and CPT pipelines with checkpointable iterators.
+"""
+
+from llada_jax.data.builders import (
+    Addition, ChatJsonl, Countdown, JsonlConfig, Sudoku4x4, TaskBuilderConfig, dataset_dir, import_jsonl,
+    open_split, prepare_task)
+from llada_jax.data.jsonl import read_jsonl
+from llada_jax.data.pipeline import cpt_dataset, shard_for_process, sft_dataset
+from llada_jax.data.records import DataError, check_messages, decode_record, encode_record
+from llada_jax.data.tasks import TASKS, get_task, reward
+
+__all__ = [
+    "Addition", "ChatJsonl", "Countdown", "DataError", "JsonlConfig", "Sudoku4x4", "TASKS", "TaskBuilderConfig",
+    "check_messages", "cpt_dataset", "dataset_dir", "decode_record", "encode_record", "get_task", "import_jsonl",
+    "open_split", "prepare_task", "read_jsonl", "reward", "sft_dataset", "shard_for_process",
+]

@@ -1,0 +1,357 @@
+"""Offline tasks, generated locally and deterministically, with their verifiers (REFERENCE §6).
+
+Three tasks need no download and have a programmatic reward:
+- multi-digit addition (a warm-up for tiny models),
+- Countdown: combine the given numbers, each exactly once, with + - * / to reach a target,
+- 4x4 Sudoku: fill the blanks of a puzzle whose solution is unique.
+
+An example is `{"prompt": str, "response": str, "meta": dict}`; `meta` holds what the reward
+needs and its `task` key names the task, so `reward(completion, meta)` scores any of them.
+
+Splits never share a problem: every problem has a key (the pair of addends, the multiset of
+numbers and the target, the Sudoku solution grid) and a stable hash of the key decides its
+split, independently of the seed. Datasets generated with different seeds therefore never
+leak test problems into training either. Sudoku splits by solution grid, so a test puzzle's
+solution never appears in training under a different set of blanks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import itertools
+import re
+import zlib
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+SPLITS = ("train", "test")
+_END_MARKERS = ("<|role_end|>", "<|endoftext|>")
+
+
+def split_of(key: str, test_fraction: float) -> str:
+    """The split ("train" or "test") a problem belongs to: a stable hash of its key, not a seed."""
+    return "test" if zlib.crc32(key.encode()) % 10_000 < round(test_fraction * 10_000) else "train"
+
+
+def answer_text(completion: str) -> str:
+    """The answer part of a decoded completion: up to the first end-of-turn or EOS marker, stripped."""
+    for marker in _END_MARKERS:
+        completion = completion.split(marker, 1)[0]
+    return completion.strip()
+
+
+def _rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split)])
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, found {split!r}")
+
+
+# ---------------------------------------------------------------------------------- addition
+@dataclasses.dataclass(frozen=True)
+class AdditionConfig:
+    min_digits: int = 1
+    max_digits: int = 4
+    test_fraction: float = 0.1
+
+
+def _operand(rng: np.random.Generator, cfg: AdditionConfig) -> int:
+    digits = int(rng.integers(cfg.min_digits, cfg.max_digits + 1))
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return int(rng.integers(low, 10**digits))
+
+
+def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
+    """`num` addition problems `a+b=` of the split; the response is the decimal sum."""
+    _check_split(split)
+    rng, out = _rng(seed, split), []
+    while len(out) < num:
+        a, b = _operand(rng, cfg), _operand(rng, cfg)
+        if split_of(f"add:{min(a, b)}+{max(a, b)}", cfg.test_fraction) == split:
+            out.append({"prompt": f"{a}+{b}=", "response": str(a + b),
+                        "meta": {"task": "addition", "a": a, "b": b}})
+    return out
+
+
+def addition_reward(completion: str, meta: Mapping) -> float:
+    """1.0 iff the answer is exactly the decimal sum."""
+    answer = answer_text(completion)
+    return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
+
+
+# --------------------------------------------------------------------------------- countdown
+_OPS: dict[str, Callable[[fractions.Fraction, fractions.Fraction], fractions.Fraction]] = {
+    "+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x / y}
+
+
+@dataclasses.dataclass(frozen=True)
+class CountdownConfig:
+    num_numbers: int = 3
+    low: int = 1  # numbers are drawn uniformly from [low, high]
+    high: int = 100
+    target_low: int = 1  # targets are drawn uniformly among the reachable integers in [target_low, target_high]
+    target_high: int = 100
+    test_fraction: float = 0.1
+
+
+def countdown_expressions(numbers: tuple[int, ...]) -> dict[fractions.Fraction, str]:
+    """Every value reachable from `numbers`, each used exactly once, with an expression for it.
+
+    Exact rational arithmetic; the expression kept for a value prefers one whose intermediate
+    results are all non-negative integers (what a person would write), otherwise the first
+    found. Exhaustive: feasible for the 3-4 numbers of the task.
+    """
+    best: dict[fractions.Fraction, tuple[bool, str]] = {}
+
+    def search(items: list[tuple[fractions.Fraction, str, bool]]) -> None:
+        if len(items) == 1:
+            value, expr, nice = items[0]
+            if value not in best or (nice and not best[value][0]):
+                best[value] = (nice, expr[1:-1] if expr.startswith("(") else expr)
+            return
+        for i, j in itertools.permutations(range(len(items)), 2):
+            (x, ex, nx), (y, ey, ny) = items[i], items[j]
+            rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+            for op, fn in _OPS.items():
+                if (op in "+*" and i > j) or (op == "/" and y == 0):
+                    continue  # commutative ops: one order suffices
+                value = fn(x, y)
+                nice = nx and ny and value.denominator == 1 and value >= 0
+                search(rest + [(value, f"({ex}{op}{ey})", nice)])
+
+    search([(fractions.Fraction(n), str(n), True) for n in numbers])
+    return {value: expr for value, (_, expr) in best.items()}
+
+
+def solve_countdown(numbers: tuple[int, ...], target: int) -> str | None:
+    """An expression using each number once that equals `target`, or None if unreachable."""
+    return countdown_expressions(tuple(numbers)).get(fractions.Fraction(target))
+
+
+def countdown_examples(num: int, split: str, seed: int = 0, cfg: CountdownConfig = CountdownConfig()) -> list[dict]:
+    """`num` Countdown problems of the split; the response is a solver-found expression."""
+    _check_split(split)
+    rng, out = _rng(seed, split), []
+    while len(out) < num:
+        numbers = tuple(int(n) for n in rng.integers(cfg.low, cfg.high + 1, size=cfg.num_numbers))
+        reachable = sorted((int(v), e) for v, e in countdown_expressions(numbers).items()
+                           if v.denominator == 1 and cfg.target_low <= v <= cfg.target_high)
+        if not reachable:
+            continue
+        target, expr = reachable[int(rng.integers(len(reachable)))]
+        if split_of(f"countdown:{sorted(numbers)}:{target}", cfg.test_fraction) != split:
+            continue
+        shown = ", ".join(map(str, numbers))
+        out.append({"prompt": f"Using {shown} once each with + - * /, make {target}.", "response": expr,
+                    "meta": {"task": "countdown", "numbers": list(numbers), "target": target}})
+    return out
+
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
+_MAX_EXPRESSION_CHARS = 256
+
+
+def parse_expression(text: str) -> tuple[fractions.Fraction | None, list[int]] | None:
+    """Safely evaluates an arithmetic expression of non-negative integers, + - * / and parentheses.
+
+    A recursive-descent parser, never `eval`. Returns None if `text` is not a well-formed
+    expression (or is longer than 256 characters), else (value, the integers used in order);
+    value is None on division by zero.
+    """
+    if len(text) > _MAX_EXPRESSION_CHARS:
+        return None
+    tokens, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            return None
+        tokens.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
+        pos = m.end()
+    numbers: list[int] = []
+    i = 0
+
+    def peek():
+        return tokens[i] if i < len(tokens) else None
+
+    def factor():
+        nonlocal i
+        tok = peek()
+        i += 1
+        if isinstance(tok, int):
+            numbers.append(tok)
+            return fractions.Fraction(tok)
+        if tok == "(":
+            value = expr()
+            if peek() != ")":
+                raise SyntaxError
+            i += 1
+            return value
+        raise SyntaxError
+
+    def binary(operand, ops):
+        def parse():
+            nonlocal i
+            value = operand()
+            while peek() in ops:
+                op = peek()
+                i += 1
+                right = operand()
+                value = None if value is None or right is None or (op == "/" and right == 0) \
+                    else _OPS[op](value, right)
+            return value
+        return parse
+
+    term = binary(factor, ("*", "/"))
+    expr = binary(term, ("+", "-"))
+    try:
+        value = expr()
+    except (SyntaxError, RecursionError):  # RecursionError: pathological nesting
+        return None
+    if i != len(tokens):
+        return None
+    return value, numbers
+
+
+def countdown_reward(completion: str, meta: Mapping) -> float:
+    """1.0 for an expression equal to the target using each given number exactly once,
+    0.1 for a well-formed expression that is wrong, 0.0 if the answer is not an expression."""
+    parsed = parse_expression(answer_text(completion))
+    if parsed is None:
+        return 0.0
+    value, used = parsed
+    correct = value == meta["target"] and sorted(used) == sorted(meta["numbers"])
+    return 1.0 if correct else 0.1
+
+
+# ---------------------------------------------------------------------------------- sudoku
+NUM_SUDOKU_GRIDS = 288
+
+
+@dataclasses.dataclass(frozen=True)
+class SudokuConfig:
+    min_blanks: int = 10  # blanks are drawn uniformly from [min_blanks, max_blanks]
+    max_blanks: int = 12  # 12 is the maximum: a 4x4 Sudoku needs at least 4 clues
+    test_fraction: float = 0.15
+
+
+def sudoku_grids() -> np.ndarray:
+    """All valid 4x4 Sudoku grids, int8 [288, 16] in row-major order, by backtracking."""
+    grid = [0] * 16
+    out = []
+
+    def ok(cell: int, v: int) -> bool:
+        r, c = divmod(cell, 4)
+        box = (r // 2 * 2, c // 2 * 2)
+        peers = {*(r * 4 + k for k in range(4)), *(k * 4 + c for k in range(4)),
+                 *((box[0] + a) * 4 + box[1] + b for a in range(2) for b in range(2))}
+        return all(grid[p] != v for p in peers if p != cell)
+
+    def fill(cell: int) -> None:
+        if cell == 16:
+            out.append(list(grid))
+            return
+        for v in range(1, 5):
+            if ok(cell, v):
+                grid[cell] = v
+                fill(cell + 1)
+        grid[cell] = 0
+
+    fill(0)
+    grids = np.asarray(out, np.int8)
+    assert len(grids) == NUM_SUDOKU_GRIDS, len(grids)
+    return grids
+
+
+_GRIDS = sudoku_grids()
+
+
+def sudoku_num_solutions(puzzle: np.ndarray) -> int:
+    """Number of valid grids that agree with the clues of `puzzle` ([16], 0 = blank)."""
+    return int(((_GRIDS == puzzle) | (puzzle == 0)).all(axis=1).sum())
+
+
+def _sudoku_text(cells: np.ndarray) -> str:
+    return "\n".join("".join(str(int(v)) for v in cells[r * 4:(r + 1) * 4]) for r in range(4))
+
+
+def _make_puzzle(rng: np.random.Generator, solution: np.ndarray, blanks: int) -> np.ndarray:
+    """Blanks cells of `solution` in a random order, skipping any whose removal would make the
+    solution ambiguous, until `blanks` cells are blank; retries with a new order if stuck."""
+    for _ in range(100):
+        puzzle = solution.copy()
+        removed = 0
+        for cell in rng.permutation(16):
+            puzzle[cell] = 0
+            if sudoku_num_solutions(puzzle) == 1:
+                removed += 1
+                if removed == blanks:
+                    return puzzle
+            else:
+                puzzle[cell] = solution[cell]
+    raise RuntimeError(f"no uniquely solvable puzzle with {blanks} blanks found for {solution.tolist()}")
+
+
+def sudoku_examples(num: int, split: str, seed: int = 0, cfg: SudokuConfig = SudokuConfig()) -> list[dict]:
+    """`num` uniquely solvable 4x4 puzzles of the split; the response is the solution grid."""
+    _check_split(split)
+    if not 1 <= cfg.min_blanks <= cfg.max_blanks <= 12:
+        raise ValueError(f"blanks: expected 1 <= min_blanks <= max_blanks <= 12, found {cfg}")
+    grids = [g for g in _GRIDS if split_of("sudoku:" + "".join(map(str, g)), cfg.test_fraction) == split]
+    rng, out = _rng(seed, split), []
+    while len(out) < num:
+        solution = grids[int(rng.integers(len(grids)))]
+        puzzle = _make_puzzle(rng, solution, int(rng.integers(cfg.min_blanks, cfg.max_blanks + 1)))
+        out.append({"prompt": "Solve the 4x4 sudoku (0 = blank):\n" + _sudoku_text(puzzle),
+                    "response": _sudoku_text(solution),
+                    "meta": {"task": "sudoku4x4", "puzzle": "".join(map(str, puzzle)),
+                             "solution": "".join(map(str, solution))}})
+    return out
+
+
+def sudoku_reward(completion: str, meta: Mapping) -> float:
+    """Fraction of the blank cells filled correctly; the answer's first 16 digits are the grid
+    in row-major order (layout characters are ignored), missing cells count as wrong."""
+    digits = re.findall(r"\d", answer_text(completion))[:16]
+    blanks = [k for k, v in enumerate(meta["puzzle"]) if v == "0"]
+    correct = sum(k < len(digits) and digits[k] == meta["solution"][k] for k in blanks)
+    return correct / len(blanks)
+
+
+# ---------------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    config_cls: type
+    examples: Callable[..., list[dict]]  # (num, split, seed, cfg) -> examples
+    reward: Callable[[str, Mapping], float]  # (completion, meta) -> reward in [0, 1]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("addition", AdditionConfig, addition_examples, addition_reward),
+    Task("countdown", CountdownConfig, countdown_examples, countdown_reward),
+    Task("sudoku4x4", SudokuConfig, sudoku_examples, sudoku_reward),
+)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, found {name!r}")
+    return TASKS[name]
+
+
+def reward(completion: str, meta: Mapping) -> float:
+    """The reward of a decoded completion for the problem described by `meta` (its `task` key)."""
+    return get_task(meta["task"]).reward(completion, meta)
+
+
+def sample_texts(num_per_task: int = 200, seed: int = 0) -> Iterator[str]:
+    """Prompts and responses of every task: the default corpus of `build_task_tokenizer`."""
+    for task in TASKS.values():
+        for ex in task.examples(num_per_task, "train", seed, task.config_cls()):
+            yield ex["prompt"]
+            yield ex["response"]
