@@ -1,0 +1,510 @@
+"""Draft-and-Edit decoding for LLaDA2.1 block diffusion (REFERENCE §5).
+
+Blocks of `block_length` tokens are decoded left to right. Inside a block every step runs
+the model once, fills masked positions whose confidence passes `threshold` (M2T, with an
+at-least-one fallback) and rewrites already-filled, non-prompt positions of the block whose
+argmax differs from the current token with confidence above `editing_threshold` (T2T).
+`generate` is the host entry point (lists of prompts in, truncated answers and statistics
+out); `decode` is the jitted core, one `jax.lax.while_loop` with no host round trip.
+
+How the loop is organised. Every iteration is exactly one model forward for the whole batch;
+each row carries its own block index and *phase*, so rows with different prompt lengths,
+numbers of steps per block or stopping blocks share the loop:
+
+  DENOISE  a denoising step on the row's current block (the reference's forward);
+  COMMIT   re-run the finished block to write its clean K/V (cached path only, and only when
+           the last denoising forward did not already see the final tokens);
+  PROPOSE  Multi-Block Editing: one forward over the last `mbe_window` finished blocks that
+           proposes T2T edits there (it also writes those blocks' K/V);
+  REWRITE  re-run the MBE window after an edit, so that the edited K/V are clean;
+  DONE     the row is finished and never changes again.
+
+DENOISE and COMMIT feed a block of B tokens, PROPOSE and REWRITE a window of `mbe_window*B`
+tokens; with MBE on, an iteration runs whichever of the two shapes some row needs (the window
+first) and rows that need the other one sit that forward out. Per-row statistics count only
+the forwards a row took part in, so a row's numbers are the ones it would get alone.
+
+KV cache. The cache covers the whole canvas. The prompt's full blocks are written once by a
+block-causal prefill; a denoising step writes its block's (noisy) K/V and attends over keys
+< (b+1)B, so stale entries beyond the current block are never read; a finished block's clean
+K/V come either from its last denoising forward (when that step changed nothing, as at the
+normal end of an LLaDA2.1 block) or from a COMMIT forward. Rows sitting out a forward with MBE
+on write into a scratch tail of the cache that no query attends. `use_cache=False` keeps the
+reference's algorithm: every step recomputes the whole canvas under the block-causal mask
+(logits of block b do not depend on later blocks, so this equals running the window
+x[:(b+1)B]); it is the oracle for the cached path.
+
+Deviations from the reference, all in degenerate cases: the mask token is never proposed (the
+reference would loop forever on a position that keeps predicting it), greedy decoding ignores
+`top_k`/`top_p` (as the official code does), and with `llada20` a block's step budget is
+unbounded (the reference uses `steps=block_length`, which the one-token fallback never
+exceeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from llada_jax import masks, model
+from llada_jax.config import ModelConfig
+
+# Mode presets (REFERENCE §5, model card). `no_edit` is LLaDA2.0-style thresholds on the 2.1
+# loop (one post-fill forward per block); `llada20` is the LLaDA2.0 loop itself.
+PRESETS: dict[str, dict[str, Any]] = {
+    "S": dict(threshold=0.5, editing_threshold=0.0),
+    "Q": dict(threshold=0.7, editing_threshold=0.5),
+    "no_edit": dict(threshold=0.95, editing_threshold=1.0),
+    "llada20": dict(threshold=0.95, editing_threshold=1.0, llada20=True),
+}
+
+DENOISE, COMMIT, PROPOSE, REWRITE, DONE = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """The static part of a decoding run: everything that changes the compiled program."""
+
+    block_length: int
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    greedy: bool
+    filter_top: bool  # sampled decoding with top-k and/or top-p filtering
+    use_cache: bool
+    mbe_window: int
+    prefill_blocks: int  # floor(max prompt length / B): the prefill forward's length in blocks
+
+
+@flax.struct.dataclass
+class Knobs:
+    """The traced part of a decoding run: S, Q and no-edit share one compiled program."""
+
+    threshold: Float[Array, ""]
+    editing_threshold: Float[Array, ""]
+    temperature: Float[Array, ""]
+    top_k: Int[Array, ""]  # vocab size = off
+    top_p: Float[Array, ""]  # 1.0 = off
+    penalty_lambda: Float[Array, ""]
+    max_post_steps: Int[Array, ""]
+    eos_early_stop: Bool[Array, ""]
+    llada20: Bool[Array, ""]
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The while-loop carry; per-row counters count only forwards the row took part in."""
+
+    canvas: Int[Array, "N L"]
+    block: Int[Array, "N"]  # block being decoded (or just finished, in COMMIT/PROPOSE/REWRITE)
+    phase: Int[Array, "N"]
+    post_steps: Int[Array, "N"]  # the reference's post_steps for the current block
+    steps: Int[Array, "N"]  # denoising forwards (the reference's forward count)
+    cache_writes: Int[Array, "N"]  # prefill, COMMIT and REWRITE forwards
+    mbe_forwards: Int[Array, "N"]  # PROPOSE forwards
+    commit_step: Int[Array, "N L"]  # denoising step that last wrote each position, -1 if none
+    cache: Any  # model KV cache, or None on the uncached path
+
+    @property
+    def forwards(self) -> Int[Array, "N"]:
+        return self.steps + self.cache_writes + self.mbe_forwards
+
+
+class GenerateOutput(NamedTuple):
+    """What `generate` returns, one entry per prompt.
+
+    tokens: generated ids up to and including the first EOS (all `gen_length` if none), as the
+      reference returns them. commit_steps: for each of those tokens, the row's denoising-step
+      index (0-based) at which it was last written (a token edited by MBE gets the last step of
+      the block whose end triggered the edit). canvas: [N, L] final canvases; positions past a
+      row's own canvas length, or after an early stop, hold the mask id. forwards = steps +
+      cache_writes + mbe_forwards, every model forward the row took part in; steps is the
+      number of denoising forwards, comparable to the uncached reference's forward count.
+      tpf = generated tokens excluding EOS/pad / forwards.
+    """
+
+    tokens: list[list[int]]
+    commit_steps: list[list[int]]
+    canvas: np.ndarray
+    canvas_lengths: np.ndarray
+    forwards: np.ndarray
+    steps: np.ndarray
+    cache_writes: np.ndarray
+    mbe_forwards: np.ndarray
+    num_generated: np.ndarray
+    tpf: np.ndarray
+
+
+# --------------------------------------------------------------------------- token choice
+def choose_tokens(logits: Float[Array, "N C V"], prev: Int[Array, "N C"], keys, knobs: Knobs,
+                  settings: DecodeSettings) -> tuple[Int[Array, "N C"], Float[Array, "N C"]]:
+    """Proposed token and its confidence at each position (the reference's `x0, x0_p`).
+
+    `prev` is the current token of the previous position (-1 for none): `penalty_lambda` is
+    subtracted from its logit (anti-stutter). Greedy: argmax and its softmax probability.
+    Sampled: temperature, then top-k, then top-p filtering; a draw from the filtered
+    distribution and its probability there. The mask id is never proposed.
+    """
+    vocab = logits.shape[-1]
+    logits = logits - knobs.penalty_lambda * jax.nn.one_hot(prev, vocab, dtype=logits.dtype)
+    never = jnp.arange(vocab) == settings.mask_id  # [V]
+    if settings.greedy:
+        probs = jax.nn.softmax(logits, axis=-1)
+        tok = jnp.argmax(jnp.where(never, -jnp.inf, logits), axis=-1)
+    else:
+        logits = jnp.where(never, -jnp.inf, logits) / knobs.temperature
+        if settings.filter_top:
+            desc = -jnp.sort(-logits, axis=-1)  # [N, C, V], descending
+            kth = jnp.take(desc, knobs.top_k - 1, axis=-1)[..., None]  # [N, C, 1]
+            desc = jnp.where(desc < kth, -jnp.inf, desc)
+            # top-p: keep the sorted prefix whose mass before each token is <= top_p.
+            p_desc = jax.nn.softmax(desc, axis=-1)
+            keep = (jnp.cumsum(p_desc, axis=-1) - p_desc) <= knobs.top_p
+            cutoff = jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
+            logits = jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        tok = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, logits)
+    p = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+    return tok.astype(jnp.int32), p
+
+
+# --------------------------------------------------------------------------- the loop
+_slice = jax.vmap(lambda a, i, n: jax.lax.dynamic_slice_in_dim(a, i, n, axis=0), in_axes=(0, 0, None))
+_update = jax.vmap(lambda a, u, i: jax.lax.dynamic_update_slice_in_dim(a, u, i, axis=0))
+
+
+def _model_chunk(params, config, settings, state: DecodeState, start, size, participate,
+                 block_mask: Bool[Array, "L L"] | None):
+    """Logits [N, size, V] for canvas[:, start:start+size] (per-row `start`).
+
+    Cached: the chunk runs against the cache; keys are limited to the chunk's own blocks and
+    earlier ones (block-causal), and rows not taking part write into the scratch tail.
+    Uncached: the whole canvas under `block_mask` (block-causal), sliced.
+    """
+    canvas = state.canvas
+    length = canvas.shape[1]
+    b = settings.block_length
+    if not settings.use_cache:
+        logits = model.forward(params, config, canvas, mask=block_mask)  # [N, L, V]
+        return _slice(logits, start, size), state.cache
+    tokens = _slice(canvas, start, size)  # [N, C]
+    positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
+    s = jax.tree.leaves(state.cache)[0].shape[2]
+    key_block = jnp.arange(s, dtype=jnp.int32) // b  # [S]; the scratch tail lies past every block
+    mask = key_block[None, None, :] <= (positions // b)[:, :, None]  # [N, C, S]
+    scratch = s > length
+    index = jnp.where(participate, start, length) if scratch else start
+    return model.forward_cached(params, config, tokens, positions, mask, state.cache, index)
+
+
+def _prev_tokens(canvas, positions):
+    prev = jnp.take_along_axis(canvas, jnp.maximum(positions - 1, 0), axis=1)
+    return jnp.where(positions > 0, prev, -1)
+
+
+def _step_keys(rng, state: DecodeState):
+    n = state.canvas.shape[0]
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n))
+    return jax.vmap(jax.random.fold_in)(row_keys, state.forwards)
+
+
+def _finish_block(state: DecodeState, ended, stale, prompt_lens, num_blocks, knobs: Knobs,
+                  settings: DecodeSettings):
+    """Next phase and block of rows whose block `state.block` just became final.
+
+    Stops after the canvas' last block, or (eos_early_stop, or always with llada20) when the
+    generated part up to this block has no masks and holds an EOS. Otherwise a stale cache
+    gets a COMMIT forward, and a clean one moves straight to the next block.
+    """
+    b = settings.block_length
+    pos = jnp.arange(state.canvas.shape[1], dtype=jnp.int32)[None, :]
+    gen = (pos >= prompt_lens[:, None]) & (pos < (state.block[:, None] + 1) * b)
+    has_mask = (gen & (state.canvas == settings.mask_id)).any(-1)
+    has_eos = (gen & (state.canvas == settings.eos_id)).any(-1)
+    eos_stop = (knobs.eos_early_stop | knobs.llada20) & ~has_mask & has_eos
+    stop = (state.block == num_blocks - 1) | eos_stop
+    commit = ~stop & stale & settings.use_cache
+    advance = ended & ~stop & ~commit
+    phase = jnp.where(stop, DONE, jnp.where(commit, COMMIT, DENOISE))
+    return state.replace(
+        phase=jnp.where(ended, phase, state.phase),
+        block=state.block + advance,
+        post_steps=jnp.where(ended, 0, state.post_steps))
+
+
+def _block_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings,
+              block_mask):
+    """One B-token forward: a denoising step for DENOISE rows, a K/V commit for COMMIT rows."""
+    b = settings.block_length
+    denoising = state.phase == DENOISE
+    committing = state.phase == COMMIT
+    start = state.block * b
+    logits, cache = _model_chunk(params, config, settings, state, start, b, denoising | committing,
+                                 block_mask)
+    positions = start[:, None] + jnp.arange(b, dtype=jnp.int32)  # [N, B]
+    tokens = _slice(state.canvas, start, b)  # [N, B]
+    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(rng, state),
+                           knobs, settings)
+
+    masked = tokens == settings.mask_id
+    any_masked = masked.any(-1)
+    fill = masked & (p > knobs.threshold)  # M2T, Gamma
+    best = jnp.argmax(jnp.where(masked, p, -jnp.inf), axis=-1)  # most confident masked position
+    fallback = any_masked & ~fill.any(-1)
+    fill |= fallback[:, None] & (jnp.arange(b) == best[:, None])
+    edit = (~masked & (positions >= prompt_lens[:, None]) & (tok != tokens)  # T2T, Delta
+            & (p > knobs.editing_threshold) & ~knobs.llada20)
+    write = (fill | edit) & denoising[:, None]
+    new_tokens = jnp.where(write, tok, tokens)
+    stamp = jnp.where(write, state.steps[:, None], _slice(state.commit_step, start, b))
+
+    edited = edit.any(-1)
+    masks_left = (new_tokens == settings.mask_id).any(-1)
+    post_next = state.post_steps + ~masks_left
+    # LLaDA2.1: a post-fill step that edits nothing ends the block, and its forward already saw
+    # the final tokens; otherwise the block ends before a forward that would exceed the budget.
+    clean_end = ~any_masked & ~edited
+    end21 = clean_end | (post_next > knobs.max_post_steps)
+    ended = denoising & jnp.where(knobs.llada20, ~masks_left, end21)
+    stale = knobs.llada20 | ~clean_end
+
+    state = state.replace(
+        canvas=_update(state.canvas, new_tokens, start),
+        commit_step=_update(state.commit_step, stamp, start),
+        post_steps=jnp.where(denoising, post_next, state.post_steps),
+        steps=state.steps + denoising,
+        cache_writes=state.cache_writes + committing,
+        cache=cache,
+        # COMMIT rows move on to the next block.
+        phase=jnp.where(committing, DENOISE, state.phase),
+        block=state.block + committing)
+    if settings.mbe_window:
+        return state.replace(phase=jnp.where(ended, PROPOSE, state.phase))
+    return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
+
+
+def _window_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings,
+               block_mask):
+    """One window forward (Multi-Block Editing): edit proposals for PROPOSE rows over the last
+    `mbe_window` finished blocks, a K/V rewrite for REWRITE rows."""
+    b = settings.block_length
+    w = min(settings.mbe_window, state.canvas.shape[1] // b)
+    size = w * b
+    proposing = state.phase == PROPOSE
+    rewriting = state.phase == REWRITE
+    first = jnp.maximum(state.block - w + 1, 0)  # first window block; the window may run past the
+    start = first * b  # current block near the canvas start, and edits stop at the current block
+    logits, cache = _model_chunk(params, config, settings, state, start, size, proposing | rewriting,
+                                 block_mask)
+    positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
+    tokens = _slice(state.canvas, start, size)
+    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(rng, state),
+                           knobs, settings)
+    editable = ((positions >= prompt_lens[:, None]) & (positions < (state.block[:, None] + 1) * b)
+                & (tokens != settings.mask_id))
+    write = editable & (tok != tokens) & (p > knobs.editing_threshold) & proposing[:, None]
+    stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
+    state = state.replace(
+        canvas=_update(state.canvas, jnp.where(write, tok, tokens), start),
+        commit_step=_update(state.commit_step, stamp, start),
+        mbe_forwards=state.mbe_forwards + proposing,
+        cache_writes=state.cache_writes + rewriting,
+        cache=cache,
+        phase=jnp.where(rewriting, DENOISE, state.phase),
+        block=state.block + rewriting)
+    # The proposal forward wrote the window's K/V for the pre-edit tokens: clean unless edited.
+    after = _finish_block(state, proposing, write.any(-1), prompt_lens, num_blocks, knobs, settings)
+    return after.replace(phase=jnp.where(proposing & (after.phase == COMMIT), REWRITE, after.phase))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings"))
+def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canvas_lens: Int[Array, "N"],
+           knobs: Knobs, rng: jax.Array, *, config: ModelConfig, settings: DecodeSettings) -> DecodeState:
+    """The jitted decoding loop over a batch of canvases (prompt, then mask ids).
+
+    Row r decodes blocks floor(P_r/B) .. canvas_lens[r]/B - 1 of its canvas; positions past
+    canvas_lens[r] are never read by it. Compiled once per (N, L, settings); `knobs` are traced.
+    Returns the final loop state (canvases, per-row statistics, commit steps).
+    """
+    n, length = canvas.shape
+    b = settings.block_length
+    num_blocks = canvas_lens // b
+    block_mask = None if settings.use_cache else masks.block_causal(length, b)
+    cache = None
+    cache_writes = jnp.zeros((n,), jnp.int32)
+    if settings.use_cache:
+        scratch = min(settings.mbe_window, length // b) * b if settings.mbe_window else 0
+        cache = model.init_cache(config, n, length + scratch)
+        if settings.prefill_blocks:
+            t = settings.prefill_blocks * b
+            key_block = jnp.arange(length + scratch) // b  # [S]
+            mask = key_block[None, None, :] <= (jnp.arange(t) // b)[None, :, None]  # [1, T, S]
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+            _, cache = model.forward_cached(params, config, canvas[:, :t], positions, mask, cache,
+                                            jnp.zeros((n,), jnp.int32))
+            cache_writes = (prompt_lens >= b).astype(jnp.int32)
+    zeros = jnp.zeros((n,), jnp.int32)
+    state = DecodeState(
+        canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
+        cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
+        cache=cache)
+
+    ops = dict(config=config, settings=settings, block_mask=block_mask)
+    block_op = functools.partial(_block_op, params, rng, prompt_lens, num_blocks, knobs, **ops)
+    if settings.mbe_window:
+        window_op = functools.partial(_window_op, params, rng, prompt_lens, num_blocks, knobs, **ops)
+
+        def body(st):
+            in_window = (st.phase == PROPOSE) | (st.phase == REWRITE)
+            return jax.lax.cond(in_window.any(), window_op, block_op, st)
+    else:
+        body = block_op
+    return jax.lax.while_loop(lambda st: (st.phase != DONE).any(), body, state)
+
+
+# --------------------------------------------------------------------------- host API
+def _fail(field, expected, found):
+    raise ValueError(f"generate: {field}: expected {expected}, found {found!r}")
+
+
+def _as_prompt_list(prompts) -> list[list[int]]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompts)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            _fail("prompts", "a list of token-id lists or an integer array [N, P]",
+                  f"array of shape {arr.shape} and dtype {arr.dtype}")
+        return [list(map(int, row)) for row in arr]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or not prompts:
+        _fail("prompts", "a non-empty list of token-id lists", prompts)
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (int, np.integer)):
+            _fail("prompts", "a list of token-id lists (one list per prompt)", f"a flat list at index {i}")
+        row = [int(t) for t in np.asarray(p).reshape(-1)]
+        if not row:
+            _fail(f"prompts[{i}]", "at least one token", p)
+        out.append(row)
+    return out
+
+
+def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_length: int = 32,
+             threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
+             max_post_steps: int = 16, eos_early_stop: bool = False, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
+             mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
+             use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
+             llada20: Optional[bool] = None) -> GenerateOutput:
+    """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
+
+    `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
+    `llada20`; explicit arguments override it. `threshold` is in [0, 1]; `editing_threshold`
+    is >= 0 and any value >= 1 disables editing (p > 1 never holds). `llada20=True` runs the
+    LLaDA2.0 loop: no editing, a block ends as soon as it has no masks, and decoding stops after
+    a block whose generated part holds an EOS. Prompts may have different lengths; greedy
+    decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
+    Editing over that many finished blocks. Sampling (temperature > 0) needs `rng`; step keys
+    are `fold_in(fold_in(rng, row), forwards so far)`.
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            _fail("preset", f"one of {sorted(PRESETS)}", preset)
+        chosen = PRESETS[preset]
+        threshold = chosen["threshold"] if threshold is None else threshold
+        editing_threshold = chosen["editing_threshold"] if editing_threshold is None else editing_threshold
+        llada20 = chosen.get("llada20", False) if llada20 is None else llada20
+    llada20 = bool(llada20)
+    if threshold is None or editing_threshold is None:
+        _fail("threshold/editing_threshold", "values, or a preset", (threshold, editing_threshold))
+    mask_id = config.mask_token_id if mask_id is None else mask_id
+    eos_id = config.eos_token_id if eos_id is None else eos_id
+    vocab = config.vocab_size
+
+    def check_int(field, value, lo, hi=None):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
+                or (hi is not None and value >= hi):
+            _fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
+
+    check_int("gen_length", gen_length, 1)
+    check_int("block_length", block_length, 1)
+    check_int("max_post_steps", max_post_steps, 0)
+    check_int("mbe_window", mbe_window, 0)
+    check_int("mask_id", mask_id, 0, vocab)
+    check_int("eos_id", eos_id, 0, vocab)
+    if mask_id == eos_id:
+        _fail("eos_id", f"an id different from mask_id={mask_id}", eos_id)
+    if not 0.0 <= threshold <= 1.0:
+        _fail("threshold", "a value in [0, 1]", threshold)
+    if not editing_threshold >= 0.0:  # also rejects NaN
+        _fail("editing_threshold", "a value >= 0 (>= 1 disables editing)", editing_threshold)
+    if not temperature >= 0.0:
+        _fail("temperature", "a value >= 0", temperature)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, vocab + 1)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        _fail("top_p", "a value in (0, 1]", top_p)
+    if not penalty_lambda >= 0.0:
+        _fail("penalty_lambda", "a value >= 0", penalty_lambda)
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        _fail("rng", "a PRNG key when temperature > 0", rng)
+
+    rows = _as_prompt_list(prompts)
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < vocab or t == mask_id]
+        if bad:
+            _fail(f"prompts[{i}]", f"token ids in [0, {vocab}) other than mask_id={mask_id}", bad[:5])
+    prompt_lens = np.array([len(r) for r in rows], np.int32)
+    canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
+                           np.int32)
+    length = int(canvas_lens.max())
+    if length > config.max_position_embeddings:
+        _fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
+              f"<= max_position_embeddings={config.max_position_embeddings}", length)
+    canvas = np.full((len(rows), length), mask_id, np.int32)
+    for i, row in enumerate(rows):
+        canvas[i, :len(row)] = row
+
+    settings = DecodeSettings(
+        block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
+        greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
+        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=int(prompt_lens.max()) // block_length if use_cache else 0)
+    knobs = Knobs(
+        threshold=jnp.float32(threshold), editing_threshold=jnp.float32(editing_threshold),
+        temperature=jnp.float32(temperature), top_k=jnp.int32(vocab if top_k is None else top_k),
+        top_p=jnp.float32(1.0 if top_p is None else top_p),
+        penalty_lambda=jnp.float32(penalty_lambda), max_post_steps=jnp.int32(max_post_steps),
+        eos_early_stop=jnp.bool_(eos_early_stop), llada20=jnp.bool_(llada20))
+    rng = jax.random.key(0) if rng is None else rng
+    state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
+                   config=config, settings=settings)
+    return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
+              settings: DecodeSettings) -> GenerateOutput:
+    """Host-side result of `decode`: answers truncated after the first EOS, and statistics."""
+    canvas, commit = np.asarray(state.canvas), np.asarray(state.commit_step)
+    forwards = np.asarray(state.forwards)
+    tokens, commit_steps, generated = [], [], []
+    for r, p in enumerate(np.asarray(prompt_lens)):
+        gen = canvas[r, p:p + gen_length]
+        eos = np.flatnonzero(gen == settings.eos_id)
+        end = int(eos[0]) + 1 if eos.size else gen_length
+        tokens.append(gen[:end].tolist())
+        commit_steps.append(commit[r, p:p + end].tolist())
+        generated.append(int(np.isin(gen[:end], [settings.eos_id, settings.pad_id, settings.mask_id],
+                                     invert=True).sum()))
+    generated = np.array(generated, np.int32)
+    return GenerateOutput(
+        tokens=tokens, commit_steps=commit_steps, canvas=canvas, canvas_lengths=np.asarray(canvas_lens),
+        forwards=forwards, steps=np.asarray(state.steps), cache_writes=np.asarray(state.cache_writes),
+        mbe_forwards=np.asarray(state.mbe_forwards), num_generated=generated,
+        tpf=generated / np.maximum(forwards, 1))
