@@ -1,8 +1,13 @@
 """Test setup: 8 fake CPU devices and full-precision matmuls (the fixture's tolerance needs it)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A persistent compilation cache shared by the test processes and the launchers they start:
+# identical programs (e.g. the runs of the resume test) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llada_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

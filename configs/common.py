@@ -1,0 +1,69 @@
+"""Defaults shared by every run config (big_vision style: configs are Python, `get_config(arg)`)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.log_every = 10
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    c.model.hf_dir = ""  # an HF checkpoint directory: its config.json, and its weights as the init
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides (dtype, moe_impl, ...)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "addition"  # an offline task built locally, or "" to read `dataset` from data_dir
+    c.data.dataset = ""  # a prepared dataset in data_dir, e.g. "chat_jsonl/my_sft"
+    c.data.data_dir = ""  # default: <workdir>/data
+    c.data.tokenizer = ""  # a tokenizer.json (file or directory); default: the locally built task tokenizer
+    c.data.num_train = 20000
+    c.data.num_test = 500
+    c.data.batch_size = 32  # global batch
+    c.data.seq_len = 64  # a multiple of objective.block_size
+    c.data.too_long = "drop"
+
+    c.objective = ml_collections.ConfigDict()  # ObjectiveConfig fields (REFERENCE §4)
+    c.objective.block_size = 32
+    c.objective.t_min = 0.3
+    c.objective.t_max = 0.8
+    c.objective.weighting = "elbo"
+    c.objective.complementary = True
+    c.objective.p_edit = 0.1
+    c.objective.keep_weight = 0.0
+    c.objective.lambda_t2t = 1.0
+    c.objective.mtf = False
+    c.objective.cap = False
+
+    c.optim = ml_collections.ConfigDict()  # the public SFT recipe's shape (REFERENCE §4)
+    c.optim.lr = 1e-5
+    c.optim.warmup_frac = 0.03
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+    c.optim.accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict()  # -1: all remaining devices
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.expert = 1
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"task=sudoku,runlocal"` -> ConfigDict(task="sudoku", runlocal=True), over `defaults`."""
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise KeyError(f"config argument: unknown key {key!r}; expected one of {sorted(out)}")
+        out[key] = type(out[key])(value) if value else True
+    return out

@@ -1,0 +1,405 @@
+"""Block-diffusion CPT / SFT: optimizer, jitted update step on the mesh, and the training loop.
+
+`train(config, workdir)` reads top to bottom like big_vision's `main`: mesh, model, data,
+state (fresh or restored), update step, loop with metrics and checkpoints. Each piece is a
+function of its own so that tests and the RL loop reuse them.
+
+Exact resume: the noise key of step s is `fold_in(seed_key, s)` and each example's noise is
+folded with its row (objectives.noise), the data iterator state is checkpointed with the model,
+and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
+numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llada_jax import checkpoint, model, objectives, sharding
+from llada_jax.config import ModelConfig, get_config
+
+Batch = dict[str, np.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------ optimizer
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def trainable_labels(params) -> Any:
+    """'frozen' for `expert_bias` (a buffer steered outside the gradient, REFERENCE §1), else 'train'."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if _leaf_name(p) == "expert_bias" else "train", params)
+
+
+def decay_mask(params) -> Any:
+    """Weight decay on matrices only: not on norm scales (stored [layers, D], so no ndim test)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) not in ("scale", "expert_bias"), params)
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    warmup = max(int(cfg.optim.warmup_frac * cfg.total_steps), 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.optim.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.total_steps, warmup + 1), end_value=cfg.optim.lr * cfg.optim.min_lr_ratio)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine, decay mask, global-norm clipping; `expert_bias` frozen."""
+    o = cfg.optim
+    adamw = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask))
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels)
+
+
+# ------------------------------------------------------------------------------ state and shardings
+def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation, mesh,
+                    rules=sharding.DEFAULT_RULES) -> TrainState:
+    """Shardings of the whole train state: params by the rule table, optimizer moments like
+    their params, scalars replicated."""
+    boxed = model.abstract_params(model_config)
+    p_sh = sharding.param_shardings(boxed, mesh, rules)
+    abstract = nn.meta.unbox(boxed)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(tx.init, abstract)
+    # Optimizer moments mirror their parameter: find it by the key path's tail (optax nests the
+    # param tree inside its states) and take its sharding when the shapes agree.
+    by_path = {_dict_keys(p): (v.shape, s) for (p, v), s in zip(
+        jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree_util.tree_leaves(p_sh))}
+
+    def moment_sharding(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(moment_sharding, opt_abstract)
+    return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)
+
+
+def init_state(model_config: ModelConfig, tx, mesh, rng, shardings: TrainState,
+               params: Optional[Any] = None) -> TrainState:
+    """A fresh state created directly in its shards (or around given params, e.g. from HF)."""
+    def make(r, p):
+        p = model.init_params(model_config, r) if p is None else p
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        if params is None:
+            return jax.jit(lambda r: make(r, None), out_shardings=shardings)(rng)
+        return jax.jit(lambda p: make(None, p), out_shardings=shardings)(params)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def batch_sharding(mesh, batch: Batch) -> dict:
+    return {k: sharding.logical_sharding(("act_batch",) + (None,) * (v.ndim - 1), v.shape, mesh)
+            for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------ update step
+def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveConfig,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int = 1,
+                    loss_fn: Callable = objectives.loss_fn) -> Callable:
+    """`step(state, batch, rng) -> (state, metrics)`, not yet jitted.
+
+    With `accum_steps > 1` the batch is split into micro-batches on its leading axis and
+    gradients are averaged by `lax.scan` (activation memory of one micro-batch). Every
+    micro-batch uses the same step key and its examples keep their batch-row ids, so the
+    noise is exactly that of the unaccumulated step.
+    """
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array):
+        key = jax.random.fold_in(rng, state.step)
+        b = next(iter(batch.values())).shape[0]
+        batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
+        grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
+        if accum_steps == 1:
+            (_, metrics), grads = grad_fn(state.params, batch)
+        else:
+            if b % accum_steps:
+                raise ValueError(f"batch_size: expected a multiple of accum_steps={accum_steps}, found {b}")
+            micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, b // accum_steps, *x.shape[1:]), batch)
+
+            def body(acc, mb):
+                (_, m), g = grad_fn(state.params, mb)
+                return jax.tree_util.tree_map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.tree_util.tree_map(
+                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro))))
+            (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
+            grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+            metrics = jax.tree_util.tree_map(lambda m: m / accum_steps, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch):
+    """The update step jitted on the mesh with explicit shardings and the state donated."""
+    b_sh = batch_sharding(mesh, dict(example_batch))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------ metrics log
+class MetricsLog:
+    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`.
+
+    On resume, lines beyond the restored step are dropped first: they were logged by the killed
+    run after its last checkpoint and will be logged again."""
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        self._writer = _tensorboard_writer(workdir)
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+
+
+def _to_py(v):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+def _tensorboard_writer(workdir: str):
+    """TensorBoard events through tensorboardX when it is installed (it needs no TensorFlow)."""
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------ run
+def _check_fields(where: str, given: dict, cls) -> None:
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"config.{where}: unknown field {unknown[0]!r}; expected fields of {cls.__name__}: "
+                         f"{sorted(known)}")
+
+
+def build_model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The model named by the run config: an HF directory's config.json or a preset, plus overrides."""
+    overrides = dict(cfg.model.get("overrides", {}) or {})
+    _check_fields("model.overrides", overrides, ModelConfig)
+    if cfg.model.get("hf_dir"):
+        return ModelConfig.from_hf_config(cfg.model.hf_dir, **overrides)
+    return get_config(cfg.model.preset, **overrides)
+
+
+def build_objective(cfg: ml_collections.ConfigDict, model_config: ModelConfig,
+                    extra_special_ids=()) -> objectives.ObjectiveConfig:
+    fields = dict(cfg.objective)
+    _check_fields("objective", fields, objectives.ObjectiveConfig)
+    fields.setdefault("extra_special_ids", tuple(extra_special_ids))
+    return objectives.ObjectiveConfig.for_model(model_config, **fields)
+
+
+def mesh_from_config(cfg: ml_collections.ConfigDict):
+    m = cfg.mesh
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert)
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> str:
+    """Persists compiled programs across processes (a resumed or repeated run skips compilation).
+
+    `$JAX_COMPILATION_CACHE_DIR` wins; else `path`; else `~/.cache/llada_jax/xla`."""
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or os.path.expanduser("~/.cache/llada_jax/xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ------------------------------------------------------------------------------ data
+def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
+    """The run's tokenizer: `cfg.data.tokenizer`, or the offline-task tokenizer built locally once
+    and kept in `<workdir>/tokenizer.json` (so a resumed run and later evaluation use the same)."""
+    from llada_jax.tokenizer import Tokenizer, build_task_tokenizer
+
+    if cfg.data.tokenizer:
+        return Tokenizer.from_file(cfg.data.tokenizer)
+    path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(path):
+        return Tokenizer.from_file(path)
+    tok = build_task_tokenizer()
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok
+
+
+def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
+    """The model must embed every token id and agree on the mask and EOS ids."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids, more than the model's "
+                         f"vocab_size={model_config.vocab_size}")
+    for name, tok_id in (("mask_token_id", tokenizer.mask_id), ("eos_token_id", tokenizer.eos_id)):
+        if getattr(model_config, name) != tok_id:
+            raise ValueError(f"ModelConfig.{name}: expected the tokenizer's {tok_id}, found {getattr(model_config, name)}")
+
+
+def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
+    """The examples of `split`: the offline task (generated under data_dir once) or a prepared dataset."""
+    from llada_jax import data
+
+    data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
+    if cfg.data.task:
+        data.prepare_task(cfg.data.task, data_dir, num_train=cfg.data.num_train, num_test=cfg.data.num_test)
+        return data.open_split(data_dir, cfg.data.task, split)
+    if not cfg.data.dataset:
+        raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")
+    return data.open_split(data_dir, cfg.data.dataset, split)
+
+
+def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
+    """Checkpointable iterator of this process's share of the global batch, shuffled by the run seed."""
+    from llada_jax import data
+
+    n_proc = jax.process_count()
+    if cfg.data.batch_size % n_proc:
+        raise ValueError(f"data.batch_size: expected a multiple of the process count {n_proc}, found {cfg.data.batch_size}")
+    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // n_proc,
+                          seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, too_long=cfg.data.too_long,
+                          seed=cfg.seed, shuffle=True, num_epochs=None)
+    return iter(ds)
+
+
+def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig,
+                 obj_config: objectives.ObjectiveConfig, train_iter, *, init_params: Optional[Any] = None,
+                 on_log: Optional[Callable[[int, dict], None]] = None,
+                 progress: bool = True, loss_fn: Callable = objectives.loss_fn) -> TrainState:
+    """The loop: restore or init, step, log, checkpoint, until `cfg.total_steps`.
+
+    `train_iter` is an iterator of numpy batches with `get_state()` / `set_state()` (grain);
+    its state is saved with every checkpoint. Returns the final state.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_from_config(cfg)
+    tx = make_optimizer(cfg)
+    schedule = learning_rate_schedule(cfg)
+    shardings = state_shardings(model_config, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    rng = jax.random.key(cfg.seed)
+
+    start = ckpt.latest_step()
+    if start is not None:
+        abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
+        state, extra = ckpt.restore(abstract, step=start, config=model_config)
+        if "data" in extra and hasattr(train_iter, "set_state"):
+            train_iter.set_state(extra["data"])
+    else:
+        start = 0
+        state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings, init_params)
+    log = MetricsLog(workdir, resume_step=start)
+    extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
+
+    step_fn = None
+    bar = _progress(start, cfg.total_steps, progress)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            for step in range(start, cfg.total_steps):
+                batch = next(train_iter)
+                batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
+                if step_fn is None:
+                    step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
+                                                             cfg.optim.accum_steps, loss_fn), shardings, mesh, batch)
+                state, metrics = step_fn(state, batch, rng)
+                tokens_since += int(np.asarray(batch["tokens"]).size)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.total_steps:
+                    metrics = jax.device_get(metrics)
+                    if not np.isfinite(metrics["loss"]):
+                        raise NonFiniteLossError(
+                            f"step {done}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
+                            f"step {ckpt.latest_step()} in {ckpt.directory}")
+                    now = time.perf_counter()
+                    metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                    t_last, tokens_since = now, 0
+                    log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
+                              {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
+                    if on_log:
+                        on_log(done, metrics)
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{float(metrics.get('masked_acc', 0)):.3f}")
+                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+                    loss_now = float(jax.device_get(metrics["loss"]))
+                    if not np.isfinite(loss_now):
+                        raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
+                                                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+                    ckpt.save(done, state, extra=dict(extra_json, data=data_state), force=True)
+                bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+    return state
+
+
+def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:
+    params = nn.meta.unbox(model.abstract_params(model_config))
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,192 @@
+"""The trainer: exact resume after SIGKILL, sharded == single-device steps, clear errors."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import checkpoint, sharding, train
+from llada_jax.data import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+def quickstart_config(**overrides):
+    spec = importlib.util.spec_from_file_location("quickstart_cfg", QUICKSTART)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.data.num_train, cfg.data.num_test, cfg.data.batch_size = 2000, 50, 8
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+SMALL_RUN = ["--config.data.num_train=2000", "--config.data.num_test=50", "--config.data.batch_size=8",
+             "--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=24", "--config.mesh.data=1"]
+
+
+def _launch(workdir, data_dir, extra=()):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={QUICKSTART}", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", *SMALL_RUN, *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir):
+    rows = train.read_metrics(workdir)
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from llada_jax import data
+
+    d = str(tmp_path_factory.mktemp("data"))
+    data.prepare_task("addition", d, num_train=2000, num_test=50)
+    return d
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, data_dir):
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _launch(ref_dir, data_dir)
+    victim = _launch(killed_dir, data_dir)
+    first_ckpt = killed_dir / "checkpoints" / "4"
+    deadline = time.time() + 300
+    while not first_ckpt.is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.stdout.read()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = max(r["step"] for r in _metrics(killed_dir))
+    assert killed_at < 24, "SIGKILL arrived after the run finished"
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    resumed = _launch(killed_dir, data_dir)
+    out2, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out2
+    ref_rows, got_rows = _metrics(ref_dir), _metrics(killed_dir)
+    assert [r["step"] for r in got_rows] == list(range(1, 25))
+    assert got_rows == ref_rows  # every metric of every step, bit for bit
+    # And it learned something in 24 steps: the masked-token loss fell.
+    assert np.mean([r["loss"] for r in ref_rows[-4:]]) < 0.7 * np.mean([r["loss"] for r in ref_rows[:4]])
+
+
+def _run_steps(mesh, cfg, n=2):
+    from llada_jax import objectives
+
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    tx = train.make_optimizer(cfg)
+    shardings = train.state_shardings(model_config, tx, mesh)
+    state = train.init_state(model_config, tx, mesh, jax.random.key(0), shardings)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32),
+             "loss_mask": np.tile(np.arange(32) >= 12, (8, 1))}
+    step = train.jit_train_step(train.make_train_step(model_config, obj, tx, train.learning_rate_schedule(cfg)),
+                                shardings, mesh, batch)
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        for _ in range(n):
+            state, metrics = step(state, batch, jax.random.key(1))
+    del objectives
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_sharded_train_step_equals_single_device():
+    cfg = quickstart_config(**{"objective.block_size": 8, "optim.lr": 1e-3})
+    single = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    ref_params, ref_metrics = _run_steps(single, cfg)
+    # The optimizer leaves the router's expert_bias alone (a buffer, REFERENCE §1) ...
+    assert np.all(ref_params["moe_layers"]["moe"]["expert_bias"] == 0)
+    # ... and decays matrices but not norm scales.
+    labels = train.decay_mask(ref_params)
+    assert labels["final_norm"]["scale"] is False and labels["moe_layers"]["moe"]["wi_gate"] is True
+    for axes in (dict(fsdp=4, tensor=2), dict(data=2, expert=4)):
+        params, metrics = _run_steps(sharding.make_mesh(**axes), cfg)
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), params, ref_params)
+
+
+class _Batches:
+    """A deterministic in-memory iterator with grain's get_state / set_state."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __next__(self):
+        rng = np.random.default_rng(self.i)
+        self.i += 1
+        return {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32),
+                "loss_mask": np.tile(np.arange(32) >= 12, (8, 1))}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, s):
+        self.i = s["i"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from llada_jax import objectives
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 6, "checkpoint_every": 2, "log_every": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+
+    def poisoned(params, mc, oc, batch, rng):
+        loss, metrics = objectives.loss_fn(params, mc, oc, batch, rng)
+        bad = jnp.where(jax.random.uniform(rng) >= 0, jnp.nan, 0.0)  # traced, so NaN at run time
+        return loss + bad, dict(metrics, loss=loss + bad)
+
+    with pytest.raises(train.NonFiniteLossError, match=r"step 1: loss is nan"):
+        train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False, loss_fn=poisoned)
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() is None
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 2, "checkpoint_every": 2})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    other = model_config.replace(hidden_size=32)
+    cfg.total_steps = 4
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"hidden_size=64, the config expects 32"):
+        train.run_training(cfg, str(tmp_path), other, train.build_objective(cfg, other), _Batches(), progress=False)
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2  # nothing lost
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = quickstart_config()
+    cfg.model.overrides.hiden_size = 3
+    with pytest.raises(ValueError, match=r"config\.model\.overrides: unknown field 'hiden_size'"):
+        train.build_model_config(cfg)
+    cfg = quickstart_config()
+    cfg.objective.p_edits = 0.1
+    with pytest.raises(ValueError, match=r"config\.objective: unknown field 'p_edits'"):
+        train.build_objective(cfg, train.build_model_config(quickstart_config()))
+    cfg = quickstart_config(**{"data.task": "", "data.dataset": "mine", "data.data_dir": str(tmp_path / "nope")})
+    with pytest.raises(DataError, match="data directory not found"):
+        train.open_examples(cfg, str(tmp_path), "train")
+
+
+def test_unknown_flag_is_rejected_by_the_launcher(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={QUICKSTART}",
+                          f"--workdir={tmp_path}", "--config.totl_steps=3"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "totl_steps" in out.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
