@@ -1,0 +1,395 @@
+"""Rewards for RL behind one interface, and `score`, which keeps the RL loop alive (REFERENCE §6).
+
+A reward is `RewardFn = (completion, meta) -> float`: the decoded completion and the
+problem's `meta` (what the verifier needs). `REWARDS` names them:
+
+- `addition`, `countdown`, `sudoku4x4`: the offline tasks' verifiers of `llada_jax.data.tasks`,
+- `gsm8k`: 1/0 on the final number (`\\boxed{}` content, else the last number in the text),
+- `math`: 1/0 on the `\\boxed{}` answer, equal to the reference up to MATH-style normalisation
+  or numerically / symbolically (a small safe parser, see `math_equal`),
+- `code`: the fraction of unit tests passed in `llada_jax.sandbox`,
+- `by_task`: dispatch on `meta["task"]` to one of the above.
+
+`score` applies a reward to a batch and never raises for a reward that does: the sample gets
+`on_error` (0) and is reported, with its index, text and meta, in the returned list and by
+`logging.warning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import functools
+import logging
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from llada_jax import sandbox
+from llada_jax.data import tasks
+
+RewardFn = Callable[[str, Mapping[str, Any]], float]
+
+_log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ extraction
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces matched;
+    `\\boxed 5` (no braces) gives "5". None if there is none or it is unclosed."""
+    matches = list(re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text))
+    if not matches:
+        return None
+    last = matches[-1]
+    if last.group(1) is None:
+        word = re.match(r"[^\s$]+", text[last.end():])
+        return word.group() if word else None
+    depth = 1
+    for i in range(last.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[last.end():i]
+    return None
+
+
+_NUMBER = re.compile(r"(?<![\w.)])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?<![\w.)])-?\.\d+")
+
+
+def parse_number(text: str) -> fractions.Fraction | None:
+    """The exact value of a number as written in an answer: `-1,234.5`, `$18`, `75%` (= 75),
+    `3/4`, `\\frac{3}{4}`, `0.75.`; None unless `text` is one number (after dropping
+    `$`, `%`, `\\text{...}` units and a trailing period)."""
+    text = re.sub(r"\\(?:text|mbox|mathrm)\{[^{}]*\}", "", text)
+    text = re.sub(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", text)
+    text = text.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "").strip().rstrip(".").strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    try:
+        return fractions.Fraction(text.replace(",", "").replace(" ", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def final_number(text: str) -> fractions.Fraction | None:
+    """The answer of a GSM8K-style solution: the `\\boxed{}` content if any (the whole of it, or
+    else its last number), otherwise the last number in the text."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        value = parse_number(boxed)
+        return value if value is not None else final_number(boxed.replace("\\boxed", ""))
+    text = re.sub(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", text)
+    matches = _NUMBER.findall(text)
+    return parse_number(matches[-1]) if matches else None
+
+
+def _reference(meta: Mapping[str, Any]) -> str:
+    """The reference answer: `meta["answer"]`, after GSM8K's `####` or inside `\\boxed{}` if present."""
+    answer = str(meta["answer"])
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip()
+    return extract_boxed(answer) or answer
+
+
+# -------------------------------------------------------------------------------- GSM8K
+def gsm8k_reward(completion: str, meta: Mapping[str, Any]) -> float:
+    """1.0 iff the completion's final number equals `meta["answer"]` exactly (3/4 == 0.75)."""
+    got, want = final_number(tasks.answer_text(completion)), parse_number(_reference(meta))
+    if want is None:
+        raise ValueError(f"meta['answer']: expected a number, found {meta['answer']!r}")
+    return float(got is not None and got == want)
+
+
+# --------------------------------------------------------------------------------- MATH
+_TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def normalise_math(answer: str) -> str:
+    """A MATH answer in canonical spelling (after Hendrycks et al.'s `strip_string`): no
+    spaces, `\\left`/`\\right`, thin spaces, `$`, degrees, percent, units in `\\text{}`, `x =`
+    prefixes or thousands separators; `\\dfrac`/`\\tfrac` -> `\\frac`; `\\frac12` -> `\\frac{1}{2}`."""
+    s = answer.strip().replace("\n", "")
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""),
+                     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\\displaystyle", "")):
+        s = s.replace(old, new)
+    stripped = _TEXT_COMMANDS.sub("", s).strip()
+    s = stripped if stripped else _TEXT_COMMANDS.sub(r"\1", s)  # "5\text{ cm}" -> "5"; "\text{(A)}" -> "(A)"
+    s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"^[a-zA-Z]\w*=", "", s) if s.count("=") == 1 else s
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    return s
+
+
+_MATH_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]]")
+_MAX_MATH_CHARS = 200
+_MAX_EXPONENT = 64
+_PROBES = (0.5772156649, 1.4142135623, -0.7390851332, 2.7182818284, -1.6180339887)
+
+
+def _parse_math(text: str) -> Callable[[Mapping[str, float]], float]:
+    """Compiles a normalised expression (numbers, single-letter variables, + - * / ^, `\\cdot`,
+    `\\times`, `\\div`, `\\frac{}{}`, `\\sqrt{}`, `\\sqrt[n]{}`, `\\pi`, parentheses and braces,
+    implicit multiplication) into a function of the variables' values. A recursive-descent
+    parser, never `eval`; exponents above 64 in magnitude are refused. Raises ValueError if
+    `text` is anything else."""
+    if len(text) > _MAX_MATH_CHARS:
+        raise ValueError("too long")
+    tokens, pos = [], 0
+    while pos < len(text):
+        m = _MATH_TOKEN.match(text, pos)
+        if m is None:
+            raise ValueError(f"unexpected {text[pos:]!r}")
+        tokens.append({"\\cdot": "*", "\\times": "*", "\\div": "/"}.get(m.group(), m.group()))
+        pos = m.end()
+    i = 0
+
+    def peek():
+        return tokens[i] if i < len(tokens) else None
+
+    def take(expected=None):
+        nonlocal i
+        tok = peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise ValueError(f"expected {expected or 'more'}, found {tok!r}")
+        i += 1
+        return tok
+
+    def starts_primary(tok) -> bool:
+        return tok is not None and (tok[0].isdigit() or tok[0] == "." or tok.isalpha()
+                                    or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi"))
+
+    def group():
+        take("{")
+        inner = expr()
+        take("}")
+        return inner
+
+    def primary():
+        tok = take()
+        if tok[0].isdigit() or tok[0] == ".":
+            value = float(tok)
+            return lambda env: value
+        if tok.isalpha():
+            return lambda env: env[tok]
+        if tok in ("(", "{"):
+            inner = expr()
+            take(")" if tok == "(" else "}")
+            return inner
+        if tok == "\\pi":
+            return lambda env: math.pi
+        if tok == "\\frac":
+            num, den = group(), group()
+            return lambda env: num(env) / den(env)
+        if tok == "\\sqrt":
+            index = None
+            if peek() == "[":
+                take("[")
+                index = expr()
+                take("]")
+            radicand = group()
+            return (lambda env: math.sqrt(radicand(env))) if index is None else \
+                (lambda env: _power(radicand(env), 1 / index(env)))
+        raise ValueError(f"unexpected {tok!r}")
+
+    def power():
+        base = primary()
+        if peek() != "^":
+            return base
+        take("^")
+        exponent = unary()
+        return lambda env: _power(base(env), exponent(env))
+
+    def unary():
+        if peek() in ("-", "+"):
+            sign = -1.0 if take() == "-" else 1.0
+            operand = unary()
+            return lambda env: sign * operand(env)
+        return power()
+
+    def term():
+        value = unary()
+        while peek() in ("*", "/") or starts_primary(peek()):
+            op = take() if peek() in ("*", "/") else "*"
+            left, right = value, unary()
+            value = (lambda l, r: lambda env: l(env) * r(env))(left, right) if op == "*" else \
+                (lambda l, r: lambda env: l(env) / r(env))(left, right)
+        return value
+
+    def expr():
+        value = term()
+        while peek() in ("+", "-"):
+            sign = 1.0 if take() == "+" else -1.0
+            left, right = value, term()
+            value = (lambda l, r, s: lambda env: l(env) + s * r(env))(left, right, sign)
+        return value
+
+    try:
+        fn = expr()
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if i != len(tokens):
+        raise ValueError(f"unexpected {tokens[i]!r}")
+    return fn
+
+
+def _power(base: float, exponent: float) -> float:
+    if abs(exponent) > _MAX_EXPONENT:
+        raise OverflowError(f"exponent {exponent} refused")
+    return math.pow(base, exponent)
+
+
+def _variables(text: str) -> list[str]:
+    return sorted({t for t in _MATH_TOKEN.findall(text) if len(t) == 1 and t.isalpha()})
+
+
+def _numerically_equal(a: str, b: str) -> bool:
+    """Whether two normalised expressions agree at 3 fixed probe points of their variables
+    (exact for numbers; for polynomials and rational functions a false positive needs the
+    probes to hit a root of their difference). False if either does not parse."""
+    try:
+        fa, fb = _parse_math(a), _parse_math(b)
+    except ValueError:
+        return False
+    names = sorted(set(_variables(a)) | set(_variables(b)))
+    agreed = 0
+    for k in range(3):
+        env = {name: _PROBES[(k + j) % len(_PROBES)] * (j + 1) for j, name in enumerate(names)}
+        try:
+            x, y = fa(env), fb(env)
+        except (ArithmeticError, ValueError):  # a pole or a negative sqrt: try the next point
+            continue
+        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+        agreed += 1
+    return agreed > 0
+
+
+def _split_top_level(s: str) -> list[str]:
+    """`s` split at the commas outside any bracket: the items of a tuple or list answer."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def math_equal(answer: str, reference: str) -> bool:
+    """Whether a MATH answer matches the reference: equal after `normalise_math`, or, item by
+    item for comma-separated answers, numerically equal (`\\frac{1}{2}` == 0.5 == 1/2,
+    `2\\sqrt{2}` == `\\sqrt{8}`) or symbolically equal by probing (`(x+1)^2` == `x^2+2x+1`).
+    Limits: no sets, intervals, matrices, inequalities or functions beyond `\\sqrt` and
+    `\\pi` (those need string equality); variables are single letters, `e` and `i` included."""
+    a, b = normalise_math(answer), normalise_math(reference)
+    if a == b:
+        return True
+    items_a, items_b = _split_top_level(a), _split_top_level(b)
+    if len(items_a) != len(items_b) or (len(items_a) > 1 and a[:1] + a[-1:] != b[:1] + b[-1:]):
+        return False  # different lengths, or a tuple (1,2) against an interval (1,2]
+    if len(items_a) > 1 and a[:1] in "([" and a[-1:] in ")]":
+        items_a, items_b = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
+    return all(x == y or _numerically_equal(x, y) for x, y in zip(items_a, items_b))
+
+
+def math_reward(completion: str, meta: Mapping[str, Any]) -> float:
+    """1.0 iff the completion's `\\boxed{}` answer (else its last number) `math_equal`s the reference."""
+    text = tasks.answer_text(completion)
+    answer = extract_boxed(text)
+    if answer is None:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else None
+    return float(answer is not None and math_equal(answer, _reference(meta)))
+
+
+# --------------------------------------------------------------------------------- code
+def extract_code(completion: str) -> str:
+    """The program in a completion: the last ```python (or bare ```) fenced block, else the whole answer."""
+    text = tasks.answer_text(completion)
+    blocks = re.findall(r"```(?:python|py)?[^\n]*\n(.*?)```", text, flags=re.DOTALL)
+    return blocks[-1] if blocks else text
+
+
+def code_reward(completion: str, meta: Mapping[str, Any],
+                config: sandbox.SandboxConfig = sandbox.SandboxConfig()) -> float:
+    """Fraction of the unit tests the completion's program passes in the sandbox. `meta` holds
+    either `tests` (assert statements) or `io_tests` ([stdin, expected stdout] pairs)."""
+    program = extract_code(completion)
+    if "tests" in meta:
+        result = sandbox.run_assert_tests(program, meta["tests"], config)
+    elif "io_tests" in meta:
+        result = sandbox.run_io_tests(program, [tuple(case) for case in meta["io_tests"]], config)
+    else:
+        raise KeyError(f"code meta: expected a 'tests' or 'io_tests' key, found keys {sorted(meta)}")
+    return result.fraction
+
+
+def code_reward_with(config: sandbox.SandboxConfig) -> RewardFn:
+    """`code_reward` under other sandbox limits, as a `RewardFn`."""
+    return functools.partial(code_reward, config=config)
+
+
+# ----------------------------------------------------------------------------- registry
+def by_task(completion: str, meta: Mapping[str, Any]) -> float:
+    """The reward named by `meta["task"]`: one interface for a batch of mixed tasks."""
+    return get_reward(meta["task"])(completion, meta)
+
+
+REWARDS: dict[str, RewardFn] = {
+    **{name: task.reward for name, task in tasks.TASKS.items()},
+    "gsm8k": gsm8k_reward,
+    "math": math_reward,
+    "code": code_reward,
+    "by_task": by_task,
+}
+
+
+def get_reward(name: str) -> RewardFn:
+    if name not in REWARDS:
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)}, found {name!r}")
+    return REWARDS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardError:
+    """A sample whose reward function raised (or returned a non-finite value)."""
+    index: int
+    completion: str  # truncated to `score`'s max_chars
+    meta: Mapping[str, Any]
+    error_type: str
+    message: str
+
+
+def score(completions: Sequence[str], metas: Sequence[Mapping[str, Any]], reward_fn: RewardFn | str = "by_task",
+          *, on_error: float = 0.0, max_chars: int = 200) -> tuple[np.ndarray, list[RewardError]]:
+    """Rewards of a batch, float32 [len(completions)], and the samples whose reward failed.
+
+    A reward function that raises an `Exception` or returns a non-finite value does not stop
+    the caller: that sample gets `on_error` and is reported (index, completion truncated to
+    `max_chars`, meta, exception type and message) in the returned list and by
+    `logging.warning`, so that an RL step survives a verifier bug or a hostile completion.
+    """
+    if len(completions) != len(metas):
+        raise ValueError(f"score: {len(completions)} completions but {len(metas)} metas")
+    fn = get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    rewards = np.full(len(completions), on_error, np.float32)
+    errors: list[RewardError] = []
+    for index, (completion, meta) in enumerate(zip(completions, metas)):
+        try:
+            value = float(fn(completion, meta))
+            if not math.isfinite(value):
+                raise ValueError(f"non-finite reward {value}")
+            rewards[index] = value
+        except Exception as e:  # noqa: BLE001 - any verifier failure is reported, not raised
+            shown = completion if len(completion) <= max_chars else completion[:max_chars] + "..."
+            errors.append(RewardError(index, shown, meta, type(e).__name__, str(e)))
+            _log.warning("reward %s failed on sample %d (%s: %s); reward set to %s. completion=%r meta=%r",
+                         getattr(fn, "__name__", fn), index, type(e).__name__, e, on_error, shown, meta)
+    return rewards, errors
