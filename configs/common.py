@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "addition"  # an offline task built locally, or "" to read `dataset` from data_dir
+    c.data.task_config = ml_collections.ConfigDict()  # the task's generator settings, e.g. max_digits
     c.data.dataset = ""  # a prepared dataset in data_dir, e.g. "chat_jsonl/my_sft"
     c.data.data_dir = ""  # default: <workdir>/data
     c.data.tokenizer = ""  # a tokenizer.json (file or directory); default: the locally built task tokenizer

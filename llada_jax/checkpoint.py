@@ -126,10 +126,14 @@ def load_params(directory: str, config: Optional[ModelConfig] = None, shardings:
         elif saved is not None:
             check_compatible(saved, config, f"{directory} step {step}")
         abstract = nn.meta.unbox(abstract_params(config))
+        if shardings is None:  # one device, explicitly (Orbax would otherwise read the saved topology)
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree_util.tree_map(lambda _: one, abstract)
         target = {"params": abstract_with_shardings(abstract, shardings)}
         # A training checkpoint stores more than params; restore only the params subtree.
         restored = ckpt._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
         return config, restored["state"]["params"]
     finally:
         ckpt.close()

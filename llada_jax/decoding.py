@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -325,14 +325,19 @@ def _window_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, 
     return after.replace(phase=jnp.where(proposing & (after.phase == COMMIT), REWRITE, after.phase))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "settings"))
+@functools.partial(jax.jit, static_argnames=("config", "settings", "on_block"))
 def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canvas_lens: Int[Array, "N"],
-           knobs: Knobs, rng: jax.Array, *, config: ModelConfig, settings: DecodeSettings) -> DecodeState:
+           knobs: Knobs, rng: jax.Array, *, config: ModelConfig, settings: DecodeSettings,
+           on_block: Optional[Callable] = None) -> DecodeState:
     """The jitted decoding loop over a batch of canvases (prompt, then mask ids).
 
     Row r decodes blocks floor(P_r/B) .. canvas_lens[r]/B - 1 of its canvas; positions past
     canvas_lens[r] are never read by it. Compiled once per (N, L, settings); `knobs` are traced.
     Returns the final loop state (canvases, per-row statistics, commit steps).
+
+    `on_block(finished [N] bool, block [N] int, canvas [N, L])`, a host function, is called after
+    every forward through `jax.debug.callback`; rows with `finished` just completed `block`
+    (streaming). It is a static argument: pass the same function to reuse the compiled loop.
     """
     n, length = canvas.shape
     b = settings.block_length
@@ -367,6 +372,15 @@ def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canv
             return jax.lax.cond(in_window.any(), window_op, block_op, st)
     else:
         body = block_op
+    if on_block is not None:
+        step = body
+
+        def body(st):  # noqa: F811 - streaming wraps the step
+            new = step(st)
+            advanced = new.block > st.block
+            finished = advanced | ((new.phase == DONE) & (st.phase != DONE))
+            jax.debug.callback(on_block, finished, jnp.where(advanced, st.block, new.block), new.canvas)
+            return new
     return jax.lax.while_loop(lambda st: (st.phase != DONE).any(), body, state)
 
 
@@ -401,7 +415,7 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
              top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
              mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
              use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
-             llada20: Optional[bool] = None) -> GenerateOutput:
+             llada20: Optional[bool] = None, on_block: Optional[Callable] = None) -> GenerateOutput:
     """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
 
     `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
@@ -411,7 +425,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     a block whose generated part holds an EOS. Prompts may have different lengths; greedy
     decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
     Editing over that many finished blocks. Sampling (temperature > 0) needs `rng`; step keys
-    are `fold_in(fold_in(rng, row), forwards so far)`.
+    are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
+    host function (see `decode`).
     """
     if preset is not None:
         if preset not in PRESETS:
@@ -484,7 +499,7 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         eos_early_stop=jnp.bool_(eos_early_stop), llada20=jnp.bool_(llada20))
     rng = jax.random.key(0) if rng is None else rng
     state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
-                   config=config, settings=settings)
+                   config=config, settings=settings, on_block=on_block)
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
 
 

@@ -302,8 +302,14 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
 
     data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
     if cfg.data.task:
-        data.prepare_task(cfg.data.task, data_dir, num_train=cfg.data.num_train, num_test=cfg.data.num_test)
-        return data.open_split(data_dir, cfg.data.task, split)
+        task = data.get_task(cfg.data.task)
+        settings = dict(cfg.data.get("task_config", {}) or {})
+        _check_fields("data.task_config", settings, task.config_cls)
+        # Each distinct setting is its own prepared dataset, so changing one never reuses stale data.
+        name = "_".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
+        data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
+                          num_test=cfg.data.num_test, task_config=task.config_cls(**settings) if settings else None)
+        return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
     if not cfg.data.dataset:
         raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")
     return data.open_split(data_dir, cfg.data.dataset, split)

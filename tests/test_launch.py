@@ -1,0 +1,82 @@
+"""The launchers as a user runs them: convert, info, generate, and the quickstart main job."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=900):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_convert_round_trip_reproduces_the_reference_file(fixture_dir, tmp_path):
+    _run("launch/convert.py", f"--hf_dir={fixture_dir}", f"--orbax_dir={tmp_path}/orbax")
+    _run("launch/convert.py", "--to_hf", f"--orbax_dir={tmp_path}/orbax", f"--hf_dir={tmp_path}/hf")
+    ref = load_file(os.path.join(fixture_dir, "model.safetensors"))
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_info_counts_without_allocating():
+    out = json.loads(_run("launch/info.py", "--preset=mini").stdout)
+    assert out["total_params"] == 16_255_643_392 and out["active_params"] == 1_432_973_056
+
+
+@pytest.fixture(scope="module")
+def task_tokenizer(tmp_path_factory):
+    from llada_jax.tokenizer import build_task_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_task_tokenizer().save(path)
+    return path
+
+
+def test_generate_streams_and_writes_jsonl(fixture_dir, task_tokenizer, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "12+34="}) + "\n" +
+                       json.dumps({"messages": [{"role": "user", "content": "5+7="}]}) + "\n")
+    out = _run("launch/generate.py", f"--checkpoint={fixture_dir}", f"--tokenizer={task_tokenizer}",
+               f"--prompts_file={prompts}", "--prompt=9+9=", "--mode=S", "--gen_length=32", "--block_length=16",
+               "--moe_impl=dense", "--noeos_early_stop", f"--output={tmp_path}/out.jsonl")
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["forwards"] >= r["denoising_steps"] >= 1 and len(r["tokens"]) >= 1
+    streamed = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert len(streamed) >= 3  # at least one finished block per prompt, printed as it finished
+    assert "TPF" in out.stderr
+
+
+def test_generate_reports_a_bad_prompts_file(fixture_dir, task_tokenizer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="}\nnot json\n')
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "launch/generate.py", f"--checkpoint={fixture_dir}",
+                          f"--tokenizer={task_tokenizer}", f"--prompts_file={bad}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and f"{bad}:2: not JSON" in out.stderr
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    """The README's main command, shortened: it trains, evaluates, prints the table, writes the report."""
+    out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
+               "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
+               "--eval_examples=16")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["task"] == "addition" and report["train"]["steps"] == 6
+    for mode in ("S", "Q"):
+        assert 0.0 <= report["sft"][mode]["accuracy"] <= 1.0 and report["sft"][mode]["tpf"] > 0
+    assert f"report: {tmp_path}/report.json" in out.stdout
+    assert "SFT    S" in out.stdout and "SFT    Q" in out.stdout
