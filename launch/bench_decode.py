@@ -32,6 +32,7 @@ flags.DEFINE_integer("block_length", 32, "Block length.")
 flags.DEFINE_list("modes", ["S", "Q", "no_edit"], "Presets to run with the cache.")
 flags.DEFINE_string("uncached_mode", "S", "Preset also run without the cache (empty: skip).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
+flags.DEFINE_string("moe_impl", "dense", "MoE back end; dense is the faster one on CPU (launch/bench.py).")
 
 
 def _timed(fn):
@@ -45,7 +46,7 @@ def _timed(fn):
 
 
 def main(_):
-    config = get_config(FLAGS.preset)
+    config = get_config(FLAGS.preset, moe_impl=FLAGS.moe_impl)
     params = model.init_params(config, jax.random.key(FLAGS.seed))
     rng = np.random.default_rng(FLAGS.seed)
     specials = {config.mask_token_id, config.eos_token_id, config.pad_token_id}

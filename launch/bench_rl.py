@@ -1,0 +1,134 @@
+r"""RL likelihood and update benchmarks, printed as one JSON object (REFERENCE §6).
+
+  python launch/bench_rl.py                               # tiny, L = 512 and 2048, block 32, N = 8
+  python launch/bench_rl.py --lengths=512 --grad_length=256
+
+1. Likelihood cost: EBPO's vectorized ELBO terms (one composite [x_t ; x_0] forward per
+   timestep, all N timesteps batched, and the same under `lax.scan`) against the per-block loop
+   they replace (per block k, one forward over [clean blocks < k, noisy block k] carrying all N
+   timesteps as batch rows: L/B forwards of growing length), with the largest difference of the
+   terms as a check.
+2. EBPO loss + gradient: "direct" (differentiate through the N forwards) against "replay"
+   (terms without gradient, then one replayed forward per timestep), with XLA's temporary-buffer
+   size of each compiled program as the activation-memory figure.
+
+Times exclude compilation (one warm-up call) and are medians over --repeats calls. On CPU only
+ratios measured side by side in one run are meaningful.
+"""
+
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from llada_jax import masks, model, objectives, rl
+from llada_jax.config import get_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "tiny", "Model preset.")
+flags.DEFINE_list("lengths", ["512", "2048"], "Sequence lengths L for the likelihood benchmark.")
+flags.DEFINE_integer("block", 32, "Block size.")
+flags.DEFINE_integer("timesteps", 8, "EBPO timesteps N.")
+flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never masked).")
+flags.DEFINE_integer("grad_length", 512, "L of the loss + gradient benchmark.")
+flags.DEFINE_integer("grad_batch", 2, "Completions per batch in the loss + gradient benchmark.")
+flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
+
+
+def _time(fn, *args):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], compile_s, out
+
+
+def _per_block_terms(config, block):
+    """The ELBO terms block by block: per block, one block-causal forward over the clean prefix and
+    the noisy block, every timestep a batch row."""
+
+    def fn(params, tokens, noise):
+        b, n, length = noise.masked.shape
+        x_0 = jnp.repeat(tokens, n, axis=0)  # [B*N, L]
+        x_t = jnp.where(noise.masked.reshape(b * n, length), config.mask_token_id, x_0)
+        out = []
+        for start in range(0, length, block):
+            end = start + block
+            inp = jnp.concatenate([x_0[:, :start], x_t[:, start:end]], axis=1)
+            logits = model.forward(params, config, inp, mask=masks.block_causal(end, block))[:, start:]
+            logp = objectives.token_logprobs(logits, x_0[:, start:end])
+            out.append(jnp.where(noise.masked.reshape(b * n, length)[:, start:end], logp, 0.0).sum(-1))
+        return (jnp.stack(out, -1) / noise.t.reshape(b * n, -1)).reshape(b, n, -1)
+
+    return jax.jit(fn)
+
+
+def _batch(config, b, length):
+    tokens = jax.random.randint(jax.random.key(1), (b, length), 0, config.vocab_size - 2)
+    completion = jnp.broadcast_to(jnp.arange(length) >= FLAGS.prompt, (b, length))
+    return {"tokens": tokens, "completion_mask": completion, "advantages": jnp.linspace(-1.0, 1.0, b)}
+
+
+def main(argv):
+    del argv
+    config = get_config(FLAGS.preset)
+    params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+    out = {"device": jax.devices()[0].device_kind, "platform": platform.machine(), "preset": FLAGS.preset,
+           "params": config.param_counts()["total"], "block": FLAGS.block, "timesteps": FLAGS.timesteps}
+
+    out["likelihood"] = {}
+    loop = _per_block_terms(config, FLAGS.block)
+    for length in map(int, FLAGS.lengths):
+        batch = _batch(config, 1, length)
+        n, nb = FLAGS.timesteps, length // FLAGS.block
+        row = {"batch": 1, "length": length,
+               "model_calls": {"vectorized_batch": 1, "vectorized_scan": n, "per_block_loop": nb},
+               "tokens_through_model": {"vectorized": n * 2 * length,
+                                        "per_block_loop": n * FLAGS.block * nb * (nb + 1) // 2}}
+        for vectorize in rl.VECTORIZE:
+            lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps, vectorize=vectorize)
+            noise = rl.sample_noise(jax.random.key(2), batch["completion_mask"], lik)
+            fn = jax.jit(lambda p, t, nz, lik=lik: rl.likelihood_terms(p, config, t, nz, lik))
+            sec, comp, terms = _time(fn, params, batch["tokens"], noise)
+            row[f"vectorized_{vectorize}_s"], row[f"compile_{vectorize}_s"] = round(sec, 4), round(comp, 1)
+        sec, comp, slow = _time(loop, params, batch["tokens"], noise)
+        row["per_block_loop_s"], row["compile_per_block_loop_s"] = round(sec, 4), round(comp, 1)
+        row["loop_over_vectorized_batch"] = round(sec / row["vectorized_batch_s"], 2)
+        row["loop_over_vectorized_scan"] = round(sec / row["vectorized_scan_s"], 2)
+        row["max_abs_term_diff"] = float(jnp.max(jnp.abs(terms - slow)))
+        out["likelihood"][str(length)] = row
+
+    b, length = FLAGS.grad_batch, FLAGS.grad_length
+    batch = _batch(config, b, length)
+    lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps)
+    key = jax.random.key(3)
+    batch["old_terms"] = jax.jit(rl.policy_terms, static_argnames=("model_config", "config"))(
+        params, batch, key, model_config=config, config=rl.EBPOConfig(likelihood=lik))
+    out["ebpo_loss_and_grad"] = {"batch": b, "length": length}
+    for mode in rl.GRAD_MODES:
+        cfg = rl.EBPOConfig(likelihood=lik, grad_mode=mode)
+        fn = jax.jit(lambda p, bt, k, cfg=cfg: rl.loss_and_grad(p, bt, k, model_config=config, config=cfg))
+        t0 = time.perf_counter()
+        compiled = fn.lower(params, batch, key).compile()
+        comp = time.perf_counter() - t0
+        temp = compiled.memory_analysis()
+        sec, _, _ = _time(compiled, params, batch, key)
+        out["ebpo_loss_and_grad"][mode] = {
+            "seconds": round(sec, 4), "compile_s": round(comp, 1),
+            "temp_bytes": None if temp is None else int(temp.temp_size_in_bytes)}
+    g = out["ebpo_loss_and_grad"]
+    g["replay_over_direct_time"] = round(g["replay"]["seconds"] / g["direct"]["seconds"], 2)
+    if g["direct"]["temp_bytes"]:
+        g["replay_over_direct_temp_bytes"] = round(g["replay"]["temp_bytes"] / g["direct"]["temp_bytes"], 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
