@@ -146,6 +146,9 @@ def _prepare(builder: tfds.core.GeneratorBasedBuilder, overwrite: bool) -> str:
         return str(builder.data_dir)
     modes = tfds.download.GenerateMode
     mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
+    print(f"generating {builder.name}/{builder.builder_config.name} in {builder.data_dir} ...", flush=True)
+    # TFDS' own progress bars and "Downloading ..." banner describe downloads we never make.
+    tfds.disable_progress_bar()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return str(builder.data_dir)
 
