@@ -77,6 +77,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task"] == "addition" and report["train"]["steps"] == 6
     for mode in ("S", "Q"):
-        assert 0.0 <= report["sft"][mode]["accuracy"] <= 1.0 and report["sft"][mode]["tpf"] > 0
+        # Six steps teach little (often an immediate EOS): check the numbers are there and sane.
+        assert 0.0 <= report["sft"][mode]["accuracy"] <= 1.0 and report["sft"][mode]["tpf"] >= 0.0
     assert f"report: {tmp_path}/report.json" in out.stdout
     assert "SFT    S" in out.stdout and "SFT    Q" in out.stdout

@@ -53,10 +53,9 @@ def _metrics(workdir):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from llada_jax import data
-
+    """The quickstart's dataset, prepared once here so the concurrent runs below only read it."""
     d = str(tmp_path_factory.mktemp("data"))
-    data.prepare_task("addition", d, num_train=2000, num_test=50)
+    train.open_examples(quickstart_config(**{"data.data_dir": d}), d, "train")
     return d
 
 
@@ -190,3 +189,34 @@ def test_unknown_flag_is_rejected_by_the_launcher(tmp_path):
                           f"--workdir={tmp_path}", "--config.totl_steps=3"], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "totl_steps" in out.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
+    cfg = quickstart_config()
+    model_config = train.build_model_config(cfg)
+    tx = train.make_optimizer(cfg)
+    mesh_a = sharding.make_mesh(data=8)
+    state = train.init_state(model_config, tx, mesh_a, jax.random.key(0), train.state_shardings(model_config, tx, mesh_a))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, state, extra={"model_config": checkpoint.config_to_json(model_config)}, force=True)
+    ckpt.wait()
+    mesh_b = sharding.make_mesh(fsdp=4, tensor=2)
+    sh_b = train.state_shardings(model_config, tx, mesh_b)
+    restored, _ = ckpt.restore(checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx), sh_b),
+                               config=model_config)
+    ckpt.close()
+    wi = restored.params["moe_layers"]["moe"]["wi_gate"]
+    assert wi.sharding == sh_b.params["moe_layers"]["moe"]["wi_gate"] and not wi.sharding.is_fully_replicated
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           jax.device_get(restored), jax.device_get(state))
+
+
+def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
+    config, params = tiny_hf
+    cfg = quickstart_config()
+    tx = train.make_optimizer(cfg)
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    state = train.init_state(config, tx, mesh, jax.random.key(0), train.state_shardings(config, tx, mesh), params=params)
+    assert int(state.step) == 0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           jax.device_get(state.params), params)
