@@ -1,6 +1,11 @@
 """Defaults shared by every run config (big_vision style: configs are Python, `get_config(arg)`)."""
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from llada_jax.config import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -14,7 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
     c.model.hf_dir = ""  # an HF checkpoint directory: its config.json, and its weights as the init
-    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides (dtype, moe_impl, ...)
+    # ModelConfig field overrides (dtype, moe_impl, hidden_size, ...): every field is a typed
+    # placeholder, so `--config.model.overrides.hidden_size=128` works and a typo is an error.
+    c.model.overrides = ml_collections.ConfigDict(
+        {f.name: config_dict.placeholder({"int": int, "float": float, "str": str, "bool": bool}[f.type])
+         for f in dataclasses.fields(ModelConfig)})
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "addition"  # an offline task built locally, or "" to read `dataset` from data_dir

@@ -10,7 +10,6 @@ are reported for completeness.
 
 import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from absl import app, flags, logging
 
 from llada_jax import masks, model
 from llada_jax.config import get_config
+from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["tiny", "small"], "Presets to time the forward of.")
@@ -26,18 +26,6 @@ flags.DEFINE_integer("length", 256, "Sequence length.")
 flags.DEFINE_integer("block", 32, "Block size of the block-causal mask.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
 flags.DEFINE_integer("moe_experts", 64, "Experts for the ragged-vs-dense MoE comparison.")
-
-
-def _time(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], compile_s
 
 
 def _forward_fn(config, length):
@@ -55,7 +43,7 @@ def main(argv):
         config = get_config(name)
         params = model.init_params(config, jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.length), 0, config.vocab_size - 2)
-        sec, comp = _time(_forward_fn(config, FLAGS.length), params, tokens)
+        sec, comp, _ = time_call(_forward_fn(config, FLAGS.length), params, tokens, repeats=FLAGS.repeats)
         out["forward"][name] = {"params": config.param_counts()["total"], "tokens_per_s": round(tokens_n / sec, 1),
                                 "seconds": round(sec, 5), "compile_s": round(comp, 2)}
 
@@ -65,7 +53,8 @@ def main(argv):
     tokens = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.length), 0, cfg.vocab_size - 2)
     res = {}
     for impl in ("ragged", "dense"):
-        sec, _ = _time(_forward_fn(cfg.replace(moe_impl=impl), FLAGS.length), params, tokens)
+        sec, _, _ = time_call(_forward_fn(cfg.replace(moe_impl=impl), FLAGS.length), params, tokens,
+                              repeats=FLAGS.repeats)
         res[impl] = sec
     out["moe"] = {"experts": FLAGS.moe_experts, "top_k": 4, "ragged_s": round(res["ragged"], 5),
                   "dense_s": round(res["dense"], 5), "ragged_over_dense_time": round(res["ragged"] / res["dense"], 3)}

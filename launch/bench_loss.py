@@ -14,7 +14,6 @@ ratios measured side by side in one run are meaningful; absolute numbers are for
 
 import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from absl import app, flags
 
 from llada_jax import masks, model, objectives
 from llada_jax.config import get_config
+from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Model preset.")
@@ -30,18 +30,6 @@ flags.DEFINE_integer("length", 512, "Sequence length L.")
 flags.DEFINE_integer("block", 32, "Block size.")
 flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never noised).")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
-
-
-def _time(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], compile_s
 
 
 def _per_block_loop(config, block):
@@ -73,8 +61,8 @@ def main(argv):
     nb = objectives.noise(batch, jax.random.key(2), base)
     composite = jax.jit(lambda p, xt, x0: objectives.per_token_logprobs(p, config, xt, x0, FLAGS.block))
     loop = _per_block_loop(config, FLAGS.block)
-    t_comp, c_comp = _time(composite, params, nb.x_t, nb.x_0)
-    t_loop, c_loop = _time(loop, params, nb.x_t, nb.x_0)
+    t_comp, c_comp, _ = time_call(composite, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
+    t_loop, c_loop, _ = time_call(loop, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
     diff = jnp.max(jnp.abs(composite(params, nb.x_t, nb.x_0) - loop(params, nb.x_t, nb.x_0)))
     out["vectorized_likelihood"] = {
         "rows": int(nb.x_t.shape[0]), "composite_s": round(t_comp, 5), "per_block_loop_s": round(t_loop, 5),
@@ -87,7 +75,8 @@ def main(argv):
     out["loss_and_grad"] = {}
     for name, kw in variants.items():
         cfg = base.replace(**kw)
-        sec, comp = _time(lambda p: grad(p, config, cfg, batch, jax.random.key(3)), params)
+        sec, comp, _ = time_call(lambda p: grad(p, config, cfg, batch, jax.random.key(3)), params,
+                                 repeats=FLAGS.repeats)
         out["loss_and_grad"][name] = {"seconds": round(sec, 5), "tokens_per_s": round(b * length / sec, 1),
                                       "compile_s": round(comp, 2)}
     ref = out["loss_and_grad"]["m2t_only"]["seconds"]

@@ -26,6 +26,7 @@ from absl import app, flags
 
 from llada_jax import masks, model, objectives, rl
 from llada_jax.config import get_config
+from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Model preset.")
@@ -36,18 +37,6 @@ flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never masked).")
 flags.DEFINE_integer("grad_length", 512, "L of the loss + gradient benchmark.")
 flags.DEFINE_integer("grad_batch", 2, "Completions per batch in the loss + gradient benchmark.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
-
-
-def _time(fn, *args):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], compile_s, out
 
 
 def _per_block_terms(config, block):
@@ -96,9 +85,9 @@ def main(argv):
             lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps, vectorize=vectorize)
             noise = rl.sample_noise(jax.random.key(2), batch["completion_mask"], lik)
             fn = jax.jit(lambda p, t, nz, lik=lik: rl.likelihood_terms(p, config, t, nz, lik))
-            sec, comp, terms = _time(fn, params, batch["tokens"], noise)
+            sec, comp, terms = time_call(fn, params, batch["tokens"], noise, repeats=FLAGS.repeats)
             row[f"vectorized_{vectorize}_s"], row[f"compile_{vectorize}_s"] = round(sec, 4), round(comp, 1)
-        sec, comp, slow = _time(loop, params, batch["tokens"], noise)
+        sec, comp, slow = time_call(loop, params, batch["tokens"], noise, repeats=FLAGS.repeats)
         row["per_block_loop_s"], row["compile_per_block_loop_s"] = round(sec, 4), round(comp, 1)
         row["loop_over_vectorized_batch"] = round(sec / row["vectorized_batch_s"], 2)
         row["loop_over_vectorized_scan"] = round(sec / row["vectorized_scan_s"], 2)
@@ -119,7 +108,7 @@ def main(argv):
         compiled = fn.lower(params, batch, key).compile()
         comp = time.perf_counter() - t0
         temp = compiled.memory_analysis()
-        sec, _, _ = _time(compiled, params, batch, key)
+        sec, _, _ = time_call(compiled, params, batch, key, repeats=FLAGS.repeats)
         out["ebpo_loss_and_grad"][mode] = {
             "seconds": round(sec, 4), "compile_s": round(comp, 1),
             "temp_bytes": None if temp is None else int(temp.temp_size_in_bytes)}

@@ -232,7 +232,7 @@ def _check_fields(where: str, given: dict, cls) -> None:
 
 def build_model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     """The model named by the run config: an HF directory's config.json or a preset, plus overrides."""
-    overrides = dict(cfg.model.get("overrides", {}) or {})
+    overrides = {k: v for k, v in dict(cfg.model.get("overrides", {}) or {}).items() if v is not None}
     _check_fields("model.overrides", overrides, ModelConfig)
     if cfg.model.get("hf_dir"):
         return ModelConfig.from_hf_config(cfg.model.hf_dir, **overrides)

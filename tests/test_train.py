@@ -220,3 +220,16 @@ def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
     assert int(state.step) == 0
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                            jax.device_get(state.params), params)
+
+
+@pytest.mark.parametrize("path,arg", [("quickstart.py", None), ("quickstart.py", "task=sudoku4x4"),
+                                      ("sft.py", "size=mini"), ("sft.py", "size=flash")])
+def test_every_config_builds(path, arg):
+    spec = importlib.util.spec_from_file_location("cfg_under_test", os.path.join(ROOT, "configs", path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg)
+    model_config = train.build_model_config(cfg)
+    train.build_objective(cfg, model_config)
+    assert cfg.data.seq_len % cfg.objective.block_size == 0
+    assert cfg.total_steps > 0 and cfg.checkpoint_every > 0
