@@ -1,7 +1,7 @@
 r"""SFT of the tiny model from scratch on an offline task, on a CPU in minutes.
 
   python launch/train.py --config=configs/quickstart.py --workdir=/tmp/qs
-  python launch/train.py --config=configs/quickstart.py:task=sudoku --workdir=/tmp/qs_sudoku
+  python launch/train.py --config=configs/quickstart.py:task=sudoku4x4 --workdir=/tmp/qs_sudoku
 """
 
 import os
