@@ -1,0 +1,294 @@
+"""The RL loop: rollouts, rewards, advantages and μ inner updates on the mesh (REFERENCE §6).
+
+`run_rl(cfg, workdir, model_config, tokenizer, init_params=...)` reads top to bottom like
+`train.run_training`. Per RL step s:
+
+  1. P prompts from a grain pipeline over the task's train split (`prompt_iterator`), each
+     repeated G times;
+  2. rollouts with `decoding.generate` on the CURRENT params, in place (the state the last update
+     returned: no host copy, no checkpoint round trip, as DiRL argues), sampled at
+     `rl.temperature` with key `fold_in(rollout_key, s)`;
+  3. rewards (`rewards.score`, which turns a raising verifier into reward 0 and a report) and the
+     algorithm's advantages (EBPO group-normalised, ESPO leave-one-out, DiPO z-score with
+     zero-variance groups dropped);
+  4. `rl.pack_rollouts`, then θ_old's terms (`rl.policy_terms` on the params before the inner
+     updates) and, when beta > 0, the reference's terms from a frozen on-device copy of the initial
+     params, all with the update key `fold_in(noise_key, s)` (common random numbers);
+  5. μ jitted `rl.make_rl_step` updates with that same batch and key, the state donated. With
+     `rl.skip_no_signal`, a step whose advantages are all zero (every group's rewards equal) skips
+     4-5: its gradient is zero (KL aside), but Adam would still move the params along its
+     momentum, and the likelihood and updates are most of a step's time;
+  6. one metrics row per step to the progress bar and `<workdir>/metrics.jsonl`;
+  7. an Orbax checkpoint every `checkpoint_every` steps: the state and the prompt iterator.
+
+Exact resume: every key is a function of (seed, s), the prompt iterator state is checkpointed,
+the optimizer state is restored and `metrics.jsonl` is cut back to the restored step, so a run
+killed and resumed logs the same rows as an uninterrupted one (apart from the `time_*` fields).
+The reference model is the run's initial params: on resume the caller passes them again (the
+launcher re-reads `--init_from`; a random init is re-drawn from the seed).
+
+DiPO's `num_steps` is static under `jit`: it is rounded up to a multiple of `rl.dipo_step_bucket`
+so that a handful of programs serve every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from llada_jax import checkpoint, decoding, evaluate, model, rewards, rl, sharding, train
+from llada_jax.config import ConfigError, ModelConfig
+
+ALGORITHMS = ("ebpo", "espo", "dipo")
+_CONFIG_CLASSES = {"ebpo": rl.EBPOConfig, "espo": rl.ESPOConfig, "dipo": rl.DiPOConfig}
+# Keys of the metrics row that measure wall time; everything else is reproducible on resume.
+TIME_PREFIX = "time_"
+# Stream ids folded into the run key: rollout sampling and likelihood noise never share keys.
+_ROLLOUT_STREAM, _NOISE_STREAM, _INIT_STREAM = 1, 2, 1 << 30
+
+
+# ------------------------------------------------------------------------------ configs
+def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = None) -> rl.RLConfig:
+    """The `rl.RLConfig` of `cfg.rl.algorithm`; fields left None in `cfg.rl` keep the algorithm's
+    defaults (REFERENCE §6). DiPO takes `num_steps` (the bucketed trajectory length)."""
+    r = cfg.rl
+    if r.algorithm not in ALGORITHMS:
+        raise ConfigError(f"rl.algorithm: expected one of {ALGORITHMS}, found {r.algorithm!r}")
+    block = cfg.objective.block_size
+    common = {k: r[k] for k in ("eps_low", "eps_high", "beta") if r[k] is not None}
+    if r.algorithm == "dipo":
+        extra = {"vectorize": r.vectorize} if r.vectorize is not None else {}
+        return rl.DiPOConfig(block_size=block, num_steps=num_steps or 1, **common, **extra)
+    cls = _CONFIG_CLASSES[r.algorithm]
+    lik = cls().likelihood
+    lik_fields = {"num_timesteps": r.num_timesteps, "vectorize": r.vectorize}
+    lik = dataclasses.replace(lik, block_size=block, **{k: v for k, v in lik_fields.items() if v is not None})
+    fields = dict(common, likelihood=lik)
+    if r.grad_mode is not None:
+        fields["grad_mode"] = r.grad_mode
+    if r.algorithm == "ebpo" and r.kl_estimator is not None:
+        fields["kl_estimator"] = r.kl_estimator
+    return cls(**fields)
+
+
+def make_rl_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW at the constant `optim.lr` of the public RL recipes, clipped, with the trainer's
+    decay mask and `expert_bias` frozen. Constant because the trainer's warm-up starts at lr 0,
+    which would make the first inner update a no-op."""
+    o = cfg.optim
+    adamw = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=train.decay_mask))
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, train.trainable_labels)
+
+
+# ------------------------------------------------------------------------------ prompts
+def _prompt_row(example: Mapping[str, Any], tokenizer) -> dict:
+    ids, metas = evaluate.prompts_and_metas([example], tokenizer)
+    return {"prompt": ids[0], "meta": metas[0]}
+
+
+def prompt_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer) -> grain.DatasetIterator:
+    """Checkpointable iterator of lists of `rl.prompts_per_step` `{"prompt": ids, "meta": ...}`
+    rows from the train split, reshuffled each epoch with the run seed."""
+    examples = train.open_examples(cfg, workdir, "train")
+    ds = examples.shuffle(cfg.seed).repeat(None).map(functools.partial(_prompt_row, tokenizer=tokenizer))
+    return iter(ds.to_iter_dataset().batch(cfg.rl.prompts_per_step, batch_fn=list))
+
+
+# ------------------------------------------------------------------------------ pieces of a step
+def advantages(algorithm: str, scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(advantages [B], sample_mask [B])` of the algorithm; only DiPO drops samples."""
+    r = jnp.asarray(scores)
+    if algorithm == "ebpo":
+        adv, keep = rl.group_normalized_advantages(r, group_size), jnp.ones(r.shape, bool)
+    elif algorithm == "espo":
+        adv, keep = rl.leave_one_out_advantages(r, group_size), jnp.ones(r.shape, bool)
+    else:
+        adv, keep = rl.zscore_advantages(r, group_size)
+    return np.asarray(adv, np.float32), np.asarray(keep)
+
+
+def bucket(n: int, size: int) -> int:
+    """`n` rounded up to a multiple of `size` (static shapes: few compiled programs)."""
+    return -(-n // size) * size
+
+
+def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
+            key: jax.Array) -> decoding.GenerateOutput:
+    """G samples per prompt from the policy `params` as they are (rows grouped by prompt)."""
+    r = cfg.rl
+    rows = [p for p in prompts for _ in range(r.group_size)]
+    return decoding.generate(params, model_config, rows, gen_length=r.gen_length,
+                             block_length=cfg.objective.block_size, preset=r.preset,
+                             temperature=r.temperature, rng=key)
+
+
+def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
+    """One row from the μ inner updates: means, except the ratio extremes (min / max over all)."""
+    out = {}
+    for k in metrics[0]:
+        v = np.stack([np.asarray(m[k], np.float64) for m in metrics])
+        out[k] = float(v.min() if k == "ratio_min" else v.max() if k == "ratio_max" else v.mean())
+    return out
+
+
+def _check_lengths(cfg: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]]) -> None:
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.rl.gen_length > cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len: expected >= longest prompt ({longest}) + rl.gen_length "
+                          f"({cfg.rl.gen_length}), found {cfg.data.seq_len}")
+
+
+def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: ml_collections.ConfigDict) -> dict:
+    """`evaluate.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`."""
+    out = {}
+    for mode in cfg.rl.eval_modes:
+        res = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=cfg.rl.gen_length,
+                                block_length=cfg.objective.block_size)
+        out.update({f"eval_{mode}_{k}": res[k] for k in ("accuracy", "reward", "tpf")})
+        out[f"{TIME_PREFIX}eval_{mode}_s"] = res["seconds"]
+    return out
+
+
+# ------------------------------------------------------------------------------ the loop
+def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig, tokenizer, *,
+           init_params: Optional[Any] = None, reward_fn: Optional[rewards.RewardFn] = None,
+           progress: bool = True) -> train.TrainState:
+    """RL from `init_params` (or a random init from the seed) until `cfg.total_steps` RL steps.
+
+    Resumes from the latest checkpoint in `<workdir>/checkpoints`. `init_params` is also the
+    frozen reference of the KL term, so pass the same params on resume. `reward_fn` overrides
+    `cfg.rl.reward` (a name in `rewards.REWARDS`). Returns the final state.
+    """
+    r = cfg.rl
+    if r.algorithm == "espo" and r.group_size < 2:
+        raise ConfigError(f"rl.group_size: expected >= 2 for ESPO's leave-one-out advantages, found {r.group_size}")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = train.mesh_from_config(cfg)
+    tx = make_rl_optimizer(cfg)
+    shardings = train.state_shardings(model_config, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    rng = jax.random.key(cfg.seed)
+    rollout_key, noise_key = jax.random.fold_in(rng, _ROLLOUT_STREAM), jax.random.fold_in(rng, _NOISE_STREAM)
+    reward = reward_fn or r.reward
+    prompts_it = prompt_iterator(cfg, workdir, tokenizer)
+
+    rl_config = build_rl_config(cfg)
+    # The initial params: the reference when beta > 0 (a buffer of its own: the state's are donated).
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        if init_params is None:
+            init_params = jax.jit(lambda k: model.init_params(model_config, k), out_shardings=shardings.params)(
+                jax.random.fold_in(rng, _INIT_STREAM))
+        else:
+            init_params = jax.device_put(init_params, shardings.params)
+    start = ckpt.latest_step()
+    if start is not None:
+        abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx), shardings)
+        state, extra = ckpt.restore(abstract, step=start, config=model_config)
+        prompts_it.set_state(extra["data"])
+    else:
+        start = 0
+        state = train.init_state(model_config, tx, mesh, rng, shardings, init_params)
+    ref_params = init_params if rl_config.beta > 0 else None
+    del init_params  # without a KL term, no second copy of the model stays on device
+    log = train.MetricsLog(workdir, resume_step=start)
+    extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
+    eval_examples = (list(train.open_examples(cfg, workdir, "test"))[:r.eval_examples] if r.eval_every > 0 else [])
+
+    terms_fns: dict = {}  # jitted programs per RLConfig (DiPO: one per num_steps bucket)
+    step_fns: dict = {}
+
+    def update(state, s, prompts, out, adv, keep):
+        """Steps 4-5: pack, θ_old's (and the reference's) terms, μ updates with one key. Returns
+        the new state, the reduced update metrics and the time the likelihood terms were ready."""
+        batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens, cfg.data.seq_len,
+                                 pad_id=tokenizer.pad_id,
+                                 commit_steps=out.commit_steps if r.algorithm == "dipo" else None)
+        batch.update(advantages=adv, sample_mask=keep, example_ids=np.arange(len(adv), dtype=np.int32))
+        config, extra = rl_config, {}
+        if r.algorithm == "dipo":
+            extra["dipo_num_steps"] = bucket(rl.dipo_num_steps(batch["commit_step"], cfg.objective.block_size),
+                                             r.dipo_step_bucket)
+            config = build_rl_config(cfg, extra["dipo_num_steps"])
+        if config not in terms_fns:
+            terms_fns[config] = jax.jit(functools.partial(rl.policy_terms, model_config=model_config, config=config))
+        key = jax.random.fold_in(noise_key, s)
+        batch = jax.device_put(batch, train.batch_sharding(mesh, batch))
+        batch["old_terms"] = terms_fns[config](state.params, batch, key)
+        if ref_params is not None:
+            batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
+        jax.block_until_ready(batch)
+        t_terms = time.perf_counter()
+        if config not in step_fns:
+            step_fns[config] = train.jit_train_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+        inner = []
+        for _ in range(r.inner_updates):
+            state, m = step_fns[config](state, batch, key)
+            inner.append(m)
+        return state, _reduce_inner(jax.device_get(inner)) | extra, t_terms
+
+    bar = _progress(start, cfg.total_steps, progress)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            if start == 0 and r.eval_every > 0:
+                log.write(0, held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg))
+            for s in range(start, cfg.total_steps):
+                t0 = time.perf_counter()
+                rows = next(prompts_it)
+                prompts = [row["prompt"] for row in rows]
+                _check_lengths(cfg, prompts)
+                metas = [row["meta"] for row in rows for _ in range(r.group_size)]
+                out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s))
+                texts = [evaluate.completion_text(t, tokenizer) for t in out.tokens]
+                scores, errors = rewards.score(texts, metas, reward)
+                adv, keep = advantages(r.algorithm, scores, r.group_size)
+                t1 = time.perf_counter()
+                metrics, t2 = {"updated": int(bool(np.any((adv != 0) & keep)) or not r.skip_no_signal)}, t1
+                if metrics["updated"]:
+                    state, update_metrics, t2 = update(state, s, prompts, out, adv, keep)
+                    metrics.update(update_metrics)
+                t3 = time.perf_counter()
+
+                done = s + 1
+                if not np.isfinite(metrics.get("loss", 0.0)):
+                    raise train.NonFiniteLossError(
+                        f"RL step {done}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
+                        f"step {ckpt.latest_step()} in {ckpt.directory}")
+                metrics.update(
+                    reward_mean=float(scores.mean()), reward_std=float(scores.std()),
+                    accuracy=float(np.mean(scores >= 1.0)), reward_errors=len(errors),
+                    samples_kept=float(keep.mean()),
+                    rollout_tpf=float(out.num_generated.sum() / max(out.forwards.sum(), 1)),
+                    completion_tokens=float(np.mean([len(t) for t in out.tokens])))
+                metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
+                                f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
+                if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
+                    metrics.update(held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg))
+                log.write(done, metrics)
+                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+                    ckpt.save(done, state, extra=dict(extra_json, data=prompts_it.get_state()), force=True)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                                clip=f"{metrics.get('clip_frac', 0.0):.3f}")
+                bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+    return state
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="rl", unit="step", disable=not enabled, dynamic_ncols=True)
