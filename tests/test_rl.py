@@ -126,7 +126,7 @@ def test_on_policy_ratio_is_one(params):
     batch["old_terms"] = _terms(params, batch, key, model_config=MC, config=EBPO)
     loss, m = jax.jit(rl.ebpo_loss, static_argnames=STATIC)(params, batch, key, model_config=MC, config=EBPO)
     assert float(m["ratio_min"]) == 1.0 and float(m["ratio_max"]) == 1.0 and float(m["clip_frac"]) == 0.0
-    assert float(loss) == pytest.approx(-np.mean(batch["advantages"]), rel=1e-6)
+    assert float(loss) == pytest.approx(-float(np.mean(np.asarray(batch["advantages"]))), rel=1e-6)
 
 
 def test_on_policy_block_ratio_in_the_gradient_program(params):
