@@ -126,19 +126,13 @@ def hf_keys(config: ModelConfig) -> dict[str, tuple]:
     return {e.hf_key: e.hf_shape for e in _entries(config)}
 
 
-def _leaf_shapes(config: ModelConfig) -> dict[tuple, tuple]:
+def _leaf_shapes(config: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
+    import flax.linen as nn
+
     from llada_jax.model import abstract_params
 
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(config), is_leaf=_is_boxed)[0]
-    return {tuple(p.key for p in path): _unbox(v) for path, v in flat}
-
-
-def _is_boxed(x):
-    return hasattr(x, "unbox")
-
-
-def _unbox(x):
-    return x.unbox() if _is_boxed(x) else x
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(config)))[0]
+    return {tuple(p.key for p in path): v for path, v in flat}
 
 
 def _fp32_leaf(leaf: tuple) -> bool:

@@ -83,14 +83,9 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
 
 
 def make_rl_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW at the constant `optim.lr` of the public RL recipes, clipped, with the trainer's
-    decay mask and `expert_bias` frozen. Constant because the trainer's warm-up starts at lr 0,
-    which would make the first inner update a no-op."""
-    o = cfg.optim
-    adamw = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=train.decay_mask))
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, train.trainable_labels)
+    """The trainer's optimizer at the constant `optim.lr` of the public RL recipes: the trainer's
+    warm-up starts at lr 0, which would make the first inner update a no-op."""
+    return train.make_optimizer(cfg, learning_rate=cfg.optim.lr)
 
 
 # ------------------------------------------------------------------------------ prompts

@@ -63,13 +63,15 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
         decay_steps=max(cfg.total_steps, warmup + 1), end_value=cfg.optim.lr * cfg.optim.min_lr_ratio)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine, decay mask, global-norm clipping; `expert_bias` frozen."""
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   learning_rate: Optional[float | optax.Schedule] = None) -> optax.GradientTransformation:
+    """AdamW with decay mask and global-norm clipping; `expert_bias` frozen. The learning rate is
+    `learning_rate` (a constant or a schedule), by default warm-up + cosine over the run."""
     o = cfg.optim
+    lr = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
     adamw = optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=decay_mask))
+        optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask))
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels)
 
 
