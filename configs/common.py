@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_test = 500
     c.data.batch_size = 32  # global batch
     c.data.seq_len = 64  # a multiple of objective.block_size
+    c.data.template = "chat"  # "chat" (LLaDA2 chat format) or "plain" (prompt, answer, EOS padding)
     c.data.too_long = "drop"
 
     c.objective = ml_collections.ConfigDict()  # ObjectiveConfig fields (REFERENCE §4)

@@ -24,6 +24,8 @@ def get_config(arg=None):
     c.data.task = a.task
     if a.task == "addition":
         c.data.task_config.max_digits = 2  # sums of 1-2 digit numbers
+        c.data.task_config.zero_pad = True
+        c.data.task_config.carry_error_rate = 0.0
     c.data.num_train = 20000
     c.data.batch_size = 32
     # Prompt + answer in the chat format, rounded up to whole 16-token blocks: addition <= 32

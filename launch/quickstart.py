@@ -47,11 +47,12 @@ def main(argv):
 
     print(f"[2/2] evaluation on {FLAGS.eval_examples} held-out examples", flush=True)
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
-    gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer)[0])
+    gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer, cfg.data.template)[0])
     results = {}
     for mode in FLAGS.modes:
         results[mode] = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode,
-                                          gen_length=max(gen_length, 1), block_length=cfg.objective.block_size)
+                                          gen_length=max(gen_length, 1), block_length=cfg.objective.block_size,
+                                          template=cfg.data.template)
 
     report = {
         "task": cfg.data.task,

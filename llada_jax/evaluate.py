@@ -16,12 +16,13 @@ from llada_jax import decoding, rewards
 from llada_jax.config import ModelConfig
 
 
-def prompts_and_metas(examples: Sequence[Mapping[str, Any]], tokenizer) -> tuple[list[list[int]], list[dict]]:
-    """Chat-formatted prompt ids (everything before the final assistant turn) and the metas."""
+def prompts_and_metas(examples: Sequence[Mapping[str, Any]], tokenizer,
+                      template: str = "chat") -> tuple[list[list[int]], list[dict]]:
+    """Prompt ids (everything before the final assistant turn, in `template`) and the metas."""
     prompts, metas = [], []
     for ex in examples:
         messages = ex["messages"]
-        prompts.append(tokenizer.encode_chat(messages[:-1], add_generation_prompt=True))
+        prompts.append(tokenizer.encode_prompt(messages[:-1], template=template))
         metas.append(dict(ex["meta"]))
     return prompts, metas
 
@@ -34,9 +35,9 @@ def completion_text(tokens: Sequence[int], tokenizer) -> str:
 
 def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Mapping[str, Any]], *,
              mode: str = "S", gen_length: int = 16, block_length: int = 16, batch_size: int = 64,
-             reward: str = "by_task", rng: Optional[Any] = None, **generate_kw) -> dict:
+             reward: str = "by_task", template: str = "chat", rng: Optional[Any] = None, **generate_kw) -> dict:
     """Decodes every example's prompt in `mode` and scores it. Returns accuracy, reward, TPF, counts."""
-    prompts, metas = prompts_and_metas(examples, tokenizer)
+    prompts, metas = prompts_and_metas(examples, tokenizer, template)
     scores, tpf, forwards, generated = [], [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):

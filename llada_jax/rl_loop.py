@@ -89,8 +89,8 @@ def make_rl_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 # ------------------------------------------------------------------------------ prompts
-def _prompt_row(example: Mapping[str, Any], tokenizer) -> dict:
-    ids, metas = evaluate.prompts_and_metas([example], tokenizer)
+def _prompt_row(example: Mapping[str, Any], tokenizer, template: str) -> dict:
+    ids, metas = evaluate.prompts_and_metas([example], tokenizer, template)
     return {"prompt": ids[0], "meta": metas[0]}
 
 
@@ -98,7 +98,8 @@ def prompt_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer) -> 
     """Checkpointable iterator of lists of `rl.prompts_per_step` `{"prompt": ids, "meta": ...}`
     rows from the train split, reshuffled each epoch with the run seed."""
     examples = train.open_examples(cfg, workdir, "train")
-    ds = examples.shuffle(cfg.seed).repeat(None).map(functools.partial(_prompt_row, tokenizer=tokenizer))
+    ds = examples.shuffle(cfg.seed).repeat(None).map(functools.partial(
+        _prompt_row, tokenizer=tokenizer, template=cfg.data.template))
     return iter(ds.to_iter_dataset().batch(cfg.rl.prompts_per_step, batch_fn=list))
 
 
@@ -151,7 +152,7 @@ def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: m
     out = {}
     for mode in cfg.rl.eval_modes:
         res = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=cfg.rl.gen_length,
-                                block_length=cfg.objective.block_size)
+                                block_length=cfg.objective.block_size, template=cfg.data.template)
         out.update({f"eval_{mode}_{k}": res[k] for k in ("accuracy", "reward", "tpf")})
         out[f"{TIME_PREFIX}eval_{mode}_s"] = res["seconds"]
     return out

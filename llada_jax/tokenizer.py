@@ -15,6 +15,10 @@ Chat format (Ling-2.0 template, thinking off):
     <role>ASSISTANT</role>                      (generation prompt)
 
 (written on several lines here, rendered without any newline between turns).
+
+Plain format (`template="plain"`, for the offline toy tasks): the user's text, then the answer,
+then EOS padding; no roles, no system turn. A toy prompt like `67+34=` is 6 tokens instead of 22,
+so a tiny model spends its steps on the task rather than on the template.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ROLE_END = "<|role_end|>"
 
 REQUIRED_SPECIAL_TOKENS = (BOS, EOS, MASK)
 ROLE_TAGS = {"system": "SYSTEM", "user": "HUMAN", "assistant": "ASSISTANT"}
+TEMPLATES = ("chat", "plain")
 
 # Order of the special tokens that `build_task_tokenizer` appends after the learned vocabulary,
 # so that EOS and MASK take the two last ids (510 and 511 for the `tiny` model preset).
@@ -133,18 +138,39 @@ class Tokenizer:
         """Token ids of `render_chat(messages, ...)`."""
         return self.encode(render_chat(messages, add_generation_prompt, thinking))
 
-    def encode_sft(self, messages: Sequence[Message], thinking: str = "off") -> tuple[list[int], list[int]]:
+    def encode_prompt(self, messages: Sequence[Message], template: str = "chat", thinking: str = "off") -> list[int]:
+        """The ids the model is given to answer `messages` (everything before the answer).
+
+        "chat": the chat format with its generation prompt. "plain": the content of the single
+        user message as it is (a system message or several turns are an error: plain has no roles).
+        """
+        if template == "chat":
+            return self.encode_chat(messages, add_generation_prompt=True, thinking=thinking)
+        if template != "plain":
+            raise TokenizerError(f"template: expected one of {TEMPLATES}, found {template!r}")
+        roles = [m.get("role") for m in messages]
+        if roles != ["user"]:
+            raise TokenizerError(f"template='plain': expected exactly one user message, found roles {roles}")
+        content = messages[0].get("content")
+        if not isinstance(content, str):
+            raise TokenizerError(f"messages[0].content: expected a string, found {type(content).__name__}")
+        return self.encode(content)
+
+    def encode_sft(self, messages: Sequence[Message], thinking: str = "off",
+                   template: str = "chat") -> tuple[list[int], list[int]]:
         """Splits a conversation into (prompt ids, response ids) for supervised fine-tuning.
 
-        The response is the final assistant turn, `{answer}<|role_end|>`; the prompt is
-        everything before it, ending with the generation prompt, i.e. exactly the ids the model
-        sees at inference time. Their concatenation equals `encode_chat(messages)` because the
-        split falls on the special token `</role>`, which the tokenizer never merges across.
+        The prompt is `encode_prompt(messages[:-1], template)`, exactly the ids the model sees at
+        inference time. In the chat format the response is the final assistant turn,
+        `{answer}<|role_end|>`, and the concatenation equals `encode_chat(messages)` because the
+        split falls on the special token `</role>`, which the tokenizer never merges across. In
+        the plain format the response is the answer alone; the EOS padding after it ends it.
         """
         if not messages or messages[-1].get("role") != "assistant":
             raise TokenizerError("encode_sft: the last message must be the assistant's response")
-        prompt = self.encode_chat(messages[:-1], add_generation_prompt=True, thinking=thinking)
-        response = self.encode(messages[-1]["content"] + ROLE_END)
+        prompt = self.encode_prompt(messages[:-1], template=template, thinking=thinking)
+        answer = messages[-1]["content"]
+        response = self.encode(answer + ROLE_END if template == "chat" else answer)
         return prompt, response
 
 

@@ -325,7 +325,8 @@ def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
     if cfg.data.batch_size % n_proc:
         raise ValueError(f"data.batch_size: expected a multiple of the process count {n_proc}, found {cfg.data.batch_size}")
     ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // n_proc,
-                          seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, too_long=cfg.data.too_long,
+                          seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, template=cfg.data.template,
+                          too_long=cfg.data.too_long,
                           seed=cfg.seed, shuffle=True, num_epochs=None)
     return iter(ds)
 

@@ -1,6 +1,7 @@
 """Offline tasks and rewards, array_record storage, the JSONL importer and the grain pipelines."""
 
 import collections
+import dataclasses
 import functools
 import json
 import re
@@ -111,6 +112,24 @@ def test_addition_reward_and_examples():
         assert tasks.reward(ex["response"], ex["meta"]) == 1.0
 
 
+def test_addition_fixed_width_and_noisy_teacher():
+    cfg = tasks.AdditionConfig(max_digits=2, zero_pad=True)
+    for ex in tasks.addition_examples(50, "train", cfg=cfg):
+        assert re.fullmatch(r"\d\d\+\d\d=", ex["prompt"]) and re.fullmatch(r"\d{3}", ex["response"])
+        assert tasks.reward(ex["response"], ex["meta"]) == 1.0
+    assert tasks.sum_without_carries(67, 34) == 91 and tasks.sum_without_carries(95, 7) == 92
+    noisy = dataclasses.replace(cfg, carry_error_rate=0.6)
+    train = tasks.addition_examples(2000, "train", cfg=noisy)
+    carries = [ex for ex in train if tasks.sum_without_carries(ex["meta"]["a"], ex["meta"]["b"])
+               != ex["meta"]["a"] + ex["meta"]["b"]]
+    wrong = [ex for ex in train if tasks.reward(ex["response"], ex["meta"]) == 0.0]
+    assert all(int(ex["response"]) == tasks.sum_without_carries(ex["meta"]["a"], ex["meta"]["b"]) for ex in wrong)
+    assert 0.55 < len(wrong) / len(carries) < 0.65  # only sums with a carry are ever wrong
+    assert all(tasks.reward(ex["response"], ex["meta"]) == 1.0 for ex in tasks.addition_examples(300, "test", cfg=noisy))
+    with pytest.raises(ValueError, match="carry_error_rate: expected a probability in \\[0, 1\\], found 1.5"):
+        tasks.addition_examples(1, "train", cfg=dataclasses.replace(cfg, carry_error_rate=1.5))
+
+
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_generation_is_deterministic_and_splits_are_disjoint(task):
     assert _examples(task, 20, seed=5) == _examples(task, 20, seed=5)
@@ -200,6 +219,18 @@ def test_sft_batches_shapes_and_masks(tok, data_dir):
         assert tok.decode(tokens[:prompt_len]).endswith("<|role_end|><role>ASSISTANT</role>")
         assert re.fullmatch(r"[1-4]{4}(\n[1-4]{4}){3}<\|role_end\|>(<\|endoftext\|>)*", tok.decode(tokens[prompt_len:]))
     assert (batch["doc_ids"] == 1).all()
+
+
+def test_sft_plain_template_rows_are_prompt_answer_padding(tok):
+    batch = next(iter(data.sft_dataset(_in_memory(), tok, batch_size=4, seq_len=16, block_size=BLOCK,
+                                       template="plain", shuffle=False)))
+    for tokens, loss_mask, ex in zip(batch["tokens"], batch["loss_mask"], _in_memory()[:4]):
+        prompt_len = int(np.argmax(loss_mask))
+        assert tok.decode(tokens[:prompt_len]) == ex["messages"][0]["content"]
+        assert tok.decode(tokens[prompt_len:]) == ex["messages"][1]["content"] + "<|endoftext|>" * (16 - prompt_len - len(
+            tok.encode(ex["messages"][1]["content"])))
+    with pytest.raises(data.DataError, match="template: expected one of"):
+        data.sft_dataset(_in_memory(), tok, batch_size=4, block_size=BLOCK, template="Plain")
 
 
 def test_sft_dynamic_length_pads_to_a_block_multiple(tok):

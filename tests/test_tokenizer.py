@@ -84,6 +84,17 @@ def test_encode_sft_splits_at_the_response(tok):
         tok.encode_sft(QA[:1])
 
 
+def test_plain_template_is_the_prompt_text_then_the_answer(tok):
+    prompt, response = tok.encode_sft(QA, template="plain")
+    assert prompt == tok.encode(QA[0]["content"]) == tok.encode_prompt(QA[:1], template="plain")
+    assert tok.decode(response) == "357"  # no end-of-turn: the EOS padding ends the answer
+    assert tok.encode_prompt(QA[:1]) == tok.encode_chat(QA[:1], add_generation_prompt=True)  # default: chat
+    with pytest.raises(TokenizerError, match=r"template: expected one of \('chat', 'plain'\), found 'raw'"):
+        tok.encode_prompt(QA[:1], template="raw")
+    with pytest.raises(TokenizerError, match=r"exactly one user message, found roles \['system', 'user'\]"):
+        tok.encode_prompt([{"role": "system", "content": "be brief"}, QA[0]], template="plain")
+
+
 def _word_level(vocab):
     hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -3,7 +3,7 @@
 Both start from a grain `MapDataset` of `{"messages", "meta"}` examples (`open_split`, or
 `grain.MapDataset.source(list)` for in-memory data) and return a `grain.IterDataset` of
 numpy batches:
-- `tokens`    int32 [B, L]: the chat-formatted ids, padded with `<|endoftext|>`;
+- `tokens`    int32 [B, L]: the ids in the chat (or plain) format, padded with `<|endoftext|>`;
 - `loss_mask` bool  [B, L]: positions the objective may noise and score (REFERENCE §4): the
   response in SFT (the prompt is never masked), every real token in CPT;
 - `doc_ids`   int32 [B, L]: document of each position for the same-document attention mask
@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from llada_jax.data.records import DataError
+from llada_jax.tokenizer import TEMPLATES
 
 if TYPE_CHECKING:
     from llada_jax.tokenizer import Tokenizer
@@ -56,9 +57,9 @@ def _ordered(examples: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs
     return ds.repeat(num_epochs)
 
 
-def tokenize_sft(example: dict[str, Any], tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def tokenize_sft(example: dict[str, Any], tokenizer: Tokenizer, template: str = "chat") -> dict[str, np.ndarray]:
     """Unpadded `tokens` [n] (prompt then response) and `loss_mask` [n] (True on the response)."""
-    prompt, response = tokenizer.encode_sft(example["messages"])
+    prompt, response = tokenizer.encode_sft(example["messages"], template=template)
     return {"tokens": np.asarray(prompt + response, np.int32),
             "loss_mask": np.arange(len(prompt) + len(response)) >= len(prompt)}
 
@@ -100,7 +101,7 @@ def _check_lengths(seq_len: int | None, block_size: int) -> None:
 
 
 def sft_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size: int, seq_len: int | None = None,
-                block_size: int = 32, loss_on_padding: bool = True, too_long: str = "drop",
+                block_size: int = 32, template: str = "chat", loss_on_padding: bool = True, too_long: str = "drop",
                 max_dropped_fraction: float | None = 0.5, seed: int = 0,
                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                 shard_index: int | None = None, shard_count: int | None = None,
@@ -109,11 +110,12 @@ def sft_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size:
 
     Args:
       examples: `{"messages", "meta"}` examples.
-      tokenizer: renders the chat format (`Tokenizer.encode_sft`).
+      tokenizer: splits each conversation into prompt and response (`Tokenizer.encode_sft`).
       batch_size: rows per batch on this process (the global batch is batch_size × process count).
       seq_len: fixed row length, a multiple of `block_size`; None pads each batch to its longest
         row rounded up to a whole block (fewer pad tokens, one compiled shape per length).
       block_size: diffusion block size B.
+      template: "chat" (the LLaDA2 chat format) or "plain" (prompt text, answer, EOS padding).
       loss_on_padding: whether the EOS padding after the response is trained (LLaDA does).
       too_long: rows longer than `seq_len`: "drop" them, "truncate" them, or raise ("error").
       max_dropped_fraction: with "drop", raise if more than this fraction of a window of 1000
@@ -131,7 +133,9 @@ def sft_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size:
         raise DataError(f"too_long: expected one of {TOO_LONG_POLICIES}, found {too_long!r}")
     ds = _ordered(examples, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                   shard_index=shard_index, shard_count=shard_count)
-    ds = ds.map(functools.partial(tokenize_sft, tokenizer=tokenizer))
+    if template not in TEMPLATES:
+        raise DataError(f"template: expected one of {TEMPLATES}, found {template!r}")
+    ds = ds.map(functools.partial(tokenize_sft, tokenizer=tokenizer, template=template))
     drop = seq_len is not None and too_long == "drop"
     if drop:
         ds = ds.filter(functools.partial(_fits, seq_len=seq_len))

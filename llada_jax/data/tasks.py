@@ -57,6 +57,25 @@ class AdditionConfig:
     min_digits: int = 1
     max_digits: int = 4
     test_fraction: float = 0.1
+    # Fixed width: operands zero-padded to max_digits and the sum to max_digits + 1 digits
+    # ("07+35=042"), so each answer digit sits at a fixed position next to the digits it depends
+    # on; a parallel decoder otherwise has to infer the answer's length before any digit.
+    zero_pad: bool = False
+    # A noisy teacher (REFERENCE §8): with this probability a train demonstration whose sum
+    # needs a carry drops every carry (67+34= "91", not "101"), the way distilled data carries
+    # its teacher's systematic mistakes. Above 0.5 imitation learns the wrong answer as the
+    # mode while the right one keeps the rest of the probability: a ceiling that SFT cannot
+    # pass and a verifier can lift. The test split and the meta (the reward) stay exact.
+    carry_error_rate: float = 0.0
+
+
+def sum_without_carries(a: int, b: int) -> int:
+    """Digit-wise sum modulo 10: the answer of a teacher that never carries."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
 
 
 def _operand(rng: np.random.Generator, cfg: AdditionConfig) -> int:
@@ -66,14 +85,22 @@ def _operand(rng: np.random.Generator, cfg: AdditionConfig) -> int:
 
 
 def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
-    """`num` addition problems `a+b=` of the split; the response is the decimal sum."""
+    """`num` addition problems `a+b=` of the split; the response is the decimal sum (in the train
+    split, the carry-less sum with probability `cfg.carry_error_rate` where the two differ)."""
     _check_split(split)
+    if not 0.0 <= cfg.carry_error_rate <= 1.0:
+        raise ValueError(f"carry_error_rate: expected a probability in [0, 1], found {cfg.carry_error_rate}")
     rng, out = _rng(seed, split), []
     while len(out) < num:
         a, b = _operand(rng, cfg), _operand(rng, cfg)
-        if split_of(f"add:{min(a, b)}+{max(a, b)}", cfg.test_fraction) == split:
-            out.append({"prompt": f"{a}+{b}=", "response": str(a + b),
-                        "meta": {"task": "addition", "a": a, "b": b}})
+        if split_of(f"add:{min(a, b)}+{max(a, b)}", cfg.test_fraction) != split:
+            continue
+        answer = a + b
+        if split == "train" and cfg.carry_error_rate > 0 and rng.random() < cfg.carry_error_rate:
+            answer = sum_without_carries(a, b)
+        w = cfg.max_digits if cfg.zero_pad else 0
+        out.append({"prompt": f"{a:0{w}d}+{b:0{w}d}=", "response": f"{answer:0{w + 1 if w else 0}d}",
+                    "meta": {"task": "addition", "a": a, "b": b}})
     return out
 
 
