@@ -1,12 +1,17 @@
-r"""The main job on its built-in default: train a tiny LLaDA2 model from scratch on an offline task
-and measure it with Draft-and-Edit decoding. Minutes on a CPU, nothing downloaded.
+r"""The main job on its built-in default: train a tiny LLaDA2 model from scratch on an offline task,
+align it with RL against the task's verifier, and measure both with Draft-and-Edit decoding.
+Minutes on a CPU, nothing downloaded.
 
   python launch/quickstart.py --workdir=/tmp/llada_quickstart
+  python launch/quickstart.py --config.rl.algorithm=espo   # or dipo: same task, same stages
 
-Stages: SFT (block-diffusion M2T + T2T, configs/quickstart.py), then held-out evaluation in S and
-Q modes (accuracy, mean reward, tokens per forward). Prints a table and writes
-<workdir>/report.json. Rerunning resumes training from its last checkpoint. Any config field can
-be overridden, e.g. --config.total_steps=1000 or --config=configs/quickstart.py:task=sudoku4x4.
+Stages (configs/quickstart.py):
+  1. SFT: block-diffusion M2T + T2T training from scratch (<workdir>/sft).
+  2. Held-out evaluation of the SFT model in S and Q modes (accuracy, mean reward, TPF).
+  3. RL from the SFT params (EBPO by default) with rollouts from the jitted decoder (<workdir>/rl).
+  4. The same evaluation of the RL model.
+Prints a table and writes <workdir>/report.json. Rerunning resumes each stage from its last
+checkpoint. `--rl_steps=0` stops after stage 2.
 """
 
 import json
@@ -17,14 +22,40 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, train
+from llada_jax import evaluate, rl_loop, train
 
 FLAGS = flags.FLAGS
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config (configs/*.py[:args]).", lock_config=True)
-flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, tokenizer and report.json.")
+flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, tokenizer, data and report.json.")
 flags.DEFINE_integer("eval_examples", 256, "Held-out examples decoded per mode.")
 flags.DEFINE_list("modes", ["S", "Q"], "Decoding presets to evaluate.")
+flags.DEFINE_integer("rl_steps", None, "RL steps (default: the config's rl_stage.steps; 0 skips RL).")
+
+
+def rl_stage_config(cfg, workdir: str):
+    """The RL stage's run config: the SFT config with the step budget, checkpoint interval and
+    constant learning rate of `cfg.rl_stage`, and the SFT run's prepared data."""
+    out = cfg.copy_and_resolve_references()
+    with out.unlocked():
+        out.total_steps = FLAGS.rl_steps if FLAGS.rl_steps is not None else cfg.rl_stage.steps
+        out.checkpoint_every = cfg.rl_stage.checkpoint_every
+        out.optim.lr = cfg.rl_stage.lr
+        out.optim.weight_decay = cfg.rl_stage.weight_decay
+        out.data.data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
+        out.rl.eval_every = 0  # stage 4 evaluates
+    return out
+
+
+def held_out(params, model_config, tokenizer, cfg, examples) -> dict:
+    gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer,
+                                                                                     cfg.data.template)[0])
+    out = {}
+    for mode in FLAGS.modes:
+        r = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
+                              block_length=cfg.objective.block_size, template=cfg.data.template)
+        out[mode] = {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]}
+    return out
 
 
 def main(argv):
@@ -37,39 +68,54 @@ def main(argv):
     tokenizer = train.load_tokenizer(cfg, workdir)
     train.check_tokenizer(model_config, tokenizer)
     obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
+    rl_cfg = rl_stage_config(cfg, workdir)
+    stages = 4 if rl_cfg.total_steps > 0 else 2
 
-    print(f"[1/2] SFT: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) on "
+    print(f"[1/{stages}] SFT: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) on "
           f"'{cfg.data.task}', {cfg.total_steps} steps, batch {cfg.data.batch_size}, block {cfg.objective.block_size}",
           flush=True)
-    state = train.run_training(cfg, workdir, model_config, obj, train.train_iterator(cfg, workdir, tokenizer))
-    params = jax.device_get(state.params)
-    last = train.read_metrics(workdir)[-1]
+    sft_dir = os.path.join(workdir, "sft")
+    state = train.run_training(cfg, sft_dir, model_config, obj, train.train_iterator(cfg, workdir, tokenizer))
+    sft_params = jax.device_get(state.params)
+    del state
+    last = train.read_metrics(sft_dir)[-1]
 
-    print(f"[2/2] evaluation on {FLAGS.eval_examples} held-out examples", flush=True)
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
-    gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer, cfg.data.template)[0])
-    results = {}
-    for mode in FLAGS.modes:
-        results[mode] = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode,
-                                          gen_length=max(gen_length, 1), block_length=cfg.objective.block_size,
-                                          template=cfg.data.template)
+    print(f"[2/{stages}] evaluation of the SFT model on {len(examples)} held-out examples", flush=True)
+    t_eval = time.perf_counter()
+    results = {"SFT": held_out(sft_params, model_config, tokenizer, cfg, examples)}
+    eval_seconds = time.perf_counter() - t_eval
 
-    report = {
-        "task": cfg.data.task,
-        "sft": {m: {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]} for m, r in results.items()},
-        "train": {"steps": int(state.step), "final_loss": last["loss"], "masked_acc": last.get("masked_acc")},
-        "eval_examples": len(examples),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    report = {"task": cfg.data.task, "sft": results["SFT"],
+              "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
+    if rl_cfg.total_steps > 0:
+        r = rl_cfg.rl
+        print(f"[3/{stages}] RL: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
+              f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature {r.temperature}), "
+              f"{r.inner_updates} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
+        rl_dir = os.path.join(workdir, "rl")
+        state = rl_loop.run_rl(rl_cfg, rl_dir, model_config, tokenizer, init_params=sft_params)
+        rl_params = jax.device_get(state.params)
+        rows = train.read_metrics(rl_dir)
+        print(f"[4/{stages}] evaluation of the RL model", flush=True)
+        results["RL"] = held_out(rl_params, model_config, tokenizer, cfg, examples)
+        report["rl"] = results["RL"]
+        report["rl_run"] = {"algorithm": r.algorithm, "steps": rl_cfg.total_steps,
+                            "rollout_reward_first": rows[0].get("reward_mean"),
+                            "rollout_reward_last": rows[-1].get("reward_mean")}
+    report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
+                  seconds=round(time.perf_counter() - t0, 1))
     path = os.path.join(workdir, "report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)
 
-    print(f"\n{'stage':<6} {'mode':<5} {'accuracy':>9} {'reward':>8} {'TPF':>6}")
-    for mode, r in results.items():
-        print(f"{'SFT':<6} {mode:<5} {r['accuracy']:>9.3f} {r['reward']:>8.3f} {r['tpf']:>6.2f}")
-    print(f"\nfinal train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
+    print(f"\nheld-out {cfg.data.task}, {len(examples)} examples, greedy decoding")
+    print(f"{'stage':<6} {'mode':<5} {'accuracy':>9} {'reward':>8} {'TPF':>6}")
+    for stage, by_mode in results.items():
+        for mode, m in by_mode.items():
+            print(f"{stage:<6} {mode:<5} {m['accuracy']:>9.3f} {m['reward']:>8.3f} {m['tpf']:>6.2f}")
+    print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
 

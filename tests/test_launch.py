@@ -70,14 +70,24 @@ def test_generate_reports_a_bad_prompts_file(fixture_dir, task_tokenizer, tmp_pa
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    """The README's main command, shortened: it trains, evaluates, prints the table, writes the report."""
+    """The README's main command, shortened: SFT, evaluation, RL, evaluation, the table and the report."""
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
-               "--eval_examples=16")
+               "--eval_examples=16", "--rl_steps=2", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
+               "--config.rl.num_timesteps=2")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task"] == "addition" and report["train"]["steps"] == 6
-    for mode in ("S", "Q"):
-        # Six steps teach little (often an immediate EOS): check the numbers are there and sane.
-        assert 0.0 <= report["sft"][mode]["accuracy"] <= 1.0 and report["sft"][mode]["tpf"] >= 0.0
+    assert report["rl_run"]["algorithm"] == "ebpo" and report["rl_run"]["steps"] == 2
+    for stage in ("sft", "rl"):
+        for mode in ("S", "Q"):
+            # A few steps teach little (often an immediate EOS): check the numbers are there and sane.
+            assert 0.0 <= report[stage][mode]["accuracy"] <= 1.0 and report[stage][mode]["tpf"] >= 0.0
+    assert len(train_rows := _jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2 and train_rows[-1]["step"] == 6
+    assert [r["step"] for r in _jsonl(tmp_path / "rl" / "metrics.jsonl")] == [1, 2]
     assert f"report: {tmp_path}/report.json" in out.stdout
-    assert "SFT    S" in out.stdout and "SFT    Q" in out.stdout
+    for row in ("SFT    S", "SFT    Q", "RL     S", "RL     Q"):
+        assert row in out.stdout
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -264,6 +264,9 @@ class SudokuConfig:
     min_blanks: int = 10  # blanks are drawn uniformly from [min_blanks, max_blanks]
     max_blanks: int = 12  # 12 is the maximum: a 4x4 Sudoku needs at least 4 clues
     test_fraction: float = 0.15
+    # The grids as 16 digits each, no instruction and no line breaks: prompt "0100004023000020",
+    # response "4132324123141423" (32 tokens in all with the task tokenizer, against 51).
+    compact: bool = False
 
 
 def sudoku_grids() -> np.ndarray:
@@ -333,8 +336,11 @@ def sudoku_examples(num: int, split: str, seed: int = 0, cfg: SudokuConfig = Sud
     while len(out) < num:
         solution = grids[int(rng.integers(len(grids)))]
         puzzle = _make_puzzle(rng, solution, int(rng.integers(cfg.min_blanks, cfg.max_blanks + 1)))
-        out.append({"prompt": "Solve the 4x4 sudoku (0 = blank):\n" + _sudoku_text(puzzle),
-                    "response": _sudoku_text(solution),
+        if cfg.compact:
+            prompt, response = "".join(map(str, puzzle)), "".join(map(str, solution))
+        else:
+            prompt, response = "Solve the 4x4 sudoku (0 = blank):\n" + _sudoku_text(puzzle), _sudoku_text(solution)
+        out.append({"prompt": prompt, "response": response,
                     "meta": {"task": "sudoku4x4", "puzzle": "".join(map(str, puzzle)),
                              "solution": "".join(map(str, solution))}})
     return out
