@@ -21,8 +21,8 @@ from common import base_config, parse_arg, rl_config  # noqa: E402
 def get_config(arg=None):
     a = parse_arg(arg, task="addition", noise=0.6)
     c = base_config()
-    c.total_steps = 1000
-    c.checkpoint_every = 250
+    c.total_steps = 2500
+    c.checkpoint_every = 500
     c.log_every = 50
     c.model.preset = "tiny"
     # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here
