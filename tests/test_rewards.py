@@ -15,6 +15,10 @@ import pytest
 from llada_jax import rewards, sandbox
 from llada_jax.data import tasks
 
+# One xdist worker runs this whole file: `no_stray_processes` looks for sandbox processes
+# machine-wide, and another worker's sandbox run in progress would look like a stray.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 FAST = sandbox.SandboxConfig(timeout_s=5.0, test_timeout_s=1.0, cpu_s=5)
 ROOT = os.geteuid() == 0
 # the same hostile programs under each layer alone where it can be isolated: all layers, the
