@@ -2,7 +2,7 @@ r"""RL likelihood and update benchmarks, printed as one JSON object (REFERENCE Â
 
   python launch/bench_rl.py                               # tiny, L = 512 and 2048, block 32, N = 8
   python launch/bench_rl.py --lengths=512 --grad_length=256
-  python launch/bench_rl.py --lengths=2048 --vectorize=scan   # within a 24 GiB host
+  python launch/bench_rl.py --lengths=2048 --vectorize=scan   # the scanned form only
 
 1. Likelihood cost: EBPO's vectorized ELBO terms (one composite [x_t ; x_0] forward per
    timestep, all N timesteps batched, and the same under `lax.scan`) against the per-block loop
@@ -38,8 +38,8 @@ flags.DEFINE_integer("timesteps", 8, "EBPO timesteps N.")
 flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never masked).")
 flags.DEFINE_integer("grad_length", 512, "L of the loss + gradient benchmark.")
 flags.DEFINE_integer("grad_batch", 2, "Completions per batch in the loss + gradient benchmark.")
-flags.DEFINE_list("vectorize", list(rl.VECTORIZE), "Vectorized modes to time (batch needs N times the "
-                  "activation memory of scan: at L=2048 on the tiny preset, more than this machine's 24 GiB).")
+flags.DEFINE_list("vectorize", list(rl.VECTORIZE), "Vectorized modes to time (batch holds the activations "
+                  "of all N timesteps at once, scan of one).")
 flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
 
 
