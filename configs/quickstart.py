@@ -28,8 +28,8 @@ def get_config(arg=None):
     # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here
     # (launch/bench.py). Accelerator configs keep the default ragged_dot path.
     c.model.overrides.moe_impl = "dense"
-    # The tiny preset copies the fixture's rope (theta 6e5 on 8 of 16 head dims): too coarse for
-    # the model to find the digit an answer digit depends on. Full rotary at 1e4 learns it.
+    # The tiny preset copies the fixture's rope (theta 6e5 on 8 of 16 head dims): few frequencies
+    # to tell nearby positions apart. Full rotary at 1e4 (not compared side by side here).
     c.model.overrides.rope_theta = 10000.0
     c.model.overrides.partial_rotary_factor = 1.0
     c.data.task = a.task
