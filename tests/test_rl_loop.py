@@ -1,7 +1,6 @@
 """The RL loop end to end on the tiny model (rl_loop.run_rl): metrics, exact resume, the algorithm
 switch, a raising reward, and rollouts on the current params."""
 
-import importlib.util
 import math
 import os
 
@@ -9,10 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import load_config
 from llada_jax import checkpoint, decoding, rl_loop, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RL_CONFIG = os.path.join(ROOT, "configs", "rl.py")
 # The fields every metrics row of an RL step carries (kl: beta > 0; eval_*: evaluation steps).
 STEP_FIELDS = ("reward_mean", "reward_std", "accuracy", "reward_errors", "clip_frac", "kl", "ratio_mean",
                "ratio_min", "ratio_max", "loss", "grad_norm", "rollout_tpf", "time_rollout_s",
@@ -25,22 +23,11 @@ def data_dir(tmp_path_factory):
 
 
 def rl_config(data_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("rl_cfg", RL_CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    cfg.data.data_dir = data_dir
-    cfg.data.num_train, cfg.data.num_test = 64, 16
-    cfg.total_steps, cfg.checkpoint_every = 4, 2
-    cfg.optim.lr = 1e-3  # large, so that one update visibly moves a random init
-    cfg.rl.update(prompts_per_step=2, group_size=4, inner_updates=2, num_timesteps=2, beta=0.01, eval_every=0)
-    for key, value in overrides.items():
-        target = cfg
-        *path, leaf = key.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = value
-    return cfg
+    small = {"data.data_dir": data_dir, "data.num_train": 64, "data.num_test": 16, "total_steps": 4,
+             "checkpoint_every": 2, "optim.lr": 1e-3,  # large, so that one update visibly moves a random init
+             "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.inner_updates": 2, "rl.num_timesteps": 2,
+             "rl.beta": 0.01, "rl.eval_every": 0}
+    return load_config("rl.py", **{**small, **overrides})
 
 
 def run(cfg, workdir, **kw):

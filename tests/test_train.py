@@ -1,6 +1,5 @@
 """The trainer: exact resume after SIGKILL, sharded == single-device steps, clear errors."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,26 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import ROOT, load_config
 from llada_jax import checkpoint, sharding, train
 from llada_jax.data import DataError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
 
 def quickstart_config(**overrides):
-    spec = importlib.util.spec_from_file_location("quickstart_cfg", QUICKSTART)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    cfg.data.num_train, cfg.data.num_test, cfg.data.batch_size = 2000, 50, 8
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return cfg
+    small = {"data.num_train": 2000, "data.num_test": 50, "data.batch_size": 8}
+    return load_config("quickstart.py", **{**small, **overrides})
 
 
 SMALL_RUN = ["--config.data.num_train=2000", "--config.data.num_test=50", "--config.data.batch_size=8",
@@ -223,12 +212,10 @@ def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
 
 
 @pytest.mark.parametrize("path,arg", [("quickstart.py", None), ("quickstart.py", "task=sudoku4x4"),
-                                      ("sft.py", "size=mini"), ("sft.py", "size=flash")])
+                                      ("sft.py", "size=mini"), ("sft.py", "size=flash"),
+                                      ("rl.py", None), ("rl.py", "algorithm=dipo")])
 def test_every_config_builds(path, arg):
-    spec = importlib.util.spec_from_file_location("cfg_under_test", os.path.join(ROOT, "configs", path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg)
+    cfg = load_config(path, arg)
     model_config = train.build_model_config(cfg)
     train.build_objective(cfg, model_config)
     assert cfg.data.seq_len % cfg.objective.block_size == 0
