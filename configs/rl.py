@@ -17,6 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import parse_arg  # noqa: E402
 
+from llada_jax import rl_loop  # noqa: E402
+
 
 def _quickstart_config(arg: str):
     # By path: `import quickstart` could find launch/quickstart.py when launched from launch/.
@@ -29,12 +31,6 @@ def _quickstart_config(arg: str):
 
 def get_config(arg=None):
     a = parse_arg(arg, algorithm="ebpo", task="addition", noise=0.6)
-    c = _quickstart_config(f"task={a.task},noise={a.noise}")
-    stage = c.rl_stage
-    c.total_steps = stage.steps
-    c.checkpoint_every = stage.checkpoint_every
-    c.optim.lr = stage.lr
-    c.optim.weight_decay = stage.weight_decay
-    del c["rl_stage"]
+    c = rl_loop.stage_config(_quickstart_config(f"task={a.task},noise={a.noise}"))
     c.rl.algorithm = a.algorithm
     return c

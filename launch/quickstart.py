@@ -34,14 +34,9 @@ flags.DEFINE_integer("rl_steps", None, "RL steps (default: the config's rl_stage
 
 
 def rl_stage_config(cfg, workdir: str):
-    """The RL stage's run config: the SFT config with the step budget, checkpoint interval and
-    constant learning rate of `cfg.rl_stage`, and the SFT run's prepared data."""
-    out = cfg.copy_and_resolve_references()
+    """The RL stage's run config (`rl_loop.stage_config`, --rl_steps) reading the SFT run's data."""
+    out = rl_loop.stage_config(cfg, FLAGS.rl_steps)
     with out.unlocked():
-        out.total_steps = FLAGS.rl_steps if FLAGS.rl_steps is not None else cfg.rl_stage.steps
-        out.checkpoint_every = cfg.rl_stage.checkpoint_every
-        out.optim.lr = cfg.rl_stage.lr
-        out.optim.weight_decay = cfg.rl_stage.weight_decay
         out.data.data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
         out.rl.eval_every = 0  # stage 4 evaluates
     return out

@@ -82,6 +82,21 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
     return cls(**fields)
 
 
+def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = None) -> ml_collections.ConfigDict:
+    """The RL run config of a config with an `rl_stage` section (configs/quickstart.py): a copy
+    with that section's step budget (or `total_steps`), checkpoint interval, constant learning
+    rate and weight decay in place of the SFT ones, and the section itself dropped."""
+    stage = cfg.rl_stage
+    out = cfg.copy_and_resolve_references()
+    with out.unlocked():
+        out.total_steps = stage.steps if total_steps is None else total_steps
+        out.checkpoint_every = stage.checkpoint_every
+        out.optim.lr = stage.lr
+        out.optim.weight_decay = stage.weight_decay
+        del out["rl_stage"]
+    return out
+
+
 def make_rl_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The trainer's optimizer at the constant `optim.lr` of the public RL recipes: the trainer's
     warm-up starts at lr 0, which would make the first inner update a no-op."""
