@@ -220,8 +220,10 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     block = cfg.objective.block_size
     if length % block:
         raise ValueError(f"data.seq_len: expected a multiple of objective.block_size={block}, found {length}")
-    # DiPO's trajectory length is data dependent (rl_loop buckets it): plan for the longest.
-    config = rl_loop.build_rl_config(cfg, num_steps=length if r.algorithm == "dipo" else None)
+    # DiPO's steps per block are data dependent (rl_loop buckets them): plan for one token per
+    # step, a block's worth (editing can take more; `rl.dipo_step_bucket` rounds up).
+    config = rl_loop.build_rl_config(
+        cfg, num_steps=rl_loop.bucket(block, r.dipo_step_bucket) if r.algorithm == "dipo" else None)
     tx = rl_loop.make_rl_optimizer(cfg)
     state, shardings = _state(model_config, tx, mesh)
     shapes = {"tokens": ((b, length), jnp.int32), "completion_mask": ((b, length), jnp.bool_),
