@@ -184,7 +184,7 @@ def _state(model_config, tx, mesh):
 def _model_info(cfg, model_config) -> dict:
     return dict(model=cfg.model.preset if not cfg.model.get("hf_dir") else cfg.model.hf_dir,
                 dtype=model_config.dtype, param_dtype=model_config.param_dtype, remat=model_config.remat_policy,
-                moe_impl=model_config.moe_impl)
+                moe_impl=model_config.moe_impl, attention=getattr(model_config, "attention_impl", "xla"))
 
 
 def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
