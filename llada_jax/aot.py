@@ -8,7 +8,7 @@ the way MaxText's `train_compile.py` does. `launch/compile.py` is the command li
 What is compiled is the project's own code, unchanged:
   sft     `train.make_train_step` jitted by `train.jit_train_step`, state shardings from
           `train.state_shardings` (the trainer's optimizer, accumulation and batch sharding);
-  rl      `rl.make_rl_step` (EBPO / ESPO / DiPO from `cfg.rl`, `rl_loop.build_rl_config`: layout
+  rl      `rl.make_rl_step` (EBPO / ESPO from `cfg.rl`, `rl_loop.build_rl_config`: layout
           `rl.vectorize` batch|scan, `rl.grad_mode` direct|replay) jitted the way `rl_loop.run_rl`
           does, on a batch of `prompts_per_step * group_size` rollouts of `data.seq_len` tokens;
   decode  `decoding.decode`, the jitted Draft-and-Edit loop with the KV cache, on a batch of
@@ -207,45 +207,42 @@ def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
 
 
 def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
-    """One inner update of `cfg.rl.algorithm` on `prompts_per_step * group_size` rollouts of
-    `data.seq_len` tokens, with θ_old's (and, at beta > 0, the reference's) terms as inputs."""
+    """One inner update of `cfg.rl.algorithm` (EBPO or ESPO) on `prompts_per_step * group_size`
+    rollouts of `data.seq_len` tokens, jitted as `rl_loop.run_rl` does (the same program serves the
+    on-policy first update and the later ones), θ_old's (and, at beta > 0, the reference's) terms
+    as inputs. DiPO is not planned: its batch holds the decoder's recorded writes per position,
+    whose count is known only after decoding."""
+    import numpy as np
+
     from llada_jax import rl, rl_loop, train
 
     if "rl" not in cfg:
         raise ValueError("config: --job=rl needs an `rl` section (configs/rl.py, configs/rl_pod.py)")
     r = cfg.rl
+    if r.algorithm == "dipo":
+        raise ValueError("rl.algorithm: expected 'ebpo' or 'espo' for --job=rl, found 'dipo' (its batch shape "
+                         "depends on the decoding trajectory)")
     model_config = train.build_model_config(cfg)
-    length = cfg.data.seq_len
-    b = r.prompts_per_step * r.group_size
     block = cfg.objective.block_size
-    if length % block:
-        raise ValueError(f"data.seq_len: expected a multiple of objective.block_size={block}, found {length}")
-    # DiPO's steps per block are data dependent (rl_loop buckets them): plan for one token per
-    # step, a block's worth (editing can take more; `rl.dipo_step_bucket` rounds up).
-    config = rl_loop.build_rl_config(
-        cfg, num_steps=rl_loop.bucket(block, r.dipo_step_bucket) if r.algorithm == "dipo" else None)
+    length = rl_loop.bucket(cfg.data.seq_len, block)  # as rl_loop packs the rollouts
+    b = r.prompts_per_step * r.group_size
+    config = rl_loop.build_rl_config(cfg)
     tx = rl_loop.make_rl_optimizer(cfg)
     state, shardings = _state(model_config, tx, mesh)
     shapes = {"tokens": ((b, length), jnp.int32), "completion_mask": ((b, length), jnp.bool_),
               "advantages": ((b,), jnp.float32), "sample_mask": ((b,), jnp.bool_),
               "example_ids": ((b,), jnp.int32)}
-    if isinstance(config, rl.DiPOConfig):
-        shapes["commit_step"] = ((b, length), jnp.int32)
-        terms = ((b, length), jnp.float32)
-    else:
-        terms = ((b, config.likelihood.num_timesteps, length // block), jnp.float32)
-    shapes["old_terms"] = terms
+    terms = (rl.terms_shape({"tokens": np.empty((b, length), np.int8)}, config), jnp.float32)
     if config.beta > 0:
         shapes["ref_terms"] = terms
+    shapes["old_terms"] = terms
     batch = _batch(mesh, shapes)
-    fn = train.jit_train_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
-    info = dict(_model_info(cfg, model_config), algorithm=r.algorithm, rollouts=b, seq_len=length, block_size=block)
-    if not isinstance(config, rl.DiPOConfig):
-        info.update(num_timesteps=config.likelihood.num_timesteps, vectorize=config.likelihood.vectorize,
-                    grad_mode=config.grad_mode)
-    else:
-        info.update(num_steps=config.num_steps, vectorize=config.vectorize)
-    return Job(fn, (state, batch, _key(mesh)), info)
+    fn = rl_loop._jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+    on_policy = jax.ShapeDtypeStruct((), jnp.bool_, sharding=NamedSharding(mesh, PartitionSpec()))
+    info = dict(_model_info(cfg, model_config), algorithm=r.algorithm, rollouts=b, seq_len=length, block_size=block,
+                num_timesteps=config.likelihood.num_timesteps, vectorize=config.likelihood.vectorize,
+                grad_mode=config.grad_mode)
+    return Job(fn, (state, batch, _key(mesh), on_policy), info)
 
 
 def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_length: int,
