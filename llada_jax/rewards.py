@@ -324,8 +324,22 @@ def code_check(completion: str, meta: Mapping[str, Any],
                config: sandbox.SandboxConfig = sandbox.SandboxConfig()) -> sandbox.SandboxResult:
     """Runs the completion's program against `meta`'s tests in the sandbox: `tests` (assert
     statements) or `io_tests` ([stdin, expected stdout] pairs). The result says per test
-    whether it passed and why not (`reasons`, `failure`)."""
+    whether it passed and why not (`reasons`, `failure`). HumanEval-style metas also hold
+    `prefix` (the function's signature and docstring) and `entry_point`: a program that does
+    not define `entry_point` is a body, run after the prefix; one that does gets the prefix's
+    import lines before it."""
     program = extract_code(completion)
+    if "prefix" in meta:
+        prefix = str(meta["prefix"])
+        if re.search(rf"^\s*def\s+{re.escape(str(meta.get('entry_point', '')))}\s*\(", program, flags=re.MULTILINE):
+            imports = [line for line in prefix.splitlines() if re.match(r"\s*(import|from)\s", line)]
+            program = "\n".join(imports + [program])
+        else:  # the body as written: its first line's indentation matters
+            body = completion
+            for marker in tasks._END_MARKERS:
+                body = body.split(marker, 1)[0]
+            fenced = re.findall(r"```(?:python|py)?[^\n]*\n(.*?)```", body, flags=re.DOTALL)
+            program = prefix + (fenced[-1] if fenced else body.rstrip() + "\n")
     if "tests" in meta:
         return sandbox.run_assert_tests(program, meta["tests"], config)
     if "io_tests" in meta:
