@@ -15,6 +15,13 @@ failed, tokens, forwards), summary.json (per mode: accuracy, reward, TPF, TPS wi
 excluded, tokens) and table.md, printed at the end. A rerun with the same --out_dir skips the
 samples already written (an interrupted run resumes). Decodes on a mesh of all devices, the
 batch split over the data axis.
+
+Speed-accuracy sweep: --sweep_thresholds and --sweep_editing add the grid of modes
+`Q:threshold=t,editing_threshold=e` to --modes, and the Pareto plot of accuracy vs TPF is
+written as <out_dir>/speed_accuracy.png beside summary.json (also with --plot alone):
+
+  python launch/eval.py --checkpoint=... --benchmark=... --out_dir=/tmp/sweep \
+      --modes=S,Q,no_edit,S+mbe,Q+mbe --sweep_thresholds=0.5,0.7,0.9 --sweep_editing=0.0,0.5,0.9
 """
 
 import json
@@ -23,7 +30,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from llada_jax import benchmarks, sandbox, sharding
+from llada_jax import benchmarks, plots, sandbox, sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
@@ -45,6 +52,9 @@ flags.DEFINE_float("code_timeout_s", 10.0, "Wall-clock limit of one program's te
 flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
 flags.DEFINE_string("out_dir", None, "Where samples, summary.json and table.md go.", required=True)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_list("sweep_thresholds", [], "Grid of unmasking thresholds tau_mask (with --sweep_editing).")
+flags.DEFINE_list("sweep_editing", [], "Grid of editing thresholds tau_edit (with --sweep_thresholds).")
+flags.DEFINE_bool("plot", False, "Write speed_accuracy.png (always on with a sweep).")
 
 
 def main(argv):
@@ -59,7 +69,10 @@ def main(argv):
             raise app.UsageError("--num_fewshot needs --fewshot_file")
         shots = benchmarks.read_benchmark(FLAGS.fewshot_file, FLAGS.format, FLAGS.num_fewshot)
         examples = benchmarks.with_fewshot(examples, shots)
-    modes = [benchmarks.parse_mode(m, FLAGS.mbe_window) for m in FLAGS.modes]
+    if bool(FLAGS.sweep_thresholds) != bool(FLAGS.sweep_editing):
+        raise app.UsageError("--sweep_thresholds and --sweep_editing go together")
+    grid = [f"Q:threshold={t},editing_threshold={e}" for t in FLAGS.sweep_thresholds for e in FLAGS.sweep_editing]
+    modes = [benchmarks.parse_mode(m, FLAGS.mbe_window) for m in [*FLAGS.modes, *grid]]
     config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
     mesh = sharding.make_mesh(data=-1)
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -76,6 +89,10 @@ def main(argv):
     print(benchmarks.format_table(summary))
     print(json.dumps(summary))
     print(f"wrote {FLAGS.out_dir}/summary.json, table.md and samples/", file=sys.stderr)
+    if grid or FLAGS.plot:
+        path = f"{FLAGS.out_dir}/speed_accuracy.png"
+        plots.speed_accuracy(summary, path, title=f"{FLAGS.benchmark.rsplit('/', 1)[-1]}: accuracy vs TPF")
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

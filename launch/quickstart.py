@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, rl_loop, train
+from llada_jax import evaluate, plots, rl_loop, train
 
 FLAGS = flags.FLAGS
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
@@ -113,6 +113,8 @@ def main(argv):
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
+    plots.training_curves(workdir)
+    print(f"training curves: {workdir}/training_curves.png")
 
 
 if __name__ == "__main__":

@@ -173,17 +173,23 @@ def test_eval_launcher_decodes_end_to_end_on_a_mesh(fixture_dir, tokenizer, tmp_
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     args = [sys.executable, "launch/eval.py", f"--checkpoint={fixture_dir}", f"--tokenizer={tok_path}",
             f"--benchmark={bench}", "--template=plain", "--modes=S,Q+mbe", "--gen_length=16", "--block_length=8",
-            "--batch_size=2", "--moe_impl=dense", f"--out_dir={tmp_path}/out", "--noprogress"]
+            "--batch_size=2", "--moe_impl=dense", f"--out_dir={tmp_path}/out", "--noprogress",
+            "--sweep_thresholds=0.6", "--sweep_editing=0.5,1.0"]
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.load(open(tmp_path / "out" / "summary.json"))
-    assert set(summary) == {"S", "Q+mbe"} and summary["Q+mbe"]["mbe_window"] == 2
+    grid = ["Q:threshold=0.6,editing_threshold=0.5", "Q:threshold=0.6,editing_threshold=1.0"]
+    assert list(summary) == ["S", "Q+mbe", *grid] and summary["Q+mbe"]["mbe_window"] == 2
+    assert summary[grid[1]]["threshold"] == 0.6 and summary[grid[1]]["editing_threshold"] == 1.0
     for mode, s in summary.items():
-        rows = [json.loads(line) for line in open(tmp_path / "out" / "samples" / f"{mode.replace('+', '_')}.jsonl")]
+        rows = [json.loads(line) for line in open(tmp_path / "out" / "samples" / f"{benchmarks._slug(mode)}.jsonl")]
         assert len(rows) == 3 and s["n"] == 3
         for r in rows:
             assert r["reward"] == rewards.judge(r["completion"], r["meta"])[0] and r["forwards"] >= 1
         assert s["tokens"] == sum(r["tokens"] for r in rows) > 0
         assert s["tpf"] == pytest.approx(s["tokens"] / sum(r["forwards"] for r in rows))
-        assert s["tps"] > 0 and s["warmup_seconds"] > 0
+        assert s["tps"] > 0
+    assert summary["S"]["warmup_seconds"] > 0 and summary[grid[0]]["warmup_seconds"] == 0  # S compiled the grid's program
     assert "| S | 3 |" in out.stdout
+    png = tmp_path / "out" / "speed_accuracy.png"
+    assert png.stat().st_size > 10_000 and f"wrote {png}" in out.stderr
