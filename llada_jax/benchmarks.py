@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import numpy as np
 
-from llada_jax import decoding, rewards, sandbox
+from llada_jax import decoding, metrics, rewards, sandbox
 
 FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "task")
 _MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -338,9 +338,10 @@ def _settings_check(out_dir: str, settings: Mapping[str, Any]) -> None:
 def run_eval(examples: Sequence[Example], prompts: Sequence[Prompt], complete: CompleteFn, modes: Sequence[Mode],
              out_dir: str, *, batch_size: int, reward: str = "by_task", workers: int = 4,
              code_config: sandbox.SandboxConfig = sandbox.SandboxConfig(), settings: Optional[Mapping] = None,
-             progress: bool = True, on_batch: Optional[Callable[[str, int], None]] = None) -> dict:
+             progress: bool = True, on_batch: Optional[Callable[[str, int], None]] = None, step: int = 0) -> dict:
     """Decodes and scores every example in every mode (skipping samples already written),
-    then writes `summary.json` and `table.md` in `out_dir`; returns the summary {mode: stats}.
+    then writes `summary.json`, `table.md` and the summary's scalars (metrics.jsonl and
+    TensorBoard events under `tb/`, at `step`) in `out_dir`; returns the summary {mode: stats}.
     `settings` (what decoding depends on: checkpoint, lengths, template, ...) must match the
     ones of a run being resumed. `on_batch(mode, samples_done)` is called after each batch."""
     from tqdm import tqdm
@@ -384,6 +385,10 @@ def run_eval(examples: Sequence[Example], prompts: Sequence[Prompt], complete: C
                                   **{k: v for k, v in dataclasses.asdict(mode).items() if k != "name"}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    log = metrics.MetricsLog(out_dir, resume_step=-1)  # the summary replaces any earlier run's
+    log.write(step, {f"eval/{mode}/{k}": v for mode, s in summary.items() for k, v in s.items()
+                     if k in ("accuracy", "reward", "tpf", "tps", "tokens")})
+    log.close()
     table = format_table(summary)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")

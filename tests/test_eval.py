@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llada_jax import benchmarks, rewards, sandbox
+from llada_jax import benchmarks, metrics, rewards, sandbox
 
 pytestmark = pytest.mark.xdist_group("sandbox")  # runs sandboxed programs: see tests/test_rewards.py
 
@@ -191,5 +191,7 @@ def test_eval_launcher_decodes_end_to_end_on_a_mesh(fixture_dir, tokenizer, tmp_
         assert s["tps"] > 0
     assert summary["S"]["warmup_seconds"] > 0 and summary[grid[0]]["warmup_seconds"] == 0  # S compiled the grid's program
     assert "| S | 3 |" in out.stdout
+    events = metrics.read_events(str(tmp_path / "out" / "tb"))
+    assert events["eval/S/accuracy"] == [(0, summary["S"]["accuracy"])]
     png = tmp_path / "out" / "speed_accuracy.png"
     assert png.stat().st_size > 10_000 and f"wrote {png}" in out.stderr

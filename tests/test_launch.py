@@ -86,6 +86,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert [r["step"] for r in _jsonl(tmp_path / "rl" / "metrics.jsonl")] == [1, 2]
     assert f"report: {tmp_path}/report.json" in out.stdout
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000  # the README's curves (tests/test_plots.py)
+    from llada_jax.metrics import read_events
+
+    assert [s for s, _ in read_events(str(tmp_path / "sft" / "tb"))["loss"]] == [3, 6]  # TensorBoard by default
+    assert [s for s, _ in read_events(str(tmp_path / "rl" / "tb"))["reward_mean"]] == [1, 2]
     for row in ("SFT    S", "SFT    Q", "RL     S", "RL     Q"):
         assert row in out.stdout
 
