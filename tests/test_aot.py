@@ -1,8 +1,10 @@
 """Ahead-of-time compilation for TPU topologies (llada_jax.aot, launch/compile.py).
 
-The compile tests need libtpu (the test extra installs it on Linux x86_64): XLA's TPU compiler
-runs on this CPU for a 4-chip v5e slice, the tiny model, shapes kept small so that each job
-compiles in seconds on a quiet machine.
+The compile tests need libtpu, XLA's TPU compiler, which then runs on this CPU for a 4-chip v5e
+slice (the tiny model, shapes kept small so that each job compiles in seconds on a quiet
+machine). They run launch/compile.py in a subprocess: with libtpu installed (the `tpu` extra), or
+from the directory `LLADA_JAX_LIBTPU_PATH` names, where `.ci/run` installs it apart from the
+environment (an installed libtpu makes every JAX process probe for a TPU at start-up).
 """
 
 import importlib.util
@@ -13,12 +15,21 @@ import sys
 
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import ROOT
 from llada_jax import aot
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'): "
-                                                         "no TPU compiler to compile for a topology")
+LIBTPU_PATH = os.environ.get("LLADA_JAX_LIBTPU_PATH", "")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isdir(os.path.join(LIBTPU_PATH, "libtpu"))
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]', or "
+                                                         "LLADA_JAX_LIBTPU_PATH): no TPU compiler for a topology")
+
+
+def compile_job(*args):
+    """launch/compile.py in a subprocess (libtpu from LLADA_JAX_LIBTPU_PATH when set)."""
+    path = os.pathsep.join(p for p in (ROOT, LIBTPU_PATH, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_SKIP_MDS_QUERY="1")
+    return subprocess.run([sys.executable, "launch/compile.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 @pytest.mark.parametrize("text, name, chips, cloud", [
@@ -62,21 +73,21 @@ def test_parse_hbm_oom_reads_xla_numbers():
     assert not aot.is_hbm_oom("INVALID_ARGUMENT: shapes do not match")
 
 
-@pytest.fixture(scope="module")
-def v5e_2x2():
-    return aot.parse_topology("v5e:2x2")
-
-
-def _tiny(job):
-    if job == "rl":  # 2 prompts x 4 completions, N = 2: the EBPO step's shape, small
-        return load_config("rl.py", **{"rl.prompts_per_step": 2, "rl.group_size": 4, "rl.num_timesteps": 2})
-    return load_config("quickstart.py", **{"data.batch_size": 8})
+_TINY = {  # the tiny model's jobs at small shapes; rl: 2 prompts x 4 completions, N = 2
+    "sft": ["--config=configs/quickstart.py", "--config.data.batch_size=8"],
+    "rl": ["--config=configs/rl.py", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
+           "--config.rl.num_timesteps=2"],
+    "decode": ["--config=configs/quickstart.py", "--config.data.batch_size=8", "--prompt_length=16",
+               "--gen_length=32"],
+}
 
 
 @needs_libtpu
 @pytest.mark.parametrize("job", ["sft", "rl", "decode"])
-def test_tiny_jobs_compile_for_a_tpu_slice(job, v5e_2x2):
-    report = aot.plan(job, _tiny(job), v5e_2x2, **({"prompt_length": 16, "gen_length": 32} if job == "decode" else {}))
+def test_tiny_jobs_compile_for_a_tpu_slice(job):
+    out = compile_job(f"--job={job}", "--topology=v5e:2x2", *_TINY[job])
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
     assert report["topology"] == "v5e:2x2" and report["chips"] == 4
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
     assert report["fits"] is True and "error" not in report
@@ -90,17 +101,13 @@ def test_tiny_jobs_compile_for_a_tpu_slice(job, v5e_2x2):
         assert (report["rollouts"], report["num_timesteps"], report["grad_mode"]) == (8, 2, "direct")
     if job == "decode":
         assert report["canvas"] == 48 and report["batch"] == 8
-    json.dumps(report)
 
 
 @needs_libtpu
 def test_compile_reports_a_job_that_does_not_fit_readably(tmp_path):
     """Through the launcher: a chip with 1 MiB of HBM; one JSON line naming the job and the shortfall."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(
-        [sys.executable, "launch/compile.py", "--config=configs/quickstart.py", "--topology=v5e-4", "--job=decode",
-         "--config.data.batch_size=8", "--prompt_length=16", "--gen_length=32", "--hbm_mib=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = compile_job("--config=configs/quickstart.py", "--topology=v5e-4", "--job=decode",
+                      "--config.data.batch_size=8", "--prompt_length=16", "--gen_length=32", "--hbm_mib=1")
     assert out.returncode == 1, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, out.stdout
