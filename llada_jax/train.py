@@ -127,36 +127,44 @@ def batch_sharding(mesh, batch: Batch) -> dict:
 # ------------------------------------------------------------------------------ update step
 def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int = 1,
-                    loss_fn: Callable = objectives.loss_fn) -> Callable:
+                    loss_fn: Callable = objectives.loss_fn,
+                    denominators_fn: Callable = objectives.loss_denominators) -> Callable:
     """`step(state, batch, rng) -> (state, metrics)`, not yet jitted.
 
-    With `accum_steps > 1` the batch is split into micro-batches on its leading axis and
-    gradients are averaged by `lax.scan` (activation memory of one micro-batch). Every
-    micro-batch uses the same step key and its examples keep their batch-row ids, so the
-    noise is exactly that of the unaccumulated step.
+    With `accum_steps > 1` the batch is split into micro-batches on its leading axis (activation
+    memory of one micro-batch) and the objective is left unchanged: a first `lax.scan` sums the
+    step's normalising counts (`denominators_fn`, e.g. the number of response tokens), a second
+    sums each micro-batch's loss, metrics and gradient computed against those totals, so the
+    loss, the metrics and the gradient are the unaccumulated step's (a per-micro-batch mean
+    would weight tokens of sparse micro-batches more). Every micro-batch uses the same step key
+    and its examples keep their batch-row ids, so the noise is exactly that of the unaccumulated
+    step. A custom `loss_fn` must accept `denominators=` and be additive over micro-batches then.
     """
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
-        grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
         if accum_steps == 1:
+            grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
             (_, metrics), grads = grad_fn(state.params, batch)
         else:
             if b % accum_steps:
                 raise ValueError(f"batch_size: expected a multiple of accum_steps={accum_steps}, found {b}")
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, b // accum_steps, *x.shape[1:]), batch)
+            count = lambda mb: denominators_fn(state.params, model_config, obj_config, mb, key)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            den, _ = jax.lax.scan(lambda acc, mb: (jax.tree_util.tree_map(jnp.add, acc, count(mb)), None),
+                                  jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(count, first)), micro)
+            grad_fn = jax.value_and_grad(
+                lambda p, mb: loss_fn(p, model_config, obj_config, mb, key, denominators=den), has_aux=True)
 
             def body(acc, mb):
                 (_, m), g = grad_fn(state.params, mb)
                 return jax.tree_util.tree_map(jnp.add, acc, (g, m)), None
 
-            zeros = jax.tree_util.tree_map(
-                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro))))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, first)))
             (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
-            grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
-            metrics = jax.tree_util.tree_map(lambda m: m / accum_steps, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
