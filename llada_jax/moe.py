@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Optional, Protocol
 
 import flax.linen as nn
@@ -333,3 +334,29 @@ def _default_exchange(mesh) -> str:
     except Exception:  # an abstract mesh only: the default backend decides
         platform = jax.default_backend()
     return "padded" if platform == "cpu" else "ragged"
+
+
+# ---------------------------------------------------------------------------------------- audits
+_COLLECTIVE = re.compile(r"\s(all-to-all|ragged-all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
+                         r"(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def collective_buffers(hlo_text: str) -> list[tuple[str, int]]:
+    """(op, result bytes) of every collective in a compiled program's text (`compiled.as_text()`).
+
+    For audits: a collective whose size follows the global batch shows up as growing with the
+    device count at a fixed per-device batch."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m or " = " not in line[:m.start() + 1]:
+            continue
+        result_type = line[line.index(" = ") + 3:m.start() + 1]
+        nbytes = 0
+        for dtype, dims in _ARRAY.findall(result_type):
+            size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            nbytes += size * _BYTES.get(dtype, max(int(re.sub(r"\D", "", dtype)) // 8, 1))
+        out.append((m.group(1), nbytes))
+    return out
