@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
     c.optim.accum_steps = 1
+    # Aux-loss-free expert balancing (train.update_expert_bias): off for SFT and RL, on for CPT.
+    c.optim.expert_bias_rate = 0.0
 
     c.mesh = ml_collections.ConfigDict()  # -1: all remaining devices
     c.mesh.data = -1

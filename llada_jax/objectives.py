@@ -34,7 +34,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from llada_jax import masks
 from llada_jax.config import ConfigError, ModelConfig
-from llada_jax.model import forward
+from llada_jax.model import forward, forward_with_router
 
 WEIGHTINGS = ("elbo", "token_mean")
 
@@ -238,24 +238,37 @@ def noise(batch: Mapping[str, Any], key: PRNGKeyArray, config: ObjectiveConfig) 
 # ---------------------------------------------------------------------------------------- forward
 def denoiser_logits(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
                     block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
-                    mdlm: bool = False) -> Float[Array, "N L V"]:
+                    mdlm: bool = False, with_load: bool = False) -> Float[Array, "N L V"]:
     """Logits of p(x_0 | x_t, clean earlier blocks) at every position, from ONE forward.
 
     Block diffusion (REFERENCE §3): the input is `[x_t ; x_0]` (length 2L) under `masks.composite`,
     and the first L logits are kept. With `mdlm` or `block_size >= L` the noisy half attends nothing
     of the clean half, so the forward runs bidirectionally over x_t alone (half the tokens).
     `doc_ids` (packed data) additionally restricts attention to the same document.
+    With `with_load`, returns `(logits, load)`: the rows each routed expert received in this
+    forward, `[MoE layers, E]` float32 (every routed token of the forward counts).
     """
     length = x_t.shape[1]
+    fwd = _forward_with_load if with_load else forward
     if mdlm or block_size >= length:
         mask = None if doc_ids is None else masks.document(doc_ids)
-        return forward(params, model_config, x_t, mask=mask)
+        return fwd(params, model_config, x_t, mask=mask)
     mask, positions = masks.composite(length, block_size)
     mask = mask[None]
     if doc_ids is not None:
         mask = mask & masks.document(jnp.concatenate([doc_ids, doc_ids], axis=1))
-    logits = forward(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions, mask)
-    return logits[:, :length]
+    out = fwd(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions, mask)
+    if with_load:
+        return out[0][:, :length], out[1]
+    return out[:, :length]
+
+
+def _forward_with_load(params, model_config: ModelConfig, tokens, positions=None, mask=None):
+    if model_config.num_moe_layers == 0:
+        return forward(params, model_config, tokens, positions, mask), jnp.zeros((0, model_config.num_experts))
+    logits, (idx, _) = forward_with_router(params, model_config, tokens, positions, mask)
+    load = jax.vmap(lambda i: jnp.bincount(i.reshape(-1), length=model_config.num_experts))(idx)
+    return logits, load.astype(jnp.float32)
 
 
 def token_logprobs(logits: Float[Array, "N L V"], targets: Int[Array, "N L"]) -> Float[Array, "N L"]:
@@ -382,6 +395,9 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
     second forward on the stop-gradient argmax draft; CAP adds `cap_beta * mean entropy` over
     masked positions already predicted correctly.
 
+    `metrics["expert_load"]` ([MoE layers, E], the first forward's rows per expert) feeds the
+    trainer's load metrics and the aux-loss-free `expert_bias` update.
+
     `denominators` (from `loss_denominators`, summed over a step's micro-batches) replace this
     batch's own counts in every mean, loss and metric alike; the loss and every metric are then
     additive over micro-batches (gradient accumulation sums them).
@@ -390,7 +406,8 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
     nb = noise(batch, rng, obj_config)
     mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
 
-    logits = denoiser_logits(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
+    logits, load = denoiser_logits(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
+                                   with_load=True)
     den = _noise_counts(nb, obj_config) | _forward_counts(logits, nb, obj_config)
     if denominators is not None:
         missing = sorted(set(den) - set(denominators))
@@ -411,6 +428,7 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
         "edit_acc": _safe_div(jnp.sum(correct & nb.edited), den["edited"]),
         "num_masked": jnp.sum(nb.masked), "num_edited": jnp.sum(nb.edited), "num_kept": jnp.sum(nb.kept),
         "num_loss_tokens": jnp.sum(nb.loss_mask),
+        "expert_load": jax.lax.stop_gradient(load),  # [MoE layers, E]: rows per expert (train.expert_load_metrics)
     }
 
     if obj_config.mtf:

@@ -124,11 +124,33 @@ def batch_sharding(mesh, batch: Batch) -> dict:
             for k, v in batch.items()}
 
 
+# ------------------------------------------------------------------------------ expert load
+def expert_load_metrics(load) -> dict[str, Any]:
+    """Per-MoE-layer load summaries from rows per expert `load` [layers, E]: `expert_load_max_over_mean`
+    and `expert_load_busiest_share` (share of the layer's routed rows on its busiest expert), both
+    [layers], and `expert_load_imbalance`, the largest max/mean over layers (1 = perfectly balanced)."""
+    mean = jnp.mean(load, axis=-1)
+    peak = jnp.max(load, axis=-1)
+    ratio = peak / jnp.maximum(mean, 1e-9)
+    return {"expert_load_max_over_mean": ratio, "expert_load_busiest_share": peak / jnp.maximum(jnp.sum(load, -1), 1e-9),
+            "expert_load_imbalance": jnp.max(ratio, initial=0.0)}
+
+
+def update_expert_bias(params, load, rate: float):
+    """Aux-loss-free balancing (LLaDA2 / DeepSeek-V3): `b_i += rate * sign(mean_load - load_i)` per
+    MoE layer, from the rows each expert received this step. `expert_bias` is a buffer: the
+    optimizer leaves it alone (`trainable_labels`) and only this update moves it."""
+    delta = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)  # [layers, E]
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: (x + delta.astype(x.dtype)) if _leaf_name(p) == "expert_bias" else x, params)
+
+
 # ------------------------------------------------------------------------------ update step
 def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int = 1,
                     loss_fn: Callable = objectives.loss_fn,
-                    denominators_fn: Callable = objectives.loss_denominators) -> Callable:
+                    denominators_fn: Callable = objectives.loss_denominators,
+                    expert_bias_rate: float = 0.0) -> Callable:
     """`step(state, batch, rng) -> (state, metrics)`, not yet jitted.
 
     With `accum_steps > 1` the batch is split into micro-batches on its leading axis (activation
@@ -139,6 +161,9 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
     would weight tokens of sparse micro-batches more). Every micro-batch uses the same step key
     and its examples keep their batch-row ids, so the noise is exactly that of the unaccumulated
     step. A custom `loss_fn` must accept `denominators=` and be additive over micro-batches then.
+
+    A `metrics["expert_load"]` from the loss ([MoE layers, E]) becomes the load summaries of
+    `expert_load_metrics`; with `expert_bias_rate > 0` (CPT) it also drives `update_expert_bias`.
     """
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
@@ -167,6 +192,11 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
             (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        load = metrics.pop("expert_load", None)
+        if load is not None and load.size:
+            metrics.update(expert_load_metrics(load))
+            if expert_bias_rate > 0:
+                params = update_expert_bias(params, load, expert_bias_rate)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -378,7 +408,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
                 if step_fn is None:
                     step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
-                                                             cfg.optim.accum_steps, loss_fn), shardings, mesh, batch)
+                                                             cfg.optim.accum_steps, loss_fn,
+                                                             expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)),
+                                             shardings, mesh, batch)
                 state, metrics = step_fn(state, batch, rng)
                 tokens_since += int(np.asarray(batch["tokens"]).size)
                 done = step + 1

@@ -221,3 +221,15 @@ def test_collectives_follow_the_per_device_batch():
     rg4, rg8 = _compiled_collectives("ragged", 4), _compiled_collectives("ragged", 8)
     assert max(n for _, n in rg8) > max(n for _, n in rg4)
     assert max(n for _, n in rg8) >= global_dispatch
+
+
+def test_ragged_exchange_gradient_lowers_with_the_real_primitive():
+    """XLA:CPU cannot run `ragged_all_to_all`, but the program (forward and backward) must lower with
+    it: two exchanges forward, their two transposes backward."""
+    args, cot = skewed_inputs()
+    mesh = sharding.make_mesh(**MESHES["data2_expert4"])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(moe.expert_parallel(*a, CFG, exchange="ragged")[0] * cot),
+                                argnums=(0, 3)))
+        text = grad.lower(*args).as_text()
+    assert text.count("ragged_all_to_all") == 4

@@ -252,3 +252,42 @@ def test_accumulated_step_equals_unaccumulated(tiny_hf, variant):
         for g, g1 in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads1)):
             # fp32 sums in another order: 1e-5 of the leaf's scale
             np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5 * float(np.abs(g1).max()))
+
+
+def _skewed_router_run(tiny_hf, rate, steps):
+    """`steps` updates with the learning rate at zero, so only the expert_bias update moves anything;
+    the router favours a few experts (their columns scaled up). Returns (imbalance per step, biases)."""
+    import optax
+
+    from llada_jax import objectives
+
+    config, params = tiny_hf
+    router = params["moe_layers"]["moe"]["router"]  # [layers, D, E]
+    params = dict(params, moe_layers=dict(params["moe_layers"], moe=dict(
+        params["moe_layers"]["moe"], router=router.at[..., :3].multiply(25.0))))
+    obj = objectives.ObjectiveConfig.for_model(config, block_size=8)
+    tx = optax.sgd(0.0)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(train.make_train_step(config, obj, tx, optax.constant_schedule(0.0), expert_bias_rate=rate))
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, config.vocab_size - 2)
+    batch = {"tokens": tokens, "loss_mask": jnp.broadcast_to(jnp.arange(16) >= 4, (2, 16))}
+    imbalance = []
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.key(5))
+        imbalance.append(float(metrics["expert_load_imbalance"]))
+        assert metrics["expert_load_max_over_mean"].shape == (config.num_moe_layers,)
+    return np.asarray(imbalance), params["moe_layers"]["moe"]["expert_bias"], state.params["moe_layers"]["moe"]["expert_bias"]
+
+
+def test_expert_bias_update_balances_a_skewed_router(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=1e-2, steps=300)
+    first, last = imbalance[:10].mean(), imbalance[-50:].mean()
+    assert first > 2.0, first  # the skew is real
+    assert last < 0.6 * first, (first, last)
+    assert not np.allclose(before, after)
+
+
+def test_expert_bias_frozen_when_rate_is_zero(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=0.0, steps=3)
+    np.testing.assert_array_equal(before, after)
+    assert imbalance.min() > 2.0  # each step draws new noise, so the load moves a little, the skew stays
