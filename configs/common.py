@@ -15,6 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.log_every = 10
+    # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_num_steps) into
+    # <workdir>/profile; 0 steps = off.
+    c.profile_start_step = 0
+    c.profile_num_steps = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"

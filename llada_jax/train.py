@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import checkpoint, model, objectives, sharding
+from llada_jax import checkpoint, flops, model, objectives, sharding
 from llada_jax.config import ModelConfig, get_config
 
 Batch = dict[str, np.ndarray]
@@ -401,7 +401,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
 
     step_fn = None
     bar = _progress(start, cfg.total_steps, progress)
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+    profile = _profile_window(cfg, workdir)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             for step in range(start, cfg.total_steps):
@@ -412,9 +413,16 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                                                              cfg.optim.accum_steps, loss_fn,
                                                              expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)),
                                              shardings, mesh, batch)
+                    b_local, length = np.shape(batch["tokens"])
+                    step_flops = flops.training_flops_per_step(
+                        model_config, b_local, length, obj_config.block_size, mdlm=obj_config.is_mdlm(length),
+                        complementary=obj_config.complementary, mtf=obj_config.mtf)
+                profile(step)
                 state, metrics = step_fn(state, batch, rng)
                 tokens_since += int(np.asarray(batch["tokens"]).size)
+                steps_since += 1
                 done = step + 1
+                profile(done, state)
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     metrics = jax.device_get(metrics)
                     if not np.isfinite(metrics["loss"]):
@@ -423,7 +431,10 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                             f"step {ckpt.latest_step()} in {ckpt.directory}")
                     now = time.perf_counter()
                     metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
+                    # this process's rows over its devices: the per-device figure holds on many hosts too
+                    metrics.update(model_flops_per_step=step_flops, **flops.mfu(
+                        step_flops * steps_since, now - t_last, jax.local_device_count(), jax.devices()[0].device_kind))
+                    t_last, tokens_since, steps_since = now, 0, 0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
                     if on_log:
@@ -438,9 +449,33 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     ckpt.save(done, state, extra=dict(extra_json, data=data_state), force=True)
                 bar.update(1)
     finally:
+        profile(None)
         bar.close()
         ckpt.close()
     return state
+
+
+def _profile_window(cfg: ml_collections.ConfigDict, workdir: str) -> Callable:
+    """`jax.profiler` trace of steps [profile_start_step, + profile_num_steps) into <workdir>/profile
+    (TensorBoard / Perfetto). Call with the step about to run, with the steps done (and the state,
+    to wait for it) after it, and with None on exit."""
+    start, num = int(cfg.get("profile_start_step", 0)), int(cfg.get("profile_num_steps", 0))
+    active = [False]
+
+    def call(step, state=None):
+        if num <= 0:
+            return
+        if step is None or (active[0] and state is not None and step >= start + num):
+            if active[0]:
+                if state is not None:
+                    jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                active[0] = False
+        elif not active[0] and state is None and step == start:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            active[0] = True
+
+    return call
 
 
 def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:

@@ -37,7 +37,8 @@ def _launch(workdir, data_dir, extra=()):
 
 def _metrics(workdir):
     rows = train.read_metrics(workdir)
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    timing = ("tokens_per_s", "flops_per_s_per_device", "mfu")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +292,21 @@ def test_expert_bias_frozen_when_rate_is_zero(tiny_hf):
     imbalance, before, after = _skewed_router_run(tiny_hf, rate=0.0, steps=3)
     np.testing.assert_array_equal(before, after)
     assert imbalance.min() > 2.0  # each step draws new noise, so the load moves a little, the skew stays
+
+
+def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
+    from llada_jax import flops
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 3, "checkpoint_every": 3, "log_every": 1,
+                               "profile_start_step": 1, "profile_num_steps": 1, "mesh.data": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    rows = train.read_metrics(str(tmp_path))
+    want = flops.training_flops_per_step(model_config, 8, 32, 8, complementary=obj.complementary, mtf=obj.mtf)
+    assert [r["model_flops_per_step"] for r in rows] == [want] * 3
+    assert all(r["flops_per_s_per_device"] > 0 and r["mfu"] is None for r in rows)  # CPU: not in the peak table
+    assert all(r["expert_load_imbalance"] >= 1.0 and len(r["expert_load_busiest_share"]) == model_config.num_moe_layers
+               for r in rows)
+    traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
+    assert traces, "no profiler trace written"
