@@ -291,11 +291,16 @@ def expert_parallel(x: Float[Array, "B T D"], router, bias, wi_gate, wi_up, wo, 
     shape = dict(mesh.shape)
     w_spec = logical_to_spec(("exp", None, "expert_mlp"), wi_gate.shape, shape, rules)
     wo_spec = logical_to_spec(("exp", "expert_mlp", None), wo.shape, shape, rules)
-    x_spec = logical_to_spec(("act_batch", None, None), x.shape, shape, rules)
     ep_axes, tp_axes = _axes(w_spec[0]), _axes(w_spec[2])
+    # Tokens flattened to [B*T, D] and split like the batch: the same layout as [B, T, D] split on
+    # B when B divides, and still split when only B*T does (e.g. decoding one sequence).
+    x_spec = logical_to_spec(("act_batch", None), (b * t, d), shape, rules)
     batch_axes = _axes(x_spec[0])
+    if not set(ep_axes) <= set(batch_axes):
+        raise ValueError(f"moe_impl=expert_parallel: expected the {b}x{t} tokens to split over the expert axes "
+                         f"{ep_axes} (sizes {[shape[a] for a in ep_axes]}), found them split over {batch_axes}")
     p = math.prod(shape[a] for a in ep_axes)
-    t_local = (b // math.prod(shape[a] for a in batch_axes)) * t
+    t_local = b * t // math.prod(shape[a] for a in batch_axes)
     kind = exchange or _default_exchange(mesh)
     if kind == "padded":
         ex = PaddedExchange(ep_axes, p, slot_capacity(t_local, c, p))
@@ -305,20 +310,18 @@ def expert_parallel(x: Float[Array, "B T D"], router, bias, wi_gate, wi_up, wo, 
         raise ValueError(f"exchange: expected one of {EXCHANGES}, found {kind!r}")
 
     def body(xl, router_, bias_, g_, u_, o_):
-        bl = xl.shape[0]
-        y, idx, w, dropped = local_experts(xl.reshape(bl * t, d), router_, bias_, g_, u_, o_, config=c,
-                                           exchange=ex, num_shards=p, tensor_axes=tp_axes)
-        if batch_axes:
-            dropped = jax.lax.psum(dropped, batch_axes)
+        y, idx, w, dropped = local_experts(xl, router_, bias_, g_, u_, o_, config=c, exchange=ex, num_shards=p,
+                                           tensor_axes=tp_axes)
+        dropped = jax.lax.psum(dropped, batch_axes)
         if tp_axes:  # identical on every tensor shard; pmax only makes the replication visible
             dropped = jax.lax.pmax(dropped, tp_axes)
-        return y.reshape(bl, t, d), idx.reshape(bl, t, -1), w.reshape(bl, t, -1), dropped
+        return y, idx, w, dropped
 
-    out_batch = PartitionSpec(x_spec[0], None, None)
-    fn = jax.shard_map(body,
-                       in_specs=(x_spec, PartitionSpec(), PartitionSpec(), w_spec, w_spec, wo_spec),
-                       out_specs=(out_batch, out_batch, out_batch, PartitionSpec()))
-    return fn(x, router, bias, wi_gate, wi_up, wo)
+    rows = PartitionSpec(x_spec[0], None)
+    fn = jax.shard_map(body, in_specs=(x_spec, PartitionSpec(), PartitionSpec(), w_spec, w_spec, wo_spec),
+                       out_specs=(rows, rows, rows, PartitionSpec()))
+    y, idx, w, dropped = fn(x.reshape(b * t, d), router, bias, wi_gate, wi_up, wo)
+    return y.reshape(b, t, d), idx.reshape(b, t, -1), w.reshape(b, t, -1), dropped
 
 
 def _axes(entry) -> tuple[str, ...]:

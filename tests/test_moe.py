@@ -233,3 +233,12 @@ def test_ragged_exchange_gradient_lowers_with_the_real_primitive():
                                 argnums=(0, 3)))
         text = grad.lower(*args).as_text()
     assert text.count("ragged_all_to_all") == 4
+
+
+def test_one_sequence_splits_its_tokens_over_the_expert_axis():
+    """Batch 1 (decoding): the tokens, not the sequences, split over the devices."""
+    args, cot = skewed_inputs(b=1, t=16)
+    y_ref = loop_oracle(*args, CFG)
+    with jax.set_mesh(sharding.make_mesh(**MESHES["expert8"])), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        y = jax.jit(lambda *a: moe.expert_parallel(*a, CFG)[0])(*args)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
