@@ -298,7 +298,7 @@ def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
     from llada_jax import flops
 
     cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 3, "checkpoint_every": 3, "log_every": 1,
-                               "profile_start_step": 1, "profile_num_steps": 1, "mesh.data": 1})
+                               "profile_start_step": 1, "profile_num_steps": 1})
     model_config = train.build_model_config(cfg)
     obj = train.build_objective(cfg, model_config)
     train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
