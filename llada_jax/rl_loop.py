@@ -35,6 +35,7 @@ so that a handful of programs serve every batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -104,7 +105,9 @@ def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = No
     with that section's step budget (or `total_steps`), checkpoint interval, constant learning
     rate and weight decay in place of the SFT ones, and the section itself dropped."""
     stage = cfg.rl_stage
-    out = cfg.copy_and_resolve_references()
+    # A deep copy keeps typed placeholders (None-valued fields with a type), so the RL config's
+    # `--config.rl.num_timesteps=...` overrides still parse; resolving them would leave NoneType.
+    out = copy.deepcopy(cfg)
     with out.unlocked():
         out.total_steps = stage.steps if total_steps is None else total_steps
         out.checkpoint_every = stage.checkpoint_every
