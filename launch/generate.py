@@ -20,10 +20,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llada_jax import checkpoint, decoding, hf
+from llada_jax import checkpoint, decoding, hf, hosts
 from llada_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
 flags.DEFINE_string("tokenizer", None, "tokenizer.json (file or directory); default: the HF checkpoint's.")
 flags.DEFINE_multi_string("prompt", [], "A user prompt (repeatable).")
@@ -80,6 +81,7 @@ def load(path):
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     from llada_jax.train import enable_compilation_cache
 

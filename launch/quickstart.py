@@ -22,9 +22,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, rl_loop, train
+from llada_jax import evaluate, hosts, rl_loop, train
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config (configs/*.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, tokenizer, data and report.json.")
@@ -55,6 +56,7 @@ def held_out(params, model_config, tokenizer, cfg, examples) -> dict:
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     cfg, workdir = FLAGS.config, FLAGS.workdir

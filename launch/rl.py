@@ -16,9 +16,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import checkpoint, hf, rl_loop, train
+from llada_jax import checkpoint, hf, hosts, rl_loop, train
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/rl.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the tokenizer go here.", required=True)
 flags.DEFINE_string("init_from", None, "Initial (and reference) params: a checkpoints directory or an HF directory.")
@@ -27,6 +28,7 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     cfg = FLAGS.config
     train.enable_compilation_cache()

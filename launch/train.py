@@ -12,9 +12,10 @@ Metrics: <workdir>/metrics.jsonl (one JSON object per logged step).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import hf, train
+from llada_jax import hf, hosts, train
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the task tokenizer go here.", required=True)
 flags.mark_flag_as_required("config")
@@ -22,6 +23,7 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     cfg = FLAGS.config
     train.enable_compilation_cache()

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import checkpoint, model, objectives, sharding
+from llada_jax import checkpoint, hosts, model, objectives, sharding
 from llada_jax.config import ModelConfig, get_config
 
 Batch = dict[str, np.ndarray]
@@ -120,8 +120,8 @@ def _dict_keys(path) -> tuple:
 
 
 def batch_sharding(mesh, batch: Batch) -> dict:
-    return {k: sharding.logical_sharding(("act_batch",) + (None,) * (v.ndim - 1), v.shape, mesh)
-            for k, v in batch.items()}
+    """Rows over the mesh's batch axes; a batch they do not divide is an error (`hosts.batch_spec`)."""
+    return {k: hosts.batch_sharding(mesh, v.shape[0], v.ndim) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------ update step
@@ -178,10 +178,15 @@ class MetricsLog:
     """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`.
 
     On resume, lines beyond the restored step are dropped first: they were logged by the killed
-    run after its last checkpoint and will be logged again."""
+    run after its last checkpoint and will be logged again. Only the primary process writes
+    (metrics are global values, the same on every process); elsewhere this is a no-op."""
 
     def __init__(self, workdir: str, resume_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = hosts.is_primary()
+        self._writer = None
+        if not self.enabled:
+            return
         if os.path.exists(self.path):
             with open(self.path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -192,6 +197,8 @@ class MetricsLog:
         self._writer = _tensorboard_writer(workdir)
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -278,14 +285,21 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
     path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(path):
-        return Tokenizer.from_file(path)
-    tok = build_task_tokenizer()
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return tok
+
+    def build_or_read():
+        if os.path.exists(path):
+            return Tokenizer.from_file(path)
+        if not hosts.is_primary():
+            raise FileNotFoundError(f"{path}: process 0 should have written it before the barrier")
+        tok = build_task_tokenizer()
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        tok.save(tmp)
+        os.replace(tmp, path)
+        return tok
+
+    # Process 0 builds and writes it; the others read that file after the barrier.
+    return hosts.on_primary_then_all("tokenizer", build_or_read)
 
 
 def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
@@ -309,8 +323,10 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
         _check_fields("data.task_config", settings, task.config_cls)
         # Each distinct setting is its own prepared dataset, so changing one never reuses stale data.
         name = "_".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
-        data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
-                          num_test=cfg.data.num_test, task_config=task.config_cls(**settings) if settings else None)
+        if hosts.is_primary():  # one writer; the others open what it prepared
+            data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
+                              num_test=cfg.data.num_test, task_config=task.config_cls(**settings) if settings else None)
+        hosts.barrier("prepare_task")
         return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
     if not cfg.data.dataset:
         raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")
@@ -318,13 +334,13 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
-    """Checkpointable iterator of this process's share of the global batch, shuffled by the run seed."""
+    """Checkpointable iterator of this process's rows of each global batch (the rows its devices
+    hold on the run's mesh, `hosts.batch_rows`), shuffled by the run seed."""
     from llada_jax import data
 
-    n_proc = jax.process_count()
-    if cfg.data.batch_size % n_proc:
-        raise ValueError(f"data.batch_size: expected a multiple of the process count {n_proc}, found {cfg.data.batch_size}")
-    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // n_proc,
+    index, count = hosts.batch_rows(mesh_from_config(cfg), cfg.data.batch_size)
+    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // count,
+                          shard_index=index, shard_count=count,
                           seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, template=cfg.data.template,
                           too_long=cfg.data.too_long,
                           seed=cfg.seed, shuffle=True, num_epochs=None)
@@ -345,15 +361,17 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     tx = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
     shardings = state_shardings(model_config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    ckpt = make_checkpointer(cfg, workdir, init_state_abstract(model_config, tx))
     rng = jax.random.key(cfg.seed)
+    local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
 
     start = ckpt.latest_step()
     if start is not None:
         abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
         state, extra = ckpt.restore(abstract, step=start, config=model_config)
-        if "data" in extra and hasattr(train_iter, "set_state"):
-            train_iter.set_state(extra["data"])
+        data_state = checkpoint.data_state_for_process(extra, start, local_rows)
+        if data_state is not None and hasattr(train_iter, "set_state"):
+            train_iter.set_state(data_state)
     else:
         start = 0
         state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings, init_params)
@@ -368,11 +386,12 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
+                tokens_since += int(np.asarray(batch["tokens"]).size) * (cfg.data.batch_size // local_rows)
+                batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 if step_fn is None:
                     step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
                                                              cfg.optim.accum_steps, loss_fn), shardings, mesh, batch)
                 state, metrics = step_fn(state, batch, rng)
-                tokens_since += int(np.asarray(batch["tokens"]).size)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     metrics = jax.device_get(metrics)
@@ -394,12 +413,22 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                         raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
                                                  f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
                     data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-                    ckpt.save(done, state, extra=dict(extra_json, data=data_state), force=True)
+                    ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
                 bar.update(1)
     finally:
         bar.close()
         ckpt.close()
     return state
+
+
+def make_checkpointer(cfg: ml_collections.ConfigDict, workdir: str, abstract_state: Any) -> checkpoint.Checkpointer:
+    """The run's checkpointer: asynchronous when `cfg.checkpoint_async` says so, or by default
+    when the train state is above `checkpoint.ASYNC_ABOVE_BYTES`."""
+    enable_async = cfg.get("checkpoint_async", None)
+    if enable_async is None:
+        enable_async = checkpoint.tree_bytes(abstract_state) > checkpoint.ASYNC_ABOVE_BYTES
+    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                                   enable_async=enable_async)
 
 
 def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:
