@@ -213,6 +213,21 @@ def save_params(directory: str, config: ModelConfig, params: Any, step: int = 0)
     ckpt.close()
 
 
+def read_config(directory: str, step: Optional[int] = None) -> ModelConfig:
+    """The model config stored with a checkpoint (to build shardings before loading params)."""
+    ckpt = Checkpointer(directory)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
+        extra = ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    finally:
+        ckpt.close()
+    if extra.get("model_config") is None:
+        raise IncompatibleCheckpointError(f"{directory}: no model_config stored; pass a config")
+    return ModelConfig(**extra["model_config"])
+
+
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,
                 step: Optional[int] = None) -> tuple[ModelConfig, Any]:
     """Params from a params-only or a full training checkpoint. The config is read from the

@@ -199,16 +199,27 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray], global_size: Optio
     return out
 
 
-def host_local(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order (the inverse of `global_batch`)."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        key = (s.index[0].start, s.index[0].stop)
-        if key not in seen:
-            seen.add(key)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts, 0)
+def host_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global `[B, ...]` array (the inverse of `global_batch`), read from
+    its addressable shards whatever the array's sharding (batch-split, replicated, or split on
+    other dimensions too)."""
+    index, count = batch_rows(mesh, x.shape[0], "rows")
+    n = x.shape[0] // count
+    lo = index * n
+    out = np.empty((n,) + x.shape[1:], x.dtype)
+    filled = np.zeros(out.shape, bool) if x.ndim else None
+    for shard in x.addressable_shards:
+        rows = shard.index[0]
+        start, stop = rows.start or 0, x.shape[0] if rows.stop is None else rows.stop
+        a, b = max(start, lo), min(stop, lo + n)
+        if a >= b:
+            continue
+        dst = (slice(a - lo, b - lo),) + tuple(shard.index[1:])
+        out[dst] = np.asarray(shard.data)[a - start:b - start]
+        filled[dst] = True
+    if not filled.all():
+        raise ValueError(f"host_local: process {jax.process_index()} does not hold all of its rows [{lo}, {lo + n})")
+    return out
 
 
 def allgather(x: Any) -> Any:
