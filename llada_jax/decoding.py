@@ -520,13 +520,21 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
 
     arrays = hosts.global_batch(mesh, {"canvas": canvas, "prompt_lens": prompt_lens, "canvas_lens": canvas_lens},
                                 what="prompts (rows)")
+    args = (params, arrays["canvas"], arrays["prompt_lens"], arrays["canvas_lens"], knobs, rng)
+    key = (config, settings, on_block, mesh, jax.tree_util.tree_structure(args),
+           tuple((x.shape, x.dtype, x.sharding) for x in jax.tree_util.tree_leaves(args)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state = decode(params, arrays["canvas"], arrays["prompt_lens"], arrays["canvas_lens"], knobs, rng,
-                       config=config, settings=settings, on_block=on_block)
+        if key not in _COMPILED_ON_MESH:  # compiled once per shape; processes start it together
+            _COMPILED_ON_MESH[key] = hosts.compile_together(decode, *args, name=f"decode/{len(_COMPILED_ON_MESH)}",
+                                                            config=config, settings=settings, on_block=on_block)
+        state = _COMPILED_ON_MESH[key](*args)
     # This process's rows of what `summarize` reads (the cache stays on device and is dropped).
     state = state.replace(cache=None, **{f: hosts.host_local(getattr(state, f), mesh) for f in (
         "canvas", "block", "phase", "post_steps", "steps", "cache_writes", "mbe_forwards", "commit_step")})
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+_COMPILED_ON_MESH: dict = {}  # `generate(mesh=...)`'s programs, by static settings and argument layout
 
 
 def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,

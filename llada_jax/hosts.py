@@ -105,12 +105,36 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (a no-op with one process)."""
-    if jax.process_count() > 1:
+_BARRIER_COUNTS: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Every process waits here until all have arrived (a no-op with one process).
+
+    A barrier of the coordination service, not a device collective: it needs no compiled
+    program and waits as long as `timeout_s` (a collective's first rendezvous does not: gloo
+    gives CPU processes 30 s)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the runtime's client; jax has no public barrier API
+
+    n = _BARRIER_COUNTS[name] = _BARRIER_COUNTS.get(name, 0) + 1
+    client = distributed.global_state.client
+    if client is None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"llada_jax/{name}/{n}", timeout_in_ms=timeout_s * 1000)
+
+
+def compile_together(jitted, *args, name: str, **static):
+    """`jitted.lower(*args, **static).compile()`, then a barrier: every process starts running a
+    new program at about the same time whatever its compile time (CPU processes that reach a
+    collective more than 30 s apart fail in gloo's rendezvous). Call the result with `args`."""
+    compiled = jitted.lower(*args, **static).compile()
+    barrier(f"compiled/{name}")
+    return compiled
 
 
 def on_primary_then_all(name: str, fn, *args, **kwargs):

@@ -257,17 +257,21 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                                                                      cfg.objective.block_size))).max())
             extra["dipo_num_steps"] = bucket(longest, r.dipo_step_bucket)
             config = build_rl_config(cfg, extra["dipo_num_steps"])
-        if config not in terms_fns:
-            terms_fns[config] = jax.jit(functools.partial(rl.policy_terms, model_config=model_config, config=config))
         key = jax.random.fold_in(noise_key, s)
         batch = hosts.global_batch(mesh, batch, local_rows * proc_count, "rl.prompts_per_step x rl.group_size")
+        if config not in terms_fns:
+            terms_fns[config] = hosts.compile_together(
+                jax.jit(functools.partial(rl.policy_terms, model_config=model_config, config=config)),
+                state.params, batch, key, name=f"rl_terms/{len(terms_fns)}")
         batch["old_terms"] = terms_fns[config](state.params, batch, key)
         if ref_params is not None:
             batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
         jax.block_until_ready(batch)
         t_terms = time.perf_counter()
         if config not in step_fns:
-            step_fns[config] = train.jit_train_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+            step_fns[config] = hosts.compile_together(
+                train.jit_train_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch),
+                state, batch, key, name=f"rl_step/{len(step_fns)}")
         inner = []
         for _ in range(r.inner_updates):
             state, m = step_fns[config](state, batch, key)

@@ -389,8 +389,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 tokens_since += int(np.asarray(batch["tokens"]).size) * (cfg.data.batch_size // local_rows)
                 batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 if step_fn is None:
-                    step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
-                                                             cfg.optim.accum_steps, loss_fn), shardings, mesh, batch)
+                    step_fn = hosts.compile_together(jit_train_step(make_train_step(
+                        model_config, obj_config, tx, schedule, cfg.optim.accum_steps, loss_fn), shardings, mesh, batch),
+                        state, batch, rng, name="train_step")
                 state, metrics = step_fn(state, batch, rng)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
