@@ -140,7 +140,7 @@ def test_two_hosts_log_the_metrics_of_one(sft_runs):
     assert [r["step"] for r in want] == list(range(1, 21))
     _assert_rows_close(got, want)
     # Every process trained, one wrote: a single metrics file, tokenizer, and checkpoints of every process.
-    assert sorted(os.listdir(root / "two" / "checkpoints" / "20" / "data")) == [
+    assert sorted(f for f in os.listdir(root / "two" / "checkpoints" / "20" / "data") if f.startswith("process_")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
 
@@ -233,3 +233,31 @@ def test_sharded_load_on_two_hosts_equals_the_one_process_load(tmp_path, fixture
                 np.testing.assert_array_equal(shards[key], flat[name][sl], err_msg=key)
                 covered[name][sl] = True
     assert all(c.all() for c in covered.values())
+
+
+def test_data_state_of_n_processes_maps_onto_m():
+    from llada_jax import checkpoint
+
+    # Written by 2 processes of 4 rows each at step 3; restored on this 1 process of 8 rows.
+    extra = {"data_states": {"0": {"next_index": 12}, "1": {"next_index": 12}}}
+    assert checkpoint.data_state_for_process(extra, 3, 8) == {"next_index": 24}
+    assert checkpoint.data_state_for_process({"data_states": {"0": {"next_index": 5}}}, 3, 8) == {"next_index": 5}
+    dropped = {"data_states": {"0": {"next_index": 13}, "1": {"next_index": 12}}}
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="written by 2 processes, restoring on 1"):
+        checkpoint.data_state_for_process(dropped, 3, 8)
+
+
+def test_async_checkpoint_keeps_state_and_per_process_data(tmp_path):
+    from llada_jax import checkpoint
+
+    state = {"w": jax.numpy.arange(8.0), "step": jax.numpy.int32(3)}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), enable_async=True)
+    ckpt.save(3, state, extra={"note": "x"}, data_state={"next_index": 24}, force=True)
+    ckpt.close()
+    assert [f for f in os.listdir(tmp_path / "3" / "data") if f.startswith("process_")] == ["process_0-of-1.json"]
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    restored, extra = ckpt.restore(checkpoint.abstract_with_shardings(state))
+    ckpt.close()
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert extra["note"] == "x" and checkpoint.data_state_for_process(extra, 3, 8) == {"next_index": 24}
+    assert checkpoint.tree_bytes(state) == 8 * 4 + 4
