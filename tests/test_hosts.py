@@ -261,3 +261,21 @@ def test_async_checkpoint_keeps_state_and_per_process_data(tmp_path):
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert extra["note"] == "x" and checkpoint.data_state_for_process(extra, 3, 8) == {"next_index": 24}
     assert checkpoint.tree_bytes(state) == 8 * 4 + 4
+
+
+def test_generate_on_a_mesh_equals_one_device(tiny_hf):
+    """Rows over data x fsdp, params sharded by the rule table: the same tokens as one device."""
+    from llada_jax import decoding, model
+
+    config, params = tiny_hf
+    config = config.replace(moe_impl="dense")
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]] * 2
+    kw = dict(gen_length=16, block_length=8, preset="S", temperature=1.0, rng=jax.random.key(3))
+    want = decoding.generate(params, config, prompts, **kw)
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    sharded = jax.device_put(params, sharding.param_shardings(model.abstract_params(config), mesh))
+    got = decoding.generate(sharded, config, prompts, mesh=mesh, **kw)
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(got.forwards, want.forwards)
+    with pytest.raises(hosts.BatchShardingError, match=r"prompts \(rows\): .* = 8\), found 4"):
+        decoding.generate(sharded, config, prompts[:4], mesh=mesh, **kw)
