@@ -263,9 +263,10 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
             terms_fns[config] = hosts.compile_together(
                 jax.jit(functools.partial(rl.policy_terms, model_config=model_config, config=config)),
                 state.params, batch, key, name=f"rl_terms/{len(terms_fns)}")
-        batch["old_terms"] = terms_fns[config](state.params, batch, key)
+        rollouts = dict(batch)  # the terms program's input: the rollouts without any terms
+        batch["old_terms"] = terms_fns[config](state.params, rollouts, key)
         if ref_params is not None:
-            batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
+            batch["ref_terms"] = terms_fns[config](ref_params, rollouts, key)
         jax.block_until_ready(batch)
         t_terms = time.perf_counter()
         if config not in step_fns:
