@@ -29,8 +29,8 @@ def main(argv):
     workdir, data_dir = argv[1], argv[2]
     cfg = load_config("rl.py", **{
         "data.data_dir": data_dir, "data.num_train": 2000, "data.num_test": 50,  # the SFT tests' data
-        "total_steps": 3, "checkpoint_every": 3, "optim.lr": 1e-3, "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.inner_updates": 2,
-        "rl.num_timesteps": 2, "rl.beta": 0.01, "rl.eval_every": 0})
+        "total_steps": 3, "checkpoint_every": 3, "optim.lr": 1e-3, "rl.prompts_per_step": 2, "rl.group_size": 4,
+        "rl.inner_updates": 2, "rl.num_timesteps": 2, "rl.beta": 0.01, "rl.eval_every": 0})
     model_config = train.build_model_config(cfg)
     tokenizer = train.load_tokenizer(cfg, workdir)
     rl_loop.run_rl(cfg, workdir, model_config, tokenizer, reward_fn=digit_fraction, progress=False)
