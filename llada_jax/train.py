@@ -8,6 +8,10 @@ Exact resume: the noise key of step s is `fold_in(seed_key, s)` and each example
 folded with its row (objectives.noise), the data iterator state is checkpointed with the model,
 and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
 numbers as one that never stopped.
+
+Many hosts (`hosts`): each process reads its rows of every global batch, which become one global
+array; process 0 alone writes metrics, the tokenizer and prepared data; every process takes
+part in checkpoints, each saving its own data-iterator state.
 """
 
 from __future__ import annotations
