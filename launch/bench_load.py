@@ -6,9 +6,10 @@ Writes a random checkpoint of about --size_gb GB (a wide, few-layer LLaDA2 MoE m
 then starts --processes CPU processes of --devices fake devices each (gloo collectives, a
 coordinator on 127.0.0.1) that load it with `load_hf_checkpoint(shardings=...)` on a mesh with
 every device on `fsdp`, and, for comparison, one process that loads it whole onto one device.
-Each process reports its resident memory before loading and its peak (`ru_maxrss`) after.
-On CPU the devices' buffers are host memory, so a process's peak counts the shards it holds
-(1/processes of the model) plus what loading needs on top.
+Each process reports its resident memory before loading, its peak (`ru_maxrss`) and sampled
+peaks of anonymous and file-backed resident memory. On CPU the devices' buffers are host
+memory, so a process's peak counts the shards it holds (1/processes of the model) plus what
+loading needs on top; file-backed pages are the mapped safetensors (page cache).
 """
 
 import json
@@ -31,12 +32,42 @@ flags.DEFINE_integer("process_id", None, "Internal: this worker's process index.
 flags.DEFINE_string("coordinator", None, "Internal: coordinator address.")
 
 
-def _rss_mb() -> float:
+def _status_mb() -> dict:
+    out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+def _rss_mb() -> float:
+    return _status_mb().get("VmRSS", float("nan"))
+
+
+class _PeakSampler:
+    """Peaks of resident memory, anonymous (heap, device buffers) and file-backed (mapped
+    safetensors pages, evictable page cache), sampled every few milliseconds."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for k, v in _status_mb().items():
+                self.peaks[k] = max(self.peaks.get(k, 0.0), v)
+            time.sleep(0.005)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {f"peak_{k}_mb": round(v, 1) for k, v in self.peaks.items()}
 
 
 def _config(size_gb: float):
@@ -82,6 +113,7 @@ def _worker():
     path = os.path.join(FLAGS.workdir, "hf")
     config = hf.ModelConfig.from_hf_config(path)
     before = _rss_mb()
+    sampler = _PeakSampler()
     t0 = time.perf_counter()
     if FLAGS.worker == "sharded":
         mesh = sharding.make_mesh(data=1, fsdp=-1)
@@ -90,10 +122,12 @@ def _worker():
     else:
         _, params = hf.load_hf_checkpoint(path, config=config)
     jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+    peaks = sampler.stop()
     held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(params) for s in x.addressable_shards)
     print(json.dumps({"process": jax.process_index(), "rss_before_mb": round(before, 1),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "held_by_its_devices_mb": round(held / 2**20, 1), "seconds": round(time.perf_counter() - t0, 1)}))
+                      "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **peaks,
+                      "held_by_its_devices_mb": round(held / 2**20, 1), "seconds": round(seconds, 1)}))
 
 
 def _spawn(mode: str, processes: int, devices: int) -> list[dict]:

@@ -122,10 +122,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
             enable_async_checkpointing=self.enable_async)
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "extra", "data"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                           "data": ProcessStateHandler()})
+        # Handlers come from the args' registrations (`ProcessStateSave` -> `ProcessStateHandler`).
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra", "data"))
 
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()

@@ -184,9 +184,16 @@ class _Reader:
         return self._handles[name]
 
     def slice(self, key, index: tuple) -> np.ndarray:
-        """`tensor[index]` (a tuple of slices) read from the file without the rest of the tensor."""
+        """`tensor[index]` (a tuple of slices) read from the file without the rest of the tensor.
+
+        The file is opened for this read only: safetensors maps it into memory, and the pages a
+        strided slice touches would otherwise stay resident in this process until the end of the
+        load (on a host loading its slices of every tensor, most of the checkpoint)."""
         try:
-            return np.asarray(self._handle(self.files[key]).get_slice(key)[index])
+            with self._open(self.files[key]) as f:
+                return np.array(f.get_slice(key)[index])
+        except CheckpointError:
+            raise
         except Exception as err:
             raise CheckpointError(f"{key}: cannot read slice {index} from {self.files[key]} ({err})") from err
 

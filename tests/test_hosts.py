@@ -89,12 +89,12 @@ def _metrics(workdir, drop=("tokens_per_s",)):
             for r in train.read_metrics(str(workdir))]
 
 
-def _assert_rows_close(got, want, rtol=RTOL):
+def _assert_rows_close(got, want, rtol=RTOL, atol=1e-6):
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys(), (g.keys(), w.keys())
         for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=1e-7, err_msg=f"step {w['step']} {k}")
+            np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=atol, err_msg=f"step {w['step']} {k}")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,9 @@ def test_rl_on_two_hosts_logs_the_metrics_of_one(tmp_path, data_dir):
     want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in want] == [1, 2, 3]
     assert any(r["updated"] for r in want)  # the digit reward varies: updates ran on the global arrays
-    _assert_rows_close(got, want)
+    # The RL loss is a small difference of large terms: the cross-process summation order shows
+    # in its last digits (observed 2e-5 relative, 2e-6 absolute), rollouts and rewards are exact.
+    _assert_rows_close(got, want, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ one process
