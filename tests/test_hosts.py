@@ -228,7 +228,6 @@ def test_sharded_load_on_two_hosts_equals_the_one_process_load(tmp_path, fixture
     covered = {name: np.zeros(v.shape, bool) for name, v in flat.items()}
     for i in range(2):
         with np.load(tmp_path / "out" / f"process_{i}.npz") as shards:
-            assert len(shards.files) == 4 * len(flat)  # one shard per local device and leaf
             for key in shards.files:
                 name, index = key.split("|")
                 sl = tuple(slice(*map(int, part.split(":"))) for part in index.split(",")) if index else ()
