@@ -329,7 +329,8 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
         name = "_".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
         if hosts.is_primary():  # one writer; the others open what it prepared
             data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
-                              num_test=cfg.data.num_test, task_config=task.config_cls(**settings) if settings else None)
+                              num_test=cfg.data.num_test, num_validation=cfg.data.get("num_validation", 200),
+                              task_config=task.config_cls(**settings) if settings else None)
         hosts.barrier("prepare_task")
         return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
     if not cfg.data.dataset:
