@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
+    c.checkpoint_async = config_dict.placeholder(bool)  # None: asynchronous above 2 GiB of train state
     c.log_every = 10
     # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_num_steps) into
     # <workdir>/profile; 0 steps = off.

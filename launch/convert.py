@@ -10,9 +10,10 @@ With --mesh, leaves are placed in their shards as they are read.
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from llada_jax import checkpoint, hf, model, sharding
+from llada_jax import checkpoint, hf, hosts, model, sharding
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors).", required=True)
 flags.DEFINE_string("orbax_dir", None, "Orbax checkpoint directory.", required=True)
 flags.DEFINE_bool("to_hf", False, "Convert Orbax -> HF instead of HF -> Orbax.")
@@ -31,6 +32,7 @@ def _mesh_shardings(config):
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     if not FLAGS.to_hf:
         config = hf.ModelConfig.from_hf_config(FLAGS.hf_dir)

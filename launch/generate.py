@@ -9,9 +9,16 @@ r"""Draft-and-Edit generation from the command line (REFERENCE §5), streamed bl
 config.json; its tokenizer.json is used unless --tokenizer is given). Prompts are user turns,
 rendered in the LLaDA2 chat format (--raw to feed them as they are). A JSONL file holds one
 object per line: {"prompt": "..."} or {"messages": [...]} (a chat ending before the answer).
+
+Decoding runs on a mesh (--mesh, default every device on `data`): prompts are split over the
+batch axes (a last partial batch is padded with copies of its last prompt, whose answers are
+dropped) and parameters are loaded straight into their shards by the rule table. On several
+processes (--coordinator_address ... or a pod), each decodes its rows and process 0 prints and
+writes the results.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -20,10 +27,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llada_jax import checkpoint, decoding, hf
+from llada_jax import checkpoint, decoding, hf, hosts, model, sharding
 from llada_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
 flags.DEFINE_string("tokenizer", None, "tokenizer.json (file or directory); default: the HF checkpoint's.")
 flags.DEFINE_multi_string("prompt", [], "A user prompt (repeatable).")
@@ -45,6 +53,7 @@ flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
 flags.DEFINE_bool("stream", True, "Print each block as it is finished.")
 flags.DEFINE_string("output", None, "Write one JSON object per prompt (text and statistics) here.")
+flags.DEFINE_string("mesh", "-1,1,1,1", "Mesh as data,fsdp,tensor,expert sizes (-1: the remaining devices).")
 
 
 def read_prompts():
@@ -66,26 +75,61 @@ def read_prompts():
     return items
 
 
-def load(path):
+def make_mesh():
+    try:
+        d, f, t, e = (int(x) for x in FLAGS.mesh.split(","))
+    except ValueError:
+        raise app.UsageError(f"--mesh: expected four integers data,fsdp,tensor,expert, found {FLAGS.mesh!r}")
+    return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
+
+
+def load(path, mesh):
+    """Config, params in their shards on `mesh` (HF: as stored; Orbax: as saved) and tokenizer."""
     if os.path.exists(os.path.join(path, "config.json")):
-        config, params = hf.load_hf_checkpoint(path)
+        config = hf.ModelConfig.from_hf_config(path)
+        dtype = hf.hf_param_dtype(path)
+        config = config.replace(param_dtype=dtype) if dtype else config
+        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
+        config, params = hf.load_hf_checkpoint(path, config=config, shardings=shardings)
         tok_path = FLAGS.tokenizer or path
     else:
-        config, params = checkpoint.load_params(path)
+        config = checkpoint.read_config(path)
+        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
+        config, params = checkpoint.load_params(path, config=config, shardings=shardings)
         tok_path = FLAGS.tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
     if FLAGS.moe_impl:
         config = config.replace(moe_impl=FLAGS.moe_impl)
     return config, params, Tokenizer.from_file(tok_path)
 
 
+def gather_rows(out, index: int, count: int, n: int):
+    """Every process's rows of a `GenerateOutput` in global order (the first `n`: padding dropped)."""
+    if jax.process_count() == 1:
+        return out._replace(tokens=out.tokens[:n], forwards=out.forwards[:n], steps=out.steps[:n],
+                            tpf=out.tpf[:n], num_generated=out.num_generated[:n])
+    tokens = np.full((len(out.tokens), FLAGS.gen_length), -1, np.int32)
+    for i, t in enumerate(out.tokens):
+        tokens[i, :len(t)] = t
+    every = hosts.allgather(dict(index=np.int32(index), tokens=tokens, forwards=np.asarray(out.forwards),
+                                 steps=np.asarray(out.steps), tpf=np.asarray(out.tpf, np.float32),
+                                 num_generated=np.asarray(out.num_generated)))
+    first = [int(np.flatnonzero(every["index"] == i)[0]) for i in range(count)]  # one process per row slice
+    rows = {k: np.concatenate([every[k][p] for p in first])[:n] for k in every if k != "index"}
+    return out._replace(tokens=[[int(t) for t in row if t >= 0] for row in rows["tokens"]], forwards=rows["forwards"],
+                        steps=rows["steps"], tpf=rows["tpf"], num_generated=rows["num_generated"])
+
+
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     from llada_jax.train import enable_compilation_cache
 
     enable_compilation_cache()
     items = read_prompts()
-    config, params, tok = load(FLAGS.checkpoint)
+    mesh = make_mesh()
+    config, params, tok = load(FLAGS.checkpoint, mesh)
+    ways = math.prod(mesh.shape[a] for a in hosts.batch_axes(mesh))
 
     def encode(item):
         if FLAGS.raw:
@@ -94,10 +138,10 @@ def main(argv):
         return tok.encode_chat(messages, add_generation_prompt=True)
 
     prompts = [encode(it) for it in items]
-    rows, batch_start = {}, [0]
+    rows, batch_start, n_real = {}, [0], [0]
 
     def on_block(finished, blocks, canvas):  # host side, called from inside the jitted loop
-        for r in np.flatnonzero(finished):
+        for r in np.flatnonzero(finished[:n_real[0]]):
             p = len(prompts[batch_start[0] + r])
             lo, hi = max(int(blocks[r]) * FLAGS.block_length, p), (int(blocks[r]) + 1) * FLAGS.block_length
             ids = [int(t) for t in canvas[r, lo:hi] if t not in (tok.mask_id,)]
@@ -113,10 +157,18 @@ def main(argv):
     results, total_tokens, total_forwards, run_s = [], 0, 0, 0.0
     for start in range(0, len(prompts), FLAGS.batch_size):
         batch_start[0], rows = start, {}
+        chunk = prompts[start:start + FLAGS.batch_size]
+        n_real[0] = len(chunk)
+        padded = chunk + [chunk[-1]] * (-len(chunk) % ways)  # rows must divide the mesh's batch axes
+        index, count = hosts.batch_rows(mesh, len(padded), "prompts per batch (padded)")
+        per = len(padded) // count
         t0 = time.perf_counter()
-        out = decoding.generate(params, config, prompts[start:start + FLAGS.batch_size],
-                                on_block=on_block if FLAGS.stream else None, **kw)
+        out = decoding.generate(params, config, padded[index * per:(index + 1) * per], mesh=mesh,
+                                on_block=on_block if FLAGS.stream and jax.process_count() == 1 else None, **kw)
         run_s += time.perf_counter() - t0
+        out = gather_rows(out, index, count, len(chunk))
+        if not hosts.is_primary():
+            continue
         for i, tokens in enumerate(out.tokens):
             text = tok.decode([t for t in tokens if t != tok.eos_id], skip_special_tokens=True)
             total_tokens += int(out.num_generated[i])
@@ -125,6 +177,8 @@ def main(argv):
                             "forwards": int(out.forwards[i]), "denoising_steps": int(out.steps[i]),
                             "tpf": float(out.tpf[i])})
             print(f"=== [{start + i}] {text}")
+    if not hosts.is_primary():
+        return
     print(f"{len(results)} prompts, mode {FLAGS.mode}: {total_tokens} tokens in {total_forwards} forwards "
           f"(TPF {total_tokens / max(total_forwards, 1):.2f}), {total_tokens / max(run_s, 1e-9):.1f} tokens/s "
           f"including compilation", file=sys.stderr)

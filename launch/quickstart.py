@@ -26,10 +26,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, plots, rl, rl_loop, train
+from llada_jax import evaluate, hosts, plots, rl, rl_loop, train
 from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config (configs/*.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, tokenizer, data and report.json.")
@@ -93,6 +94,7 @@ def dict_to_ebpo(cfg):
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     cfg, workdir = FLAGS.config, FLAGS.workdir

@@ -16,9 +16,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import checkpoint, hf, rl_loop, train
+from llada_jax import checkpoint, hf, hosts, model, rl_loop, sharding, train
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/rl.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the tokenizer go here.", required=True)
 flags.DEFINE_string("init_from", None, "Initial (and reference) params: a checkpoints directory or an HF directory.")
@@ -27,6 +28,7 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     cfg = FLAGS.config
     train.enable_compilation_cache()
@@ -39,10 +41,13 @@ def main(argv):
             cfg.data.tokenizer = os.path.join(parent, "tokenizer.json")
         if not cfg.data.data_dir and os.path.isdir(os.path.join(parent, "data")):
             cfg.data.data_dir = os.path.join(parent, "data")
+        # Straight into its shards on the run's mesh (every process reads only its slices).
+        shardings = sharding.param_shardings(model.abstract_params(model_config), train.mesh_from_config(cfg))
         if os.path.exists(os.path.join(source, "config.json")):
-            model_config, init_params = hf.load_hf_checkpoint(source, config=model_config)
+            model_config, init_params = hf.load_hf_checkpoint(source, dtype=model_config.param_dtype,
+                                                              config=model_config, shardings=shardings)
         else:
-            model_config, init_params = checkpoint.load_params(source, config=model_config)
+            model_config, init_params = checkpoint.load_params(source, config=model_config, shardings=shardings)
     else:
         logging.warning("no --init_from: RL starts from a random init")
     tokenizer = train.load_tokenizer(cfg, FLAGS.workdir)

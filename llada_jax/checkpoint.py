@@ -2,10 +2,16 @@
 
 A run directory holds numbered steps written by an Orbax `CheckpointManager`; each step has
   state     the train state pytree (params, optimizer state, step, RNG key data)
-  extra     JSON: the data-iterator state, the model config and anything else small
-Orbax writes each step to a temporary directory and renames it when complete, so a killed run
-never leaves a half-written step that a restore would pick up. Restores take the target
-shardings, so a checkpoint written on one mesh restores on another.
+  extra     JSON: the model config, the run config and anything else small (written by process 0)
+  data      one JSON file per process, `process_<i>-of-<n>.json`: that process's data-iterator
+            state (each host reads its own rows, so each has its own position)
+Every process takes part in a save and a restore (Orbax writes each array's shards from the
+process that holds them). Orbax writes each step to a temporary directory and renames it when
+complete, so a killed run never leaves a half-written step that a restore would pick up.
+Restores take the target shardings, so a checkpoint written on one mesh, or by N processes,
+restores on another mesh, or on M processes (`remap_data_states` carries the data position over).
+Saving can be asynchronous (the arrays are copied to host memory, the step goes on while they
+are written): on by default for states above `ASYNC_ABOVE_BYTES`.
 
 Params-only checkpoints (what `launch/convert.py` writes) use the same layout with an empty
 optimizer state, so one reader serves both.
@@ -14,11 +20,15 @@ optimizer state, so one reader serves both.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
+import re
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from llada_jax.config import ModelConfig
 
@@ -43,16 +53,77 @@ def check_compatible(saved: dict, config: ModelConfig, where: str) -> None:
                 f"{where}: checkpoint has {name}={saved[name]!r}, the config expects {getattr(config, name)!r}")
 
 
+# States this big are saved asynchronously unless asked otherwise (a synchronous save of a
+# 100B model's train state would stall every host for minutes at each checkpoint).
+ASYNC_ABOVE_BYTES = 2 * 2**30
+
+
+class ProcessStateHandler(ocp.CheckpointHandler):
+    """A small JSON state per process (`process_<i>-of-<n>.json`): the data-iterator position.
+
+    Restoring returns `{process_index: state}` of every file of the count that wrote the step,
+    so a run on another number of processes can map the positions over (`remap_data_states`)."""
+
+    _NAME = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+    def save(self, directory: epath.Path, args: "ProcessStateSave") -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (epath.Path(directory) / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "ProcessStateRestore" = None) -> dict[int, Any]:
+        out, counts = {}, set()
+        for path in glob.glob(os.path.join(os.fspath(directory), "process_*-of-*.json")):
+            m = self._NAME.search(path)
+            if m:
+                out[int(m.group(1))] = json.loads(epath.Path(path).read_text())
+                counts.add(int(m.group(2)))
+        if len(counts) > 1 or (counts and len(out) != counts.pop()):
+            raise IncompatibleCheckpointError(f"{directory}: per-process states are incomplete or mixed ({sorted(out)})")
+        return out
+
+    def structure(self, directory):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(ProcessStateHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(ProcessStateHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of a pytree of arrays or abstract values (for the asynchronous-saving threshold)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
+
+
 class Checkpointer:
-    """Numbered, atomic checkpoints of (state, extra JSON); keeps the last `max_to_keep`."""
+    """Numbered, atomic checkpoints of (state, extra JSON, per-process data state); keeps the
+    last `max_to_keep`. Every process must construct it and call `save` / `restore` together."""
 
     def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                  enable_async: bool = False):
         self.directory = os.path.abspath(directory)
+        self.enable_async = bool(enable_async)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-            enable_async_checkpointing=enable_async)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+            enable_async_checkpointing=self.enable_async)
+        # Handlers come from the args' registrations (`ProcessStateSave` -> `ProcessStateHandler`).
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra", "data"))
 
     def latest_step(self) -> Optional[int]:
         return self._mngr.latest_step()
@@ -60,21 +131,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def save(self, step: int, state: Any, extra: Optional[dict] = None, force: bool = False) -> bool:
-        """Saves if `step` is on the save interval (or `force`). Returns whether it saved."""
-        return self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})), force=force)
+    def save(self, step: int, state: Any, extra: Optional[dict] = None, force: bool = False,
+             data_state: Any = None) -> bool:
+        """Saves if `step` is on the save interval (or `force`). `data_state` is this process's
+        data-iterator state (JSON-able). Returns whether it saved; with asynchronous saving
+        the arrays are written in the background (`wait()` blocks until they are)."""
+        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
+        if data_state is not None:
+            items["data"] = ProcessStateSave(data_state)
+        return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None,
                 config: Optional[ModelConfig] = None) -> tuple[Any, dict]:
         """Restores `(state, extra)` at `step` (default: latest) into `abstract_state`'s structure,
-        shapes, dtypes and shardings (a pytree of `jax.ShapeDtypeStruct` with `.sharding`)."""
+        shapes, dtypes and shardings (a pytree of `jax.ShapeDtypeStruct` with `.sharding`).
+        `extra["data_states"]` holds the per-process data states `{process: state}`, if saved."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         extra = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
         if config is not None and "model_config" in extra:
             check_compatible(extra["model_config"], config, f"{self.directory} step {step}")
+        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            extra["data_states"] = self._mngr.restore(step, args=ocp.args.Composite(data=ProcessStateRestore()))["data"]
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except (ValueError, KeyError) as err:
@@ -90,6 +169,33 @@ class Checkpointer:
         self._mngr.close()
 
 
+def data_state_for_process(extra: dict, step: int, rows_per_process: int, *, written_rows: Optional[int] = None):
+    """This process's data-iterator state from a restored `extra`, or None if none was saved.
+
+    Written by the same number of processes: this process's own state. Written by N processes
+    and restored on M (each reads `rows_per_process` rows of every global batch; the writers
+    read `written_rows`): a grain position `{"next_index": k}` counts the rows a process has
+    consumed, which is `step * rows` when no example was dropped, and is carried over as
+    `step * rows_per_process`. Anything else cannot be mapped and is an error naming the counts.
+    """
+    states = extra.get("data_states")
+    if states is None:  # checkpoints of one process from before the per-process item
+        return extra.get("data")
+    states = {int(k): v for k, v in states.items()}
+    n, m = len(states), jax.process_count()
+    if n == m:
+        return states[jax.process_index()]
+    written_rows = written_rows if written_rows is not None else rows_per_process * m // n
+    positions = [s.get("next_index") if isinstance(s, dict) and set(s) == {"next_index"} else None
+                 for s in states.values()]
+    if all(p == step * written_rows for p in positions):
+        return {"next_index": step * rows_per_process}
+    raise IncompatibleCheckpointError(
+        f"data state: written by {n} processes, restoring on {m}; their positions {positions} are not "
+        f"step {step} x {written_rows} rows (examples were dropped for length, or the iterator is not a "
+        f"plain grain pipeline), so they cannot be carried over. Resume on {n} processes.")
+
+
 def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
     """ShapeDtypeStructs (with shardings, if given) for a pytree of arrays or abstract values."""
     if shardings is None:
@@ -103,6 +209,21 @@ def save_params(directory: str, config: ModelConfig, params: Any, step: int = 0)
     ckpt = Checkpointer(directory, max_to_keep=1)
     ckpt.save(step, {"params": params}, extra={"model_config": config_to_json(config)}, force=True)
     ckpt.close()
+
+
+def read_config(directory: str, step: Optional[int] = None) -> ModelConfig:
+    """The model config stored with a checkpoint (to build shardings before loading params)."""
+    ckpt = Checkpointer(directory)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
+        extra = ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    finally:
+        ckpt.close()
+    if extra.get("model_config") is None:
+        raise IncompatibleCheckpointError(f"{directory}: no model_config stored; pass a config")
+    return ModelConfig(**extra["model_config"])
 
 
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,

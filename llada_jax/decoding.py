@@ -469,7 +469,7 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
              mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
              use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
              llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
-             record_trajectory: bool = False) -> GenerateOutput:
+             record_trajectory: bool = False, mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
     """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
 
     `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
@@ -482,6 +482,12 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
     host function (see `decode`). `record_trajectory` also returns every write of every position
     with its step (`GenerateOutput.trajectory`, what DiPO needs).
+
+    `mesh`: decode on a device mesh, rows split over its batch axes (`hosts.global_batch`; a
+    row count those axes do not divide is an error) and `params` as sharded there. With several
+    processes, `prompts` are this process's rows of the global batch, the canvas width is agreed
+    across processes, rows are numbered globally (so sampling keys match a one-process run) and
+    the output holds this process's rows.
     """
     if preset is not None:
         if preset not in PRESETS:
@@ -534,7 +540,12 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     prompt_lens = np.array([len(r) for r in rows], np.int32)
     canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
                            np.int32)
-    length = int(canvas_lens.max())
+    length, longest_prompt = int(canvas_lens.max()), int(prompt_lens.max())
+    if mesh is not None:  # static shapes and settings must agree on every process
+        from llada_jax import hosts
+
+        length, longest_prompt = (int(v) for v in hosts.allgather(
+            np.array([length, longest_prompt], np.int64)).max(0))
     if length > config.max_position_embeddings:
         _fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
               f"<= max_position_embeddings={config.max_position_embeddings}", length)
@@ -545,7 +556,7 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
-        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=int(prompt_lens.max()) // block_length if use_cache else 0,
+        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=longest_prompt // block_length if use_cache else 0,
         record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window) if record_trajectory else 0)
     knobs = Knobs(
         threshold=jnp.float32(threshold), editing_threshold=jnp.float32(editing_threshold),
@@ -554,9 +565,34 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         penalty_lambda=jnp.float32(penalty_lambda), max_post_steps=jnp.int32(max_post_steps),
         eos_early_stop=jnp.bool_(eos_early_stop), llada20=jnp.bool_(llada20))
     rng = jax.random.key(0) if rng is None else rng
-    state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
-                   config=config, settings=settings, on_block=on_block)
+    if mesh is None:
+        state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
+                       config=config, settings=settings, on_block=on_block)
+        return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+    import flax.linen as nn
+
+    from llada_jax import hosts, sharding
+
+    arrays = hosts.global_batch(mesh, {"canvas": canvas, "prompt_lens": prompt_lens, "canvas_lens": canvas_lens},
+                                what="prompts (rows)")
+    args = (params, arrays["canvas"], arrays["prompt_lens"], arrays["canvas_lens"], knobs, rng)
+    key = (config, settings, on_block, mesh, jax.tree_util.tree_structure(args),
+           tuple((x.shape, x.dtype, x.sharding) for x in jax.tree_util.tree_leaves(args)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        if key not in _COMPILED_ON_MESH:  # compiled once per shape; processes start it together
+            _COMPILED_ON_MESH[key] = hosts.compile_together(decode, *args, name=f"decode/{len(_COMPILED_ON_MESH)}",
+                                                            config=config, settings=settings, on_block=on_block)
+        state = _COMPILED_ON_MESH[key](*args)
+    # This process's rows of every per-row field (the cache stays on device and is dropped).
+    rows = arrays["canvas"].shape[0]
+    state = state.replace(cache=None, **{
+        f.name: hosts.host_local(getattr(state, f.name), mesh) for f in dataclasses.fields(state)
+        if f.name != "cache" and getattr(getattr(state, f.name), "ndim", 0) >= 1
+        and getattr(state, f.name).shape[0] == rows})
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+_COMPILED_ON_MESH: dict = {}  # `generate(mesh=...)`'s programs, by static settings and argument layout
 
 
 def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int) -> int:

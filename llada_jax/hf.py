@@ -6,8 +6,10 @@ leading `layers` axis per group (dense / MoE). The fused `query_key_value` rows 
 Q heads | K heads | V heads; we keep three kernels so that heads shard cleanly.
 
 Loading streams one parameter leaf at a time: a leaf's buffer is filled from the tensors
-it needs, placed on device (with its sharding, if given), and released before the next,
-so the host never holds a second copy of the model.
+it needs, placed on device, and released before the next, so the host never holds a second
+copy of the model. With `shardings` (the run's mesh), each process reads only the slices its
+devices hold (`jax.make_array_from_callback` over safetensors `get_slice`): on a pod, no host
+reads or holds the whole model.
 """
 
 from __future__ import annotations
@@ -181,6 +183,20 @@ class _Reader:
             self._handles[name] = self._open(name).__enter__()
         return self._handles[name]
 
+    def slice(self, key, index: tuple) -> np.ndarray:
+        """`tensor[index]` (a tuple of slices) read from the file without the rest of the tensor.
+
+        The file is opened for this read only: safetensors maps it into memory, and the pages a
+        strided slice touches would otherwise stay resident in this process until the end of the
+        load (on a host loading its slices of every tensor, most of the checkpoint)."""
+        try:
+            with self._open(self.files[key]) as f:
+                return np.array(f.get_slice(key)[index])
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{key}: cannot read slice {index} from {self.files[key]} ({err})") from err
+
     def get(self, key) -> np.ndarray:
         if self._last[0] != key:  # the fused QKV tensor serves three leaves in a row
             try:
@@ -197,14 +213,74 @@ class _Reader:
         self._handles.clear()
 
 
+def _slice_bounds(sl: slice, size: int) -> tuple[int, int]:
+    start, stop, step = sl.indices(size)
+    if step != 1:
+        raise ValueError(f"strided shard index {sl}")
+    return start, stop
+
+
+def _read_entry_slice(reader: "_Reader", e: _Entry, sub: tuple, shape: tuple, head_dim: int) -> np.ndarray:
+    """`_to_flax(e, tensor)[sub]` reading only the part of the HF tensor it needs. `sub` has one
+    slice per dimension of the converted tensor, whose shape is `shape`."""
+    bounds = [_slice_bounds(sl, n) for sl, n in zip(sub, shape)]
+    r0 = e.rows[0] if e.rows is not None else 0
+    if e.kind == "id":
+        (a, b), *rest = bounds
+        return reader.slice(e.hf_key, (slice(r0 + a, r0 + b),) + tuple(slice(*x) for x in rest))
+    if e.kind == "t":  # ours [in, out] = HF [out, in].T
+        (i0, i1), (o0, o1) = bounds
+        return reader.slice(e.hf_key, (slice(r0 + o0, r0 + o1), slice(i0, i1))).T
+    if e.kind == "in_heads":  # ours [D, N, H]; HF rows n * H + h, columns d
+        (d0, d1), (n0, n1), (h0, h1) = bounds
+        w = reader.slice(e.hf_key, (slice(r0 + n0 * head_dim, r0 + n1 * head_dim), slice(d0, d1)))
+        return w.reshape(n1 - n0, head_dim, d1 - d0).transpose(2, 0, 1)[:, :, h0:h1]
+    if e.kind == "out_heads":  # ours [N, H, D]; HF [D, N * H]
+        (n0, n1), (h0, h1), (d0, d1) = bounds
+        w = reader.slice(e.hf_key, (slice(d0, d1), slice(n0 * head_dim, n1 * head_dim)))
+        return w.T.reshape(n1 - n0, head_dim, d1 - d0)[:, h0:h1, :]
+    raise AssertionError(e.kind)
+
+
+def _leaf_slice(reader: "_Reader", group: list[_Entry], shape: tuple, index: tuple, dt, head_dim: int) -> np.ndarray:
+    """`leaf[index]` of a parameter leaf assembled from the HF tensors of `group`, reading only
+    the slices that fall inside `index` (what one device of a sharded array holds)."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = [_slice_bounds(sl, n) for sl, n in zip(index, shape)]
+    out = np.empty(tuple(b - a for a, b in bounds), dt)
+    for e in group:
+        lead = len(e.index)  # the leaf's leading (layer, expert) positions this tensor fills
+        if any(not a <= i < b for i, (a, b) in zip(e.index, bounds)):
+            continue
+        dst = tuple(i - a for i, (a, _) in zip(e.index, bounds))
+        out[dst] = _read_entry_slice(reader, e, index[lead:], shape[lead:], head_dim).astype(dt)
+    return out
+
+
+def hf_param_dtype(path: str | os.PathLike) -> Optional[str]:
+    """The checkpoint's stored dtype (`torch_dtype` in config.json), or None if it does not say."""
+    cfg_path = os.path.join(os.fspath(path), "config.json")
+    if not os.path.exists(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        stored = json.load(f).get("torch_dtype")
+    if stored is None:
+        return None
+    if stored not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"{cfg_path}: torch_dtype: expected float32, bfloat16 or float16, found {stored!r}")
+    return stored
+
+
 def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
                        config: Optional[ModelConfig] = None,
                        progress: Optional[Callable[[str], None]] = None):
     """Loads an HF directory (config.json + model.safetensors or a sharded index).
 
-    Returns `(config, params)`. `dtype` sets the parameter dtype (default: as in
-    `config.param_dtype`, float32); the router stays fp32. `shardings`, a pytree of
-    `jax.sharding.Sharding` matching the params, places each leaf as soon as it is read.
+    Returns `(config, params)`. `dtype` sets the parameter dtype (default: the checkpoint's
+    `torch_dtype`, else `config.param_dtype`); the router stays fp32. `shardings`, a pytree of
+    `jax.sharding.Sharding` matching the params (e.g. `sharding.param_shardings` on the run's
+    mesh): each leaf becomes a global array of which every process reads only the slices its
+    devices hold. Without it, each leaf is read whole onto the default device.
     `progress(name)` is called after each leaf.
     """
     path = os.fspath(path)
@@ -212,6 +288,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if config is None:
         config = ModelConfig.from_hf_config(path)
+    dtype = dtype if dtype is not None else hf_param_dtype(path)
     if dtype is not None:
         config = config.replace(param_dtype=jax.numpy.dtype(dtype).name)
     entries = _entries(config)
@@ -244,6 +321,14 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
         for leaf, group in by_leaf.items():
             spec = leaf_shapes[leaf]
             dt = np.float32 if _fp32_leaf(leaf) else jax.numpy.dtype(config.param_dtype)
+            if flat_shardings.get(leaf) is not None:
+                leaves[leaf] = jax.make_array_from_callback(
+                    spec.shape, flat_shardings[leaf],
+                    lambda index, group=group, shape=spec.shape, dt=dt: _leaf_slice(
+                        reader, group, shape, index, dt, config.head_dim))
+                if progress:
+                    progress("/".join(leaf))
+                continue
             buf = np.empty(spec.shape, dt)
             for e in group:
                 buf[e.index] = _to_flax(e, reader.get(e.hf_key), config.head_dim).astype(dt)

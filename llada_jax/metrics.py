@@ -20,7 +20,7 @@ import json
 import os
 import struct
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 from tensorboardX import SummaryWriter
@@ -30,8 +30,13 @@ class MetricsLog:
     """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` and the numeric
     fields as TensorBoard scalars under `<workdir>/tb` (see the module docstring)."""
 
-    def __init__(self, workdir: str, resume_step: int = 0, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, workdir: str, resume_step: int = 0, *, tensorboard: bool = True,
+                 enabled: Optional[bool] = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if enabled is None:  # one writer per run: the primary process (metrics are global values)
+            from llada_jax import hosts
+
+            enabled = hosts.is_primary()
         self.enabled = enabled
         self._writer = None
         if not enabled:

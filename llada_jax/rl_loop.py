@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from llada_jax import checkpoint, decoding, evaluate, model, rewards, rl, sharding, train
+from llada_jax import checkpoint, decoding, evaluate, hosts, model, rewards, rl, sharding, train
 from llada_jax.config import ConfigError, ModelConfig
 
 ALGORITHMS = ("ebpo", "espo", "dipo")
@@ -129,13 +129,31 @@ def _prompt_row(example: Mapping[str, Any], tokenizer, template: str) -> dict:
     return {"prompt": ids[0], "meta": metas[0]}
 
 
-def prompt_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer) -> grain.DatasetIterator:
-    """Checkpointable iterator of lists of `rl.prompts_per_step` `{"prompt": ids, "meta": ...}`
-    rows from the train split, reshuffled each epoch with the run seed."""
+def prompt_split(cfg: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
+    """`(index, count)`: this process decodes prompts `[index * P/count, (index + 1) * P/count)` of
+    each step's P, with all their G rollouts (a group is never split across processes). The
+    P x G rollout rows must divide the mesh's batch axes, and P the processes holding them."""
+    r = cfg.rl
+    index, count = hosts.batch_rows(mesh, r.prompts_per_step * r.group_size, "rl.prompts_per_step x rl.group_size")
+    if r.prompts_per_step % count:
+        raise ConfigError(f"rl.prompts_per_step: expected a multiple of the {count} processes that decode "
+                          f"separate rows (a group of G rollouts stays on one process), found {r.prompts_per_step}")
+    return index, count
+
+
+def prompt_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer, mesh=None) -> grain.DatasetIterator:
+    """Checkpointable iterator of lists of `{"prompt": ids, "meta": ...}` rows from the train
+    split, reshuffled each epoch with the run seed: `rl.prompts_per_step` of them, or with
+    `mesh` this process's share of them (`prompt_split`; the same global list on any number of
+    processes)."""
+    from llada_jax import data
+
+    index, count = prompt_split(cfg, mesh) if mesh is not None else (0, 1)
+    rows = cfg.rl.prompts_per_step // count
     examples = train.open_examples(cfg, workdir, "train")
-    ds = examples.shuffle(cfg.seed).repeat(None).map(functools.partial(
+    ds = data.rows_for_process(examples.shuffle(cfg.seed).repeat(None), rows, index, count).map(functools.partial(
         _prompt_row, tokenizer=tokenizer, template=cfg.data.template))
-    return iter(ds.to_iter_dataset().batch(cfg.rl.prompts_per_step, batch_fn=list))
+    return iter(ds.to_iter_dataset().batch(rows, batch_fn=list))
 
 
 # ------------------------------------------------------------------------------ pieces of a step
@@ -157,14 +175,15 @@ def bucket(n: int, size: int) -> int:
 
 
 def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
-            key: jax.Array) -> decoding.GenerateOutput:
+            key: jax.Array, mesh=None) -> decoding.GenerateOutput:
     """G samples per prompt from the policy `params` as they are (rows grouped by prompt); DiPO's
-    also record every write of the decoder (its exact trajectory)."""
+    also record every write of the decoder (its exact trajectory). With `mesh`, `prompts` are
+    this process's and the rows are decoded as part of the global batch."""
     r = cfg.rl
     rows = [p for p in prompts for _ in range(r.group_size)]
     return decoding.generate(params, model_config, rows, gen_length=r.gen_length,
                              block_length=cfg.objective.block_size, preset=r.preset,
-                             temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo")
+                             temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo", mesh=mesh)
 
 
 def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
@@ -211,11 +230,13 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     mesh = train.mesh_from_config(cfg)
     tx = make_rl_optimizer(cfg)
     shardings = train.state_shardings(model_config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    ckpt = train.make_checkpointer(cfg, workdir, train.init_state_abstract(model_config, tx))
     rng = jax.random.key(cfg.seed)
     rollout_key, noise_key = jax.random.fold_in(rng, _ROLLOUT_STREAM), jax.random.fold_in(rng, _NOISE_STREAM)
     reward = reward_fn or r.reward
-    prompts_it = prompt_iterator(cfg, workdir, tokenizer)
+    prompts_it = prompt_iterator(cfg, workdir, tokenizer, mesh)
+    proc_index, proc_count = prompt_split(cfg, mesh)
+    local_rows = r.prompts_per_step // proc_count * r.group_size  # this process's rollouts per step
 
     rl_config = build_rl_config(cfg)
     # The initial params: the reference when beta > 0 (a buffer of its own: the state's are donated).
@@ -229,7 +250,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     if start is not None:
         abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx), shardings)
         state, extra = ckpt.restore(abstract, step=start, config=model_config)
-        prompts_it.set_state(extra["data"])
+        prompts_it.set_state(checkpoint.data_state_for_process(extra, start, r.prompts_per_step // proc_count))
     else:
         start = 0
         state = train.init_state(model_config, tx, mesh, rng, shardings, init_params)
@@ -253,25 +274,32 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         else:
             batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens,
                                      bucket(cfg.data.seq_len, block), pad_id=tokenizer.pad_id, gen_length=r.gen_length)
-        batch.update(advantages=adv, sample_mask=keep, example_ids=np.arange(len(adv), dtype=np.int32))
+        # Global row ids: each example's noise is that of its row in the one-process batch.
+        batch.update(advantages=adv, sample_mask=keep,
+                     example_ids=np.arange(len(adv), dtype=np.int32) + proc_index * local_rows)
         config, extra = rl_config, {}
-        if r.algorithm == "dipo":
-            extra["dipo_num_steps"] = bucket(rl.dipo_num_steps(batch["write_step"], block), r.dipo_step_bucket)
+        if r.algorithm == "dipo":  # a static length: the longest trajectory of any process
+            longest = int(hosts.allgather(np.int64(rl.dipo_num_steps(batch["write_step"], block))).max())
+            extra["dipo_num_steps"] = bucket(longest, r.dipo_step_bucket)
             config = build_rl_config(cfg, extra["dipo_num_steps"])
         key = jax.random.fold_in(noise_key, s)
-        batch = jax.device_put(batch, train.batch_sharding(mesh, batch))
+        global_rows = local_rows * proc_count
+        batch = hosts.global_batch(mesh, batch, global_rows, "rl.prompts_per_step x rl.group_size")
         terms_fn = functools.partial(rl.policy_terms, model_config=model_config, config=config)
         if ref_params is not None:
             if config not in terms_fns:
-                terms_fns[config] = jax.jit(terms_fn)
+                terms_fns[config] = hosts.compile_together(jax.jit(terms_fn), ref_params, batch, key,
+                                                           name=f"rl_ref_terms/{len(terms_fns)}")
             batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
         # Placeholder for θ_old's terms: the first update (on_policy) ignores it and returns its own.
         zeros = np.zeros(rl.terms_shape(batch, config), np.float32)
-        batch["old_terms"] = jax.device_put(zeros, train.batch_sharding(mesh, {"t": zeros})["t"])
+        batch["old_terms"] = hosts.global_batch(mesh, {"t": zeros[:local_rows]}, global_rows)["t"]
         jax.block_until_ready(batch)
         t_terms = time.perf_counter()
         if config not in step_fns:
-            step_fns[config] = _jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+            step_fns[config] = hosts.compile_together(
+                _jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch),
+                state, batch, key, np.bool_(True), name=f"rl_step/{len(step_fns)}")
         inner = []
         for i in range(inner_updates(cfg)):
             state, m, batch["old_terms"] = step_fns[config](state, batch, key, np.bool_(i == 0))
@@ -289,12 +317,18 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 prompts = [row["prompt"] for row in rows]
                 _check_lengths(cfg, prompts)
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
-                out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s))
+                out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
                 texts = [evaluate.completion_text(t, tokenizer) for t in out.tokens]
                 scores, errors = rewards.score(texts, metas, reward)
-                adv, keep = advantages(r.algorithm, scores, r.group_size)
+                adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
+                # Every process's rows, in global order: the metrics and the skip decision are global.
+                every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
+                    scores=np.asarray(scores, np.float32), adv=adv, keep=keep.astype(np.int32), generated=out.num_generated,
+                    forwards=np.asarray(out.forwards), length=np.array([len(t) for t in out.tokens]),
+                    errors=np.array([len(errors)]))).items()}
                 t1 = time.perf_counter()
-                metrics, t2 = {"updated": int(bool(np.any((adv != 0) & keep)) or not r.skip_no_signal)}, t1
+                signal = bool(np.any((every["adv"] != 0) & (every["keep"] > 0)))
+                metrics, t2 = {"updated": int(signal or not r.skip_no_signal)}, t1
                 if metrics["updated"]:
                     state, update_metrics, t2 = update(state, s, prompts, out, adv, keep)
                     metrics.update(update_metrics)
@@ -305,19 +339,20 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                     raise train.NonFiniteLossError(
                         f"RL step {done}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
                         f"step {ckpt.latest_step()} in {ckpt.directory}")
+                all_scores = every["scores"].astype(np.asarray(scores).dtype)
                 metrics.update(
-                    reward_mean=float(scores.mean()), reward_std=float(scores.std()),
-                    accuracy=float(np.mean(scores >= 1.0)), reward_errors=len(errors),
-                    samples_kept=float(keep.mean()),
-                    rollout_tpf=float(out.num_generated.sum() / max(out.forwards.sum(), 1)),
-                    completion_tokens=float(np.mean([len(t) for t in out.tokens])))
+                    reward_mean=float(all_scores.mean()), reward_std=float(all_scores.std()),
+                    accuracy=float(np.mean(all_scores >= 1.0)), reward_errors=int(every["errors"].sum()),
+                    samples_kept=float(every["keep"].mean()),
+                    rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
+                    completion_tokens=float(np.mean(every["length"])))
                 metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
                     metrics.update(held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg))
                 log.write(done, metrics)
                 if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-                    ckpt.save(done, state, extra=dict(extra_json, data=prompts_it.get_state()), force=True)
+                    ckpt.save(done, state, extra=extra_json, data_state=prompts_it.get_state(), force=True)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 clip=f"{metrics.get('clip_frac', 0.0):.3f}")
                 bar.update(1)

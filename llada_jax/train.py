@@ -8,6 +8,10 @@ Exact resume: the noise key of step s is `fold_in(seed_key, s)` and each example
 folded with its row (objectives.noise), the data iterator state is checkpointed with the model,
 and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
 numbers as one that never stopped.
+
+Many hosts (`hosts`): each process reads its rows of every global batch, which become one global
+array; process 0 alone writes metrics, the tokenizer and prepared data; every process takes
+part in checkpoints, each saving its own data-iterator state.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import checkpoint, flops, model, objectives, sharding
+from llada_jax import checkpoint, flops, hosts, model, objectives, sharding
 from llada_jax.config import ModelConfig, get_config
 from llada_jax.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
 
@@ -120,8 +124,8 @@ def _dict_keys(path) -> tuple:
 
 
 def batch_sharding(mesh, batch: Batch) -> dict:
-    return {k: sharding.logical_sharding(("act_batch",) + (None,) * (v.ndim - 1), v.shape, mesh)
-            for k, v in batch.items()}
+    """Rows over the mesh's batch axes; a batch they do not divide is an error (`hosts.batch_spec`)."""
+    return {k: hosts.batch_sharding(mesh, v.shape[0], v.ndim) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------ expert load
@@ -268,14 +272,21 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
     path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(path):
-        return Tokenizer.from_file(path)
-    tok = build_task_tokenizer()
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return tok
+
+    def build_or_read():
+        if os.path.exists(path):
+            return Tokenizer.from_file(path)
+        if not hosts.is_primary():
+            raise FileNotFoundError(f"{path}: process 0 should have written it before the barrier")
+        tok = build_task_tokenizer()
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        tok.save(tmp)
+        os.replace(tmp, path)
+        return tok
+
+    # Process 0 builds and writes it; the others read that file after the barrier.
+    return hosts.on_primary_then_all("tokenizer", build_or_read)
 
 
 def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
@@ -299,9 +310,11 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
         _check_fields("data.task_config", settings, task.config_cls)
         # Each distinct setting is its own prepared dataset, so changing one never reuses stale data.
         name = "_".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
-        data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
-                          num_test=cfg.data.num_test, num_validation=cfg.data.get("num_validation", 200),
-                          task_config=task.config_cls(**settings) if settings else None)
+        if hosts.is_primary():  # one writer; the others open what it prepared
+            data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
+                              num_test=cfg.data.num_test, num_validation=cfg.data.get("num_validation", 200),
+                              task_config=task.config_cls(**settings) if settings else None)
+        hosts.barrier("prepare_task")
         return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
     if not cfg.data.dataset:
         raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")
@@ -309,13 +322,13 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
-    """Checkpointable iterator of this process's share of the global batch, shuffled by the run seed."""
+    """Checkpointable iterator of this process's rows of each global batch (the rows its devices
+    hold on the run's mesh, `hosts.batch_rows`), shuffled by the run seed."""
     from llada_jax import data
 
-    n_proc = jax.process_count()
-    if cfg.data.batch_size % n_proc:
-        raise ValueError(f"data.batch_size: expected a multiple of the process count {n_proc}, found {cfg.data.batch_size}")
-    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // n_proc,
+    index, count = hosts.batch_rows(mesh_from_config(cfg), cfg.data.batch_size)
+    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // count,
+                          shard_index=index, shard_count=count,
                           seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, template=cfg.data.template,
                           too_long=cfg.data.too_long,
                           seed=cfg.seed, shuffle=True, num_epochs=None)
@@ -336,15 +349,17 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     tx = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
     shardings = state_shardings(model_config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    ckpt = make_checkpointer(cfg, workdir, init_state_abstract(model_config, tx))
     rng = jax.random.key(cfg.seed)
+    local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
 
     start = ckpt.latest_step()
     if start is not None:
         abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
         state, extra = ckpt.restore(abstract, step=start, config=model_config)
-        if "data" in extra and hasattr(train_iter, "set_state"):
-            train_iter.set_state(extra["data"])
+        data_state = checkpoint.data_state_for_process(extra, start, local_rows)
+        if data_state is not None and hasattr(train_iter, "set_state"):
+            train_iter.set_state(data_state)
     else:
         start = 0
         state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings, init_params)
@@ -360,18 +375,19 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
+                tokens_since += int(np.asarray(batch["tokens"]).size) * (cfg.data.batch_size // local_rows)
+                batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 if step_fn is None:
-                    step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
-                                                             cfg.optim.accum_steps, loss_fn,
-                                                             expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)),
-                                             shardings, mesh, batch)
-                    b_local, length = np.shape(batch["tokens"])
+                    step_fn = hosts.compile_together(jit_train_step(make_train_step(
+                        model_config, obj_config, tx, schedule, cfg.optim.accum_steps, loss_fn,
+                        expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)), shardings, mesh, batch),
+                        state, batch, rng, name="train_step")
+                    b_global, length = np.shape(batch["tokens"])
                     step_flops = flops.training_flops_per_step(
-                        model_config, b_local, length, obj_config.block_size, mdlm=obj_config.is_mdlm(length),
+                        model_config, b_global, length, obj_config.block_size, mdlm=obj_config.is_mdlm(length),
                         complementary=obj_config.complementary, mtf=obj_config.mtf)
                 profile(step)
                 state, metrics = step_fn(state, batch, rng)
-                tokens_since += int(np.asarray(batch["tokens"]).size)
                 steps_since += 1
                 done = step + 1
                 profile(done, state)
@@ -383,9 +399,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                             f"step {ckpt.latest_step()} in {ckpt.directory}")
                     now = time.perf_counter()
                     metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    # this process's rows over its devices: the per-device figure holds on many hosts too
+                    # the global batch's FLOPs over every device of the run
                     metrics.update(model_flops_per_step=step_flops, **flops.mfu(
-                        step_flops * steps_since, now - t_last, jax.local_device_count(), jax.devices()[0].device_kind))
+                        step_flops * steps_since, now - t_last, jax.device_count(), jax.devices()[0].device_kind))
                     t_last, tokens_since, steps_since = now, 0, 0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
@@ -398,7 +414,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                         raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
                                                  f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
                     data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-                    ckpt.save(done, state, extra=dict(extra_json, data=data_state), force=True)
+                    ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
                 bar.update(1)
     finally:
         profile(None)
@@ -428,6 +444,16 @@ def _profile_window(cfg: ml_collections.ConfigDict, workdir: str) -> Callable:
             active[0] = True
 
     return call
+
+
+def make_checkpointer(cfg: ml_collections.ConfigDict, workdir: str, abstract_state: Any) -> checkpoint.Checkpointer:
+    """The run's checkpointer: asynchronous when `cfg.checkpoint_async` says so, or by default
+    when the train state is above `checkpoint.ASYNC_ABOVE_BYTES`."""
+    enable_async = cfg.get("checkpoint_async", None)
+    if enable_async is None:
+        enable_async = checkpoint.tree_bytes(abstract_state) > checkpoint.ASYNC_ABOVE_BYTES
+    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                                   enable_async=enable_async)
 
 
 def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:

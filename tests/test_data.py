@@ -331,7 +331,7 @@ def test_process_shards_are_disjoint_and_cover_the_source(tok):
     sizes = []
     for index in range(3):
         ds = data.sft_dataset(examples, tok, batch_size=1, seq_len=64, block_size=BLOCK, num_epochs=1,
-                              drop_remainder=False, shard_index=index, shard_count=3, seed=index)
+                              drop_remainder=False, shard_index=index, shard_count=3, seed=0)
         shard = [tuple(t for t in b["tokens"][0].tolist() if t != tok.eos_id) for b in ds]
         sizes.append(len(shard))
         rows.update(shard)
@@ -339,3 +339,19 @@ def test_process_shards_are_disjoint_and_cover_the_source(tok):
     assert rows == collections.Counter(tuple(tok.encode_chat(ex["messages"])) for ex in examples)
     with pytest.raises(data.DataError, match="shard_index"):
         data.shard_for_process(examples, 3, 3)
+    with pytest.raises(data.DataError, match="shard_index"):
+        data.rows_for_process(examples, 2, 3, 3)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tok):
+    """Two processes' rows, stacked, are the one-process batch of the same step (multi-host
+    runs see the batches of a single host)."""
+    examples = _in_memory("addition", 50)
+    kw = dict(seq_len=64, block_size=BLOCK, seed=3, num_epochs=None)
+    one = iter(data.sft_dataset(examples, tok, batch_size=8, **kw))
+    halves = [iter(data.sft_dataset(examples, tok, batch_size=4, shard_index=i, shard_count=2, **kw)) for i in range(2)]
+    for _ in range(15):  # past the first epoch (50 examples)
+        want = next(one)
+        parts = [next(h) for h in halves]
+        for k in want:
+            np.testing.assert_array_equal(want[k], np.concatenate([p[k] for p in parts]))

@@ -9,12 +9,12 @@ from llada_jax.data.builders import (
     Addition, ChatJsonl, Countdown, JsonlConfig, Sudoku4x4, TaskBuilderConfig, dataset_dir, import_jsonl,
     open_split, prepare_task)
 from llada_jax.data.jsonl import read_jsonl
-from llada_jax.data.pipeline import cpt_dataset, shard_for_process, sft_dataset
+from llada_jax.data.pipeline import cpt_dataset, rows_for_process, shard_for_process, sft_dataset
 from llada_jax.data.records import DataError, check_messages, decode_record, encode_record
 from llada_jax.data.tasks import TASKS, get_task, reward
 
 __all__ = [
     "Addition", "ChatJsonl", "Countdown", "DataError", "JsonlConfig", "Sudoku4x4", "TASKS", "TaskBuilderConfig",
     "check_messages", "cpt_dataset", "dataset_dir", "decode_record", "encode_record", "get_task", "import_jsonl",
-    "open_split", "prepare_task", "read_jsonl", "reward", "sft_dataset", "shard_for_process",
+    "open_split", "prepare_task", "read_jsonl", "reward", "rows_for_process", "sft_dataset", "shard_for_process",
 ]

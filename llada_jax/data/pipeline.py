@@ -11,11 +11,14 @@ numpy batches:
   1, 2, ... per packed document in CPT with 0 on the tail padding.
 L is a multiple of the block size, so the sequence splits into whole diffusion blocks.
 
-Order of operations: shard the source by process (multi-host: each process reads a disjoint
-slice, `examples[process_index::process_count]`), shuffle globally with a seed (a new
-permutation each epoch), repeat, tokenise lazily, batch. Everything is deterministic given the
-seed, and `iter(dataset)` is a `grain.DatasetIterator` whose `get_state()` / `set_state()`
-make a resumed run see the same batches as an uninterrupted one.
+Order of operations: shuffle globally with a seed (a new permutation each epoch), repeat, take
+this process's rows of every global batch (multi-host: process i of n reads rows
+`[i * b, (i + 1) * b)` of each global batch of `n * b` examples, `rows_for_process`), tokenise
+lazily, batch. The global batch of step s is therefore the same examples on any number of
+processes (as long as no example is dropped for length: each process filters its own rows), so
+a run on 2 hosts x 4 devices sees exactly the batches of 1 host x 8 devices. Everything is
+deterministic given the seed, and `iter(dataset)` is a `grain.DatasetIterator` whose
+`get_state()` / `set_state()` make a resumed run see the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,12 +52,58 @@ def shard_for_process(examples: grain.MapDataset, shard_index: int | None = None
     return examples[index::count]
 
 
+class _RowsOfGlobalBatches(grain.MapDataset):
+    """Rows `[index * rows, (index + 1) * rows)` of every consecutive group of `count * rows`
+    elements of the parent: this process's part of each global batch."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int):
+        super().__init__(parent)
+        self._index, self._count, self._rows = index, count, rows
+        n = len(parent)
+        full, rest = divmod(n, count * rows)
+        self._length = full * rows + min(max(rest - index * rows, 0), rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, i: int) -> int:
+        group, r = divmod(i, self._rows)
+        return group * self._count * self._rows + self._index * self._rows + r
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"RowsOfGlobalBatches[{self._index} of {self._count} x {self._rows}]"
+
+
+def rows_for_process(examples: grain.MapDataset, rows: int, shard_index: int | None = None,
+                     shard_count: int | None = None) -> grain.MapDataset:
+    """Process `shard_index`'s rows of every global batch of `shard_count * rows` consecutive
+    examples (defaults: JAX's process index and count). Together the processes read every
+    example once, and global batch k is the same examples whatever the process count."""
+    index = jax.process_index() if shard_index is None else shard_index
+    count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= index < count:
+        raise DataError(f"shard_index: expected 0 <= shard_index < shard_count={count}, found {index}")
+    if count == 1:
+        return examples
+    return _RowsOfGlobalBatches(examples, index, count, rows)
+
+
 def _ordered(examples: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs: int | None,
-             shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
-    ds = shard_for_process(examples, shard_index, shard_count)
+             shard_index: int | None, shard_count: int | None, rows: int) -> grain.MapDataset:
+    count = jax.process_count() if shard_count is None else shard_count
+    if len(examples) < count:
+        raise DataError(f"the source has {len(examples)} examples, fewer than the {count} shards")
+    ds = examples
     if shuffle:
         ds = ds.shuffle(seed)  # reshuffled per epoch: the epoch number is folded into the seed
-    return ds.repeat(num_epochs)
+    return rows_for_process(ds.repeat(num_epochs), rows, shard_index, shard_count)
 
 
 def tokenize_sft(example: dict[str, Any], tokenizer: Tokenizer, template: str = "chat") -> dict[str, np.ndarray]:
@@ -125,14 +174,15 @@ def sft_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size:
       shuffle: shuffle the examples (globally, a new permutation per epoch).
       num_epochs: passes over the data; None repeats forever.
       drop_remainder: drop a final partial batch (keeps shapes static).
-      shard_index, shard_count: this process's shard; default JAX's process index and count.
+      shard_index, shard_count: this process's rows of each global batch (`rows_for_process`);
+        default JAX's process index and count.
       read_options: grain threading / prefetch options of the tokenisation stage.
     """
     _check_lengths(seq_len, block_size)
     if too_long not in TOO_LONG_POLICIES:
         raise DataError(f"too_long: expected one of {TOO_LONG_POLICIES}, found {too_long!r}")
     ds = _ordered(examples, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                  shard_index=shard_index, shard_count=shard_count)
+                  shard_index=shard_index, shard_count=shard_count, rows=batch_size)
     if template not in TEMPLATES:
         raise DataError(f"template: expected one of {TEMPLATES}, found {template!r}")
     ds = ds.map(functools.partial(tokenize_sft, tokenizer=tokenizer, template=template))
@@ -174,7 +224,7 @@ def cpt_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size:
     """
     _check_lengths(seq_len, block_size)
     ds = _ordered(examples, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                  shard_index=shard_index, shard_count=shard_count)
+                  shard_index=shard_index, shard_count=shard_count, rows=batch_size)
     ds = ds.map(functools.partial(tokenize_document, tokenizer=tokenizer)).to_iter_dataset(read_options)
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
     ds = ds.map(functools.partial(_packed_row, pad_id=tokenizer.pad_id))
