@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from llada_jax import kernels
 from llada_jax.config import ModelConfig
 from llada_jax.kernels import AttentionMask
+from llada_jax.kernels.logits import chunked_output_stats, rms_norm
 from llada_jax.sharding import constrain
 
 Dtype = Any
@@ -56,13 +57,6 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         w = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
         return rms_norm(x, w, self.eps, self.dtype)
-
-
-def rms_norm(x, scale, eps: float, dtype):
-    """RMSNorm as a function (the chunked loss applies the final norm tile by tile)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale.astype(dtype) * xf.astype(dtype)
 
 
 def rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], rotary_dim: int, theta: float):
@@ -363,6 +357,22 @@ def hidden_states(params, config: ModelConfig, tokens: Int[Array, "B T"],
     tokens, positions, mask = _prepare(config, tokens, positions, mask)
     x, _ = Transformer(config).apply({"params": params}, tokens, positions, mask, hidden_only=True)
     return x
+
+
+def logits_from_hidden(params, config: ModelConfig, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final norm and `lm_head` on (a slice of) `hidden_states`: fp32 logits."""
+    dt = _dt(config.dtype)
+    x = rms_norm(hidden, params["final_norm"]["scale"], config.rms_norm_eps, dt)
+    return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+
+
+def output_stats(params, config: ModelConfig, hidden: Float[Array, "B T D"], targets: Int[Array, "B T"], *,
+                 entropy: bool = False, exclude_id: Optional[int] = None) -> dict[str, Array]:
+    """log p(target), argmax (and optionally entropy, draft argmax) from `hidden_states` in chunks of
+    `config.logits_chunk` positions: no [B, T, V] tensor (see `kernels.logits`)."""
+    return chunked_output_stats(hidden, params["final_norm"]["scale"], params["lm_head"], targets,
+                                eps=config.rms_norm_eps, dtype=_dt(config.dtype), chunk=config.logits_chunk,
+                                entropy=entropy, exclude_id=exclude_id)
 
 
 def forward_with_router(params, config: ModelConfig, tokens, positions=None, mask=None):
