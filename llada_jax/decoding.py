@@ -82,6 +82,10 @@ class DecodeSettings:
     use_cache: bool
     mbe_window: int
     prefill_blocks: int  # floor(max prompt length / B): the prefill forward's length in blocks
+    # Capacity of the per-position write record (0 = off): DiPO's exact trajectory. A position can
+    # be written at most once per step of its block (B + max_post_steps steps) and once per MBE
+    # proposal while in the window, so `trajectory_capacity` sets it to that bound.
+    record_writes: int = 0
 
 
 @flax.struct.dataclass
@@ -112,10 +116,35 @@ class DecodeState:
     mbe_forwards: Int[Array, "N"]  # PROPOSE forwards
     commit_step: Int[Array, "N L"]  # denoising step that last wrote each position, -1 if none
     cache: Any  # model KV cache, or None on the uncached path
+    # With `settings.record_writes = W`: every write of every position, in order. write_step
+    # [N, L, W] is the row's denoising-step index of the write (-1 for an empty slot), write_token
+    # the token written, write_count [N, L] the number of writes (it may exceed W only if the
+    # bound were wrong; `summarize` checks). None when not recorded.
+    write_step: Any = None
+    write_token: Any = None
+    write_count: Any = None
 
     @property
     def forwards(self) -> Int[Array, "N"]:
         return self.steps + self.cache_writes + self.mbe_forwards
+
+
+class Trajectory(NamedTuple):
+    """Every write the decoder made (`generate(..., record_trajectory=True)`), for DiPO.
+
+    write_step [N, L, W]: for each canvas position, the row's denoising-step index (0-based, the
+    step counter of `steps`) of each write in order, -1 for an unused slot; a Multi-Block Editing
+    write carries the last denoising step before it. write_token [N, L, W]: the token written.
+    write_count [N, L]: writes per position. A position's value before step s is its last write
+    at a step < s (the mask id if none; prompt positions are never written). Together with the
+    final `canvas` (positions past the first EOS and past `P + gen_length` included) this is the
+    exact context of every decision.
+    """
+
+    write_step: np.ndarray
+    write_token: np.ndarray
+    write_count: np.ndarray
+    prompt_lengths: np.ndarray
 
 
 class GenerateOutput(NamedTuple):
@@ -141,6 +170,7 @@ class GenerateOutput(NamedTuple):
     mbe_forwards: np.ndarray
     num_generated: np.ndarray
     tpf: np.ndarray
+    trajectory: Optional[Trajectory] = None
 
 
 # --------------------------------------------------------------------------- token choice
@@ -179,6 +209,21 @@ def choose_tokens(logits: Float[Array, "N C V"], prev: Int[Array, "N C"], keys, 
 # --------------------------------------------------------------------------- the loop
 _slice = jax.vmap(lambda a, i, n: jax.lax.dynamic_slice_in_dim(a, i, n, axis=0), in_axes=(0, 0, None))
 _update = jax.vmap(lambda a, u, i: jax.lax.dynamic_update_slice_in_dim(a, u, i, axis=0))
+
+
+def _record(state: DecodeState, start, size: int, write: Bool[Array, "N C"], tok: Int[Array, "N C"],
+            step: Int[Array, "N"]) -> DecodeState:
+    """Appends the writes of one forward to the trajectory record (a no-op when not recording)."""
+    if state.write_step is None:
+        return state
+    count = _slice(state.write_count, start, size)  # [N, C]
+    slots = state.write_step.shape[-1]
+    put = write[..., None] & (jnp.arange(slots) == count[..., None])  # [N, C, W]
+    steps = jnp.where(put, step[:, None, None], _slice(state.write_step, start, size))
+    tokens = jnp.where(put, tok[..., None], _slice(state.write_token, start, size))
+    return state.replace(write_step=_update(state.write_step, steps, start),
+                         write_token=_update(state.write_token, tokens, start),
+                         write_count=_update(state.write_count, count + write, start))
 
 
 def _model_chunk(params, config, settings, state: DecodeState, start, size, participate,
@@ -276,6 +321,7 @@ def _block_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *
     ended = denoising & jnp.where(knobs.llada20, ~masks_left, end21)
     stale = knobs.llada20 | ~clean_end
 
+    state = _record(state, start, b, write, tok, state.steps)
     state = state.replace(
         canvas=_update(state.canvas, new_tokens, start),
         commit_step=_update(state.commit_step, stamp, start),
@@ -312,6 +358,7 @@ def _window_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, 
                 & (tokens != settings.mask_id))
     write = editable & (tok != tokens) & (p > knobs.editing_threshold) & proposing[:, None]
     stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
+    state = _record(state, start, size, write, tok, state.steps - 1)
     state = state.replace(
         canvas=_update(state.canvas, jnp.where(write, tok, tokens), start),
         commit_step=_update(state.commit_step, stamp, start),
@@ -357,10 +404,16 @@ def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canv
                                             jnp.zeros((n,), jnp.int32))
             cache_writes = (prompt_lens >= b).astype(jnp.int32)
     zeros = jnp.zeros((n,), jnp.int32)
+    record = {}
+    if settings.record_writes:
+        w = settings.record_writes
+        record = dict(write_step=jnp.full((n, length, w), -1, jnp.int32),
+                      write_token=jnp.full((n, length, w), settings.mask_id, jnp.int32),
+                      write_count=jnp.zeros((n, length), jnp.int32))
     state = DecodeState(
         canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
         cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
-        cache=cache)
+        cache=cache, **record)
 
     ops = dict(config=config, settings=settings, block_mask=block_mask)
     block_op = functools.partial(_block_op, params, rng, prompt_lens, num_blocks, knobs, **ops)
@@ -415,7 +468,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
              top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
              mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
              use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
-             llada20: Optional[bool] = None, on_block: Optional[Callable] = None) -> GenerateOutput:
+             llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
+             record_trajectory: bool = False) -> GenerateOutput:
     """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
 
     `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
@@ -426,7 +480,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
     Editing over that many finished blocks. Sampling (temperature > 0) needs `rng`; step keys
     are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
-    host function (see `decode`).
+    host function (see `decode`). `record_trajectory` also returns every write of every position
+    with its step (`GenerateOutput.trajectory`, what DiPO needs).
     """
     if preset is not None:
         if preset not in PRESETS:
@@ -490,7 +545,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
-        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=int(prompt_lens.max()) // block_length if use_cache else 0)
+        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=int(prompt_lens.max()) // block_length if use_cache else 0,
+        record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window) if record_trajectory else 0)
     knobs = Knobs(
         threshold=jnp.float32(threshold), editing_threshold=jnp.float32(editing_threshold),
         temperature=jnp.float32(temperature), top_k=jnp.int32(vocab if top_k is None else top_k),
@@ -503,9 +559,23 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
 
 
+def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int) -> int:
+    """Most writes one position can receive: once per denoising step of its block (at most B steps
+    that fill masks, then at most max_post_steps more) and once per MBE proposal over it."""
+    return block_length + max_post_steps + 1 + mbe_window
+
+
 def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
               settings: DecodeSettings) -> GenerateOutput:
     """Host-side result of `decode`: answers truncated after the first EOS, and statistics."""
+    trajectory = None
+    if state.write_step is not None:
+        count = np.asarray(state.write_count)
+        if count.max(initial=0) > settings.record_writes:
+            raise RuntimeError(f"decode: a position was written {int(count.max())} times, more than the "
+                               f"trajectory capacity {settings.record_writes}")
+        trajectory = Trajectory(write_step=np.asarray(state.write_step), write_token=np.asarray(state.write_token),
+                                write_count=count, prompt_lengths=np.asarray(prompt_lens))
     canvas, commit = np.asarray(state.canvas), np.asarray(state.commit_step)
     forwards = np.asarray(state.forwards)
     tokens, commit_steps, generated = [], [], []
@@ -522,4 +592,4 @@ def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
         tokens=tokens, commit_steps=commit_steps, canvas=canvas, canvas_lengths=np.asarray(canvas_lens),
         forwards=forwards, steps=np.asarray(state.steps), cache_writes=np.asarray(state.cache_writes),
         mbe_forwards=np.asarray(state.mbe_forwards), num_generated=generated,
-        tpf=generated / np.maximum(forwards, 1))
+        tpf=generated / np.maximum(forwards, 1), trajectory=trajectory)
