@@ -367,12 +367,14 @@ def logits_from_hidden(params, config: ModelConfig, hidden: Float[Array, "B T D"
 
 
 def output_stats(params, config: ModelConfig, hidden: Float[Array, "B T D"], targets: Int[Array, "B T"], *,
-                 entropy: bool = False, exclude_id: Optional[int] = None) -> dict[str, Array]:
+                 entropy: bool = False, exclude_id: Optional[int] = None, temperature: float = 1.0,
+                 normaliser_exclude_id: Optional[int] = None) -> dict[str, Array]:
     """log p(target), argmax (and optionally entropy, draft argmax) from `hidden_states` in chunks of
     `config.logits_chunk` positions: no [B, T, V] tensor (see `kernels.logits`)."""
     return chunked_output_stats(hidden, params["final_norm"]["scale"], params["lm_head"], targets,
                                 eps=config.rms_norm_eps, dtype=_dt(config.dtype), chunk=config.logits_chunk,
-                                entropy=entropy, exclude_id=exclude_id)
+                                entropy=entropy, exclude_id=exclude_id, temperature=temperature,
+                                normaliser_exclude_id=normaliser_exclude_id)
 
 
 def forward_with_router(params, config: ModelConfig, tokens, positions=None, mask=None):

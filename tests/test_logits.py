@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax import masks, model, objectives
+from llada_jax import masks, model, objectives, rl
 from llada_jax.config import get_config
 from llada_jax.kernels.logits import chunked_output_stats, rms_norm
 from llada_jax.objectives import ObjectiveConfig
@@ -64,6 +64,13 @@ def test_chunked_stats_equal_full():
 
     def scalar(fn):
         return lambda *a: jnp.sum(fn(*a)[0] * jnp.cos(t)) + jnp.sum(fn(*a)[1] * jnp.sin(t))
+
+    # RL's sampling distribution: temperature, the mask id out of the normaliser.
+    sampled = chunked_output_stats(h, scale, head, t, eps=1e-6, dtype=jnp.float32, chunk=8, temperature=0.7,
+                                   normaliser_exclude_id=7)["logp"]
+    logits = rms_norm(h, scale, 1e-6, jnp.float32) @ head
+    np.testing.assert_allclose(sampled, rl.sampling_logprobs(logits, t, temperature=0.7, exclude_id=7),
+                               atol=1e-5, rtol=0)
 
     g_want = jax.grad(scalar(full), argnums=(0, 1, 2))(h, scale, head)
     g_got = jax.grad(scalar(chunked), argnums=(0, 1, 2))(h, scale, head)

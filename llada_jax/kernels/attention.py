@@ -87,7 +87,8 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     if n % kh:
         raise ValueError(f"attention: expected query heads ({n}) to be a multiple of kv heads ({kh})")
     mask.check(b, t, s)
-    name = resolve(impl, mask, t)
+    # Queries against a longer key set (a KV cache) without a structure: nothing to skip.
+    name = "xla" if s != t else resolve(impl, mask, t)
     if name == "xla":
         return xla_attention(q, k, v, mask)
     if name == "blocked":

@@ -28,12 +28,16 @@ def rms_norm(x, scale, eps: float, dtype):
 
 def chunked_output_stats(hidden: Float[Array, "N L D"], norm_scale: Float[Array, " D"], head: Float[Array, "D V"],
                          targets: Int[Array, "N L"], *, eps: float, dtype, chunk: int, entropy: bool = False,
-                         exclude_id: Optional[int] = None) -> dict[str, Array]:
+                         exclude_id: Optional[int] = None, temperature: float = 1.0,
+                         normaliser_exclude_id: Optional[int] = None) -> dict[str, Array]:
     """Per-token statistics of `softmax(lm_head(norm(hidden)))` without materialising `[N, L, V]`.
 
     Returns `{"logp": log p(target) [N, L] fp32, "argmax": [N, L] int32}`, plus `"entropy"` (fp32,
     differentiable) with `entropy=True` and `"draft"` (argmax with `exclude_id` never chosen)
-    with `exclude_id`. Equal to the full computation in values and gradients.
+    with `exclude_id`. `temperature` and `normaliser_exclude_id` change only `logp`: it is then
+    log q(target) for q = softmax(logits / temperature) with that id left out of the normaliser
+    (the decoder's sampling distribution, RL). Equal to the full computation in values and
+    gradients.
     """
     n, length, d = hidden.shape
     c = min(chunk, length)
@@ -47,8 +51,14 @@ def chunked_output_stats(hidden: Float[Array, "N L D"], norm_scale: Float[Array,
         x = rms_norm(h, norm_scale, eps, dtype)
         logits = jnp.einsum("ncd,dv->ncv", x, head.astype(dtype), preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        out = {"logp": jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse,
-               "argmax": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+        out = {"argmax": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+        if temperature == 1.0 and normaliser_exclude_id is None:
+            out["logp"] = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+        else:
+            q = logits / temperature
+            if normaliser_exclude_id is not None:
+                q = jnp.where(jnp.arange(q.shape[-1]) == normaliser_exclude_id, -jnp.inf, q)
+            out["logp"] = jnp.take_along_axis(q, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(q, axis=-1)
         if entropy:
             probs = jnp.exp(logits - lse[..., None])
             out["entropy"] = lse - jnp.sum(probs * logits, axis=-1)

@@ -100,7 +100,8 @@ class AttentionMask:
                 raise ValueError(f"AttentionMask.explicit: expected shape [1 or {batch}, {q_len}, {k_len}], "
                                  f"found {found}")
             return
-        if q_len != k_len:
+        if q_len != k_len and (self.kind != "bidirectional" or self.segment_ids is not None
+                               or self.key_valid is not None):
             raise ValueError(f"AttentionMask({self.kind}): expected equal query and key lengths, "
                              f"found {q_len} and {k_len}")
         if self.kind == "composite" and q_len % 2:
