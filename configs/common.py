@@ -8,6 +8,11 @@ from ml_collections import config_dict
 from llada_jax.config import ModelConfig
 
 
+# ModelConfig field annotations (strings: `from __future__ import annotations`) -> placeholder types;
+# a tuple field is given on the command line as a string, `--config.model.overrides.remat_save='("a", "b")'`.
+_PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -27,8 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     # ModelConfig field overrides (dtype, moe_impl, hidden_size, ...): every field is a typed
     # placeholder, so `--config.model.overrides.hidden_size=128` works and a typo is an error.
     c.model.overrides = ml_collections.ConfigDict(
-        {f.name: config_dict.placeholder({"int": int, "float": float, "str": str, "bool": bool}[f.type])
-         for f in dataclasses.fields(ModelConfig)})
+        {f.name: config_dict.placeholder(_PLACEHOLDER_TYPES[f.type]) for f in dataclasses.fields(ModelConfig)})
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "addition"  # an offline task built locally, or "" to read `dataset` from data_dir

@@ -2,11 +2,15 @@ r"""Training-objective benchmarks, printed as one JSON object (REFERENCE §3–4
 
   python launch/bench_loss.py                          # tiny, L=512, block 32
   python launch/bench_loss.py --preset=small --batch=1
+  python launch/bench_loss.py --length=2048 --variants=m2t_only --attention=xla,blocked
 
 1. The vectorized likelihood: one composite forward over [x_t ; x_0] (2L tokens) against the
    per-block loop (one forward over [clean blocks < b, noisy block b] per block, L/B forwards),
    both jitted, with the largest difference of their per-token log-probs as a check.
-2. `loss_fn` forward+backward time with T2T and MTF switched on and off.
+2. `loss_fn` forward+backward time with T2T and MTF switched on and off, with XLA's temporary
+   buffer bytes of the compiled program.
+Both run once per `--attention` implementation (`ModelConfig.attention_impl`: `xla` dense
+scores, `blocked` only the tiles the composite mask allows), side by side in one process.
 
 Times exclude compilation (one warm-up call) and are medians over --repeats calls. On CPU only
 ratios measured side by side in one run are meaningful; absolute numbers are for completeness.
@@ -14,6 +18,7 @@ ratios measured side by side in one run are meaningful; absolute numbers are for
 
 import json
 import platform
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +35,8 @@ flags.DEFINE_integer("length", 512, "Sequence length L.")
 flags.DEFINE_integer("block", 32, "Block size.")
 flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never noised).")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
+flags.DEFINE_list("attention", ["xla", "blocked"], "Attention implementations to compare.")
+flags.DEFINE_list("variants", ["m2t_only", "m2t_t2t", "m2t_mtf", "m2t_t2t_mtf"], "loss_fn variants to time.")
 
 
 def _per_block_loop(config, block):
@@ -59,29 +66,50 @@ def main(argv):
 
     base = objectives.ObjectiveConfig.for_model(config, block_size=FLAGS.block)
     nb = objectives.noise(batch, jax.random.key(2), base)
-    composite = jax.jit(lambda p, xt, x0: objectives.per_token_logprobs(p, config, xt, x0, FLAGS.block))
     loop = _per_block_loop(config, FLAGS.block)
-    t_comp, c_comp, _ = time_call(composite, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
-    t_loop, c_loop, _ = time_call(loop, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
-    diff = jnp.max(jnp.abs(composite(params, nb.x_t, nb.x_0) - loop(params, nb.x_t, nb.x_0)))
-    out["vectorized_likelihood"] = {
-        "rows": int(nb.x_t.shape[0]), "composite_s": round(t_comp, 5), "per_block_loop_s": round(t_loop, 5),
-        "loop_over_composite_time": round(t_loop / t_comp, 2), "max_abs_logprob_diff": float(diff),
-        "compile_s": {"composite": round(c_comp, 2), "per_block_loop": round(c_loop, 2)}}
+    t_loop, c_loop, slow = time_call(loop, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
+    lik = out["vectorized_likelihood"] = {"rows": int(nb.x_t.shape[0]), "per_block_loop_s": round(t_loop, 5),
+                                          "compile_s": {"per_block_loop": round(c_loop, 2)}}
+    for impl in FLAGS.attention:
+        mc = config.replace(attention_impl=impl)
+        composite = jax.jit(lambda p, xt, x0, mc=mc: objectives.per_token_logprobs(p, mc, xt, x0, FLAGS.block))
+        t_comp, c_comp, fast = time_call(composite, params, nb.x_t, nb.x_0, repeats=FLAGS.repeats)
+        lik[f"composite_{impl}_s"] = round(t_comp, 5)
+        lik[f"loop_over_composite_{impl}_time"] = round(t_loop / t_comp, 2)
+        lik[f"max_abs_logprob_diff_{impl}"] = float(jnp.max(jnp.abs(fast - slow)))
+        lik["compile_s"][f"composite_{impl}"] = round(c_comp, 2)
 
     grad = jax.jit(jax.value_and_grad(objectives.loss_fn, has_aux=True), static_argnums=(1, 2))
     variants = {"m2t_only": dict(p_edit=0.0), "m2t_t2t": dict(p_edit=0.1), "m2t_mtf": dict(p_edit=0.0, mtf=True),
                 "m2t_t2t_mtf": dict(p_edit=0.1, mtf=True)}
     out["loss_and_grad"] = {}
-    for name, kw in variants.items():
-        cfg = base.replace(**kw)
-        sec, comp, _ = time_call(lambda p: grad(p, config, cfg, batch, jax.random.key(3)), params,
-                                 repeats=FLAGS.repeats)
-        out["loss_and_grad"][name] = {"seconds": round(sec, 5), "tokens_per_s": round(b * length / sec, 1),
-                                      "compile_s": round(comp, 2)}
-    ref = out["loss_and_grad"]["m2t_only"]["seconds"]
-    for v in out["loss_and_grad"].values():
-        v["time_over_m2t_only"] = round(v["seconds"] / ref, 3)
+    for impl in FLAGS.attention:
+        mc = config.replace(attention_impl=impl)
+        rows = out["loss_and_grad"][impl] = {}
+        for name in FLAGS.variants:
+            cfg = base.replace(**variants[name])
+            key = jax.random.key(3)
+            t0 = time.perf_counter()
+            compiled = grad.lower(params, mc, cfg, batch, key).compile()
+            comp = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            sec, _, _ = time_call(lambda p: compiled(p, batch, key), params, repeats=FLAGS.repeats)
+            rows[name] = {"seconds": round(sec, 5), "tokens_per_s": round(b * length / sec, 1),
+                          "compile_s": round(comp, 2),
+                          "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes)}
+        if "m2t_only" in rows:
+            for v in rows.values():
+                v["time_over_m2t_only"] = round(v["seconds"] / rows["m2t_only"]["seconds"], 3)
+    if "xla" in FLAGS.attention:
+        for impl in FLAGS.attention:
+            out[f"{impl}_over_xla"] = {
+                "likelihood_time": round(lik[f"composite_{impl}_s"] / lik["composite_xla_s"], 3),
+                **{f"{name}_time": round(out["loss_and_grad"][impl][name]["seconds"]
+                                         / out["loss_and_grad"]["xla"][name]["seconds"], 3)
+                   for name in FLAGS.variants},
+                **{f"{name}_temp_bytes": round(out["loss_and_grad"][impl][name]["temp_bytes"]
+                                               / out["loss_and_grad"]["xla"][name]["temp_bytes"], 3)
+                   for name in FLAGS.variants if out["loss_and_grad"]["xla"][name]["temp_bytes"]}}
     print(json.dumps(out, indent=2))
 
 

@@ -3,12 +3,15 @@ r"""RL likelihood and update benchmarks, printed as one JSON object (REFERENCE Â
   python launch/bench_rl.py                               # tiny, L = 512 and 2048, block 32, N = 8
   python launch/bench_rl.py --lengths=512 --grad_length=256
   python launch/bench_rl.py --lengths=2048 --vectorize=scan   # the scanned form only
+  python launch/bench_rl.py --lengths=2048 --vectorize=batch --attention=xla,blocked --grad_length=0
 
 1. Likelihood cost: EBPO's vectorized ELBO terms (one composite [x_t ; x_0] forward per
    timestep, all N timesteps batched, and the same under `lax.scan`) against the per-block loop
    they replace (per block k, one forward over [clean blocks < k, noisy block k] carrying all N
    timesteps as batch rows: L/B forwards of growing length), with the largest difference of the
-   terms as a check.
+   terms as a check. Each vectorized form runs with every `--attention` implementation
+   (`ModelConfig.attention_impl`: `xla` dense scores, `blocked` only the tiles the composite
+   mask allows); the loop's masks are dense booleans, so it always runs `xla`.
 2. EBPO loss + gradient: "direct" (differentiate through the N forwards) against "replay"
    (terms without gradient, then one replayed forward per timestep), with XLA's temporary-buffer
    size of each compiled program as the activation-memory figure.
@@ -35,7 +38,8 @@ flags.DEFINE_list("lengths", ["512", "2048"], "Sequence lengths L for the likeli
 flags.DEFINE_integer("block", 32, "Block size.")
 flags.DEFINE_integer("timesteps", 8, "EBPO timesteps N.")
 flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence (never masked).")
-flags.DEFINE_integer("grad_length", 512, "L of the loss + gradient benchmark.")
+flags.DEFINE_list("attention", ["xla", "blocked"], "Attention implementations of the vectorized forms.")
+flags.DEFINE_integer("grad_length", 512, "L of the loss + gradient benchmark (0: skip it).")
 flags.DEFINE_integer("grad_batch", 2, "Completions per batch in the loss + gradient benchmark.")
 flags.DEFINE_list("vectorize", list(rl.VECTORIZE), "Vectorized modes to time (batch holds the activations "
                   "of all N timesteps at once, scan of one).")
@@ -65,19 +69,26 @@ def main(argv):
                "model_calls": {"vectorized_batch": 1, "vectorized_scan": n, "per_block_loop": nb},
                "tokens_through_model": {"vectorized": n * 2 * length,
                                         "per_block_loop": n * FLAGS.block * nb * (nb + 1) // 2}}
+        terms = {}
         for vectorize in FLAGS.vectorize:
-            lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps, vectorize=vectorize)
-            noise = rl.sample_noise(jax.random.key(2), batch["completion_mask"], lik)
-            fn = jax.jit(lambda p, t, nz, lik=lik: rl.likelihood_terms(p, config, t, nz, lik))
-            sec, comp, terms = time_call(fn, params, batch["tokens"], noise, repeats=FLAGS.repeats)
-            row[f"vectorized_{vectorize}_s"], row[f"compile_{vectorize}_s"] = round(sec, 4), round(comp, 1)
+            for impl in FLAGS.attention:
+                lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps, vectorize=vectorize)
+                noise = rl.sample_noise(jax.random.key(2), batch["completion_mask"], lik)
+                mc = config.replace(attention_impl=impl)
+                fn = jax.jit(lambda p, t, nz, lik=lik, mc=mc: rl.likelihood_terms(p, mc, t, nz, lik))
+                sec, comp, terms[vectorize, impl] = time_call(fn, params, batch["tokens"], noise, repeats=FLAGS.repeats)
+                row[f"vectorized_{vectorize}_{impl}_s"] = round(sec, 4)
+                row[f"compile_{vectorize}_{impl}_s"] = round(comp, 1)
         sec, comp, slow = time_call(loop, params, batch["tokens"], noise, repeats=FLAGS.repeats)
         row["per_block_loop_s"], row["compile_per_block_loop_s"] = round(sec, 4), round(comp, 1)
-        for vectorize in FLAGS.vectorize:
-            row[f"loop_over_vectorized_{vectorize}"] = round(sec / row[f"vectorized_{vectorize}_s"], 2)
-        row["max_abs_term_diff"] = float(jnp.max(jnp.abs(terms - slow)))
+        for (vectorize, impl), got in terms.items():
+            row[f"loop_over_vectorized_{vectorize}_{impl}"] = round(sec / row[f"vectorized_{vectorize}_{impl}_s"], 2)
+            row[f"max_abs_term_diff_{vectorize}_{impl}"] = float(jnp.max(jnp.abs(got - slow)))
         out["likelihood"][str(length)] = row
 
+    if FLAGS.grad_length <= 0:
+        print(json.dumps(out, indent=2))
+        return
     b, length = FLAGS.grad_batch, FLAGS.grad_length
     batch = _batch(config, b, length)
     lik = rl.LikelihoodConfig(block_size=FLAGS.block, num_timesteps=FLAGS.timesteps)

@@ -38,7 +38,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
-                if f.name not in ("dtype", "param_dtype", "moe_impl", "remat_policy")]
+                if f.name not in ("dtype", "param_dtype", "moe_impl", "remat_policy", "remat_save",
+                                  "attention_impl", "logits_chunk")]
 
 
 def config_to_json(config: ModelConfig) -> dict:

@@ -14,7 +14,10 @@ import os
 from typing import Any, Mapping
 
 MOE_IMPLS = ("ragged", "dense", "expert_parallel")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("xla", "blocked", "splash", "cudnn", "auto")  # llada_jax/kernels/attention.py
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "names")
+# Activations named with `checkpoint_name` in model.py; remat_policy="names" saves `remat_save` of them.
+REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_out", "layer_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,8 +57,15 @@ class ModelConfig:
     # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/moe.py)
     moe_capacity_factor: float = 0.0  # expert_parallel buffers: 0 worst case (dropless), c > 0 c x balanced (drops counted)
     remat_policy: str = "none"
+    remat_save: tuple[str, ...] = ()  # with remat_policy="names": which of REMAT_NAMES to keep
+    # "xla" (dense, the oracle), "blocked" (exact, only allowed tiles), "splash" (Pallas TPU),
+    # "cudnn" (jax.nn.dot_product_attention), "auto" (by platform): see llada_jax/kernels/attention.py
+    attention_impl: str = "xla"
+    logits_chunk: int = 256  # positions per row per step of the chunked lm_head + log-prob (objectives)
 
     def __post_init__(self):
+        # ml_collections and JSON hand over lists; the config must stay hashable.
+        object.__setattr__(self, "remat_save", tuple(self.remat_save))
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -138,6 +148,13 @@ class ModelConfig:
             fail("moe_capacity_factor", "a number >= 0 (0: worst-case dropless buffers)", self.moe_capacity_factor)
         if self.remat_policy not in REMAT_POLICIES:
             fail("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
+        unknown = [x for x in self.remat_save if x not in REMAT_NAMES]
+        if unknown:
+            fail("remat_save", f"names from {REMAT_NAMES}", self.remat_save)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"one of {ATTENTION_IMPLS}", self.attention_impl)
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk <= 0:
+            fail("logits_chunk", "a positive integer", self.logits_chunk)
 
     # ------------------------------------------------------------------ HF conversion
     @classmethod

@@ -19,13 +19,16 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
+from llada_jax import kernels
 from llada_jax.config import ModelConfig
+from llada_jax.kernels import AttentionMask
+from llada_jax.kernels.logits import chunked_output_stats, rms_norm
 from llada_jax.sharding import constrain
 
 Dtype = Any
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
 
 
 def _dt(name: str):
@@ -53,9 +56,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return w.astype(self.dtype) * xf.astype(self.dtype)
+        return rms_norm(x, w, self.eps, self.dtype)
 
 
 def rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], rotary_dim: int, theta: float):
@@ -74,8 +75,9 @@ class Attention(nn.Module):
     """QKV projections (stored per role so heads shard cleanly), QK-norm, partial RoPE, GQA.
 
     The HF checkpoint fuses Q|K|V rows into one matrix; `hf.py` splits it by heads, which
-    is the same computation. With a cache, the chunk's K/V are written at `cache_index`
-    and the queries attend over the whole cache under `mask` ([B|1, T, S]).
+    is the same computation. `mask` is a `kernels.AttentionMask` and `config.attention_impl`
+    picks the kernel. With a cache, the chunk's K/V are written at `cache_index` and the
+    queries attend over the whole cache under a dense mask ([B|1, T, S]).
     """
 
     config: ModelConfig
@@ -101,6 +103,7 @@ class Attention(nn.Module):
         q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
         kk = _constrain(kk, ("act_batch", "act_length", "act_kv_heads", None))
         v = _constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        q, kk, v = (checkpoint_name(a, "qkv_proj") for a in (q, kk, v))
 
         new_cache = None
         if cache is not None:
@@ -111,14 +114,8 @@ class Attention(nn.Module):
             new_cache = {"k": kc, "v": vc}
             kk, v = kc.astype(dt), vc.astype(dt)
 
-        b, t = q.shape[:2]
-        qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, kk).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
-        if mask is not None:
-            scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # fp32 softmax
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
-        out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
+        out = kernels.attention(q, kk, v, mask, impl=c.attention_impl)  # [B, T, N, H], fp32 softmax
+        out = checkpoint_name(_constrain(out, ("act_batch", "act_length", "act_heads", None)), "attn_out")
         y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
         return y, new_cache
 
@@ -249,14 +246,17 @@ class DecoderLayer(nn.Module):
         h, new_cache = Attention(c, name="attn")(norm(name="input_norm")(x), positions, mask, cache, cache_index)
         x = x + h
         hn = norm(name="post_attn_norm")(x)
-        x = x + (MoE(c, name="moe")(hn) if self.moe else MLP(c, c.intermediate_size, name="mlp")(hn))
-        return _constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
+        y = MoE(c, name="moe")(hn) if self.moe else MLP(c, c.intermediate_size, name="mlp")(hn)
+        x = x + checkpoint_name(y, "mlp_out")
+        return checkpoint_name(_constrain(x, ("act_batch", "act_length", "act_embed")), "layer_out"), new_cache
 
 
 _REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": lambda c: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda c: jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": lambda c: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The activations named with `checkpoint_name` that the config can afford to keep.
+    "names": lambda c: jax.checkpoint_policies.save_only_these_names(*c.remat_save),
 }
 
 
@@ -264,7 +264,7 @@ def _stack(config: ModelConfig, moe: bool, length: int, name: str):
     """`length` identical layers under nn.scan: parameters stacked on a leading `layers` axis."""
     cls = DecoderLayer
     if config.remat_policy != "none":
-        cls = nn.remat(cls, policy=_REMAT[config.remat_policy], prevent_cse=False)
+        cls = nn.remat(cls, policy=_REMAT[config.remat_policy](config), prevent_cse=False)
     return nn.scan(
         cls,
         variable_axes={"params": 0, "intermediates": 0},
@@ -276,28 +276,57 @@ def _stack(config: ModelConfig, moe: bool, length: int, name: str):
 
 
 class Transformer(nn.Module):
-    """Token ids -> fp32 logits. Optional KV cache: {"dense"|"moe": {"k","v": [L, B, S, K, H]}}."""
+    """Token ids -> fp32 logits. Optional KV cache: {"dense"|"moe": {"k","v": [L, B, S, K, H]}}.
+
+    With `hidden_only=True` it returns the last layer's hidden states before the final norm
+    ([B, T, D]): the loss slices them and applies the norm and `lm_head` in chunks.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask=None, cache=None, cache_index=None):
+    def __call__(self, tokens, positions, mask=None, cache=None, cache_index=None, hidden_only=False):
         c = self.config
         dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
         emb = _param(self, "embed", nn.initializers.normal(stddev=0.02), (c.vocab_size, c.hidden_size),
                      ("vocab", "embed"), pdt)
         x = jnp.take(emb, tokens, axis=0).astype(dt)  # [B, T, D], no scaling
+        if not isinstance(mask, AttentionMask):
+            s_len = tokens.shape[1] if cache is None else jax.tree.leaves(cache)[0].shape[2]
+            mask = as_mask(mask, tokens.shape[0], tokens.shape[1], s_len)
         new_cache = {}
         for group, moe, n in (("dense", False, c.num_dense_layers), ("moe", True, c.num_moe_layers)):
             if n == 0:
                 continue
             layer_cache = None if cache is None else cache[group]
             x, new_cache[group] = _stack(c, moe, n, f"{group}_layers")(x, positions, mask, layer_cache, cache_index)
+        if hidden_only:
+            return x, (new_cache if cache is not None else None)
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="final_norm")(x)
         head = _param(self, "lm_head", _KERNEL_INIT, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pdt)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt)).astype(jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = _constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return logits, (new_cache if cache is not None else None)
+
+
+def as_mask(mask, batch: int, q_len: int, k_len: Optional[int] = None) -> AttentionMask:
+    """`None` (bidirectional), a boolean `[B|1, T, S]` / `[T, S]` array or an `AttentionMask` -> an
+    `AttentionMask`; errors name the expected and the found shape."""
+    k_len = q_len if k_len is None else k_len
+    if isinstance(mask, AttentionMask):
+        mask.check(batch, q_len, k_len)
+        return mask
+    if mask is None:
+        return AttentionMask.bidirectional()
+    mask = jnp.asarray(mask)
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or mask.shape[1:] != (q_len, k_len) or mask.shape[0] not in (1, batch):
+        raise ValueError(f"mask: expected shape [B or 1, T, S] with B={batch}, T={q_len}, S={k_len}, "
+                         f"found {mask.shape}")
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"mask: expected a boolean array (True = may attend), found dtype {mask.dtype}")
+    return AttentionMask.from_dense(mask)
 
 
 def _prepare(config: ModelConfig, tokens, positions, mask):
@@ -313,25 +342,54 @@ def _prepare(config: ModelConfig, tokens, positions, mask):
             positions = jnp.broadcast_to(positions, (b, t))
         if positions.shape != (b, t):
             raise ValueError(f"positions: expected shape [T] or [B, T] = {(b, t)}, found {positions.shape}")
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.ndim == 2:
-            mask = mask[None]
-        if mask.ndim != 3 or mask.shape[1:] != (t, t) or mask.shape[0] not in (1, b):
-            raise ValueError(f"mask: expected shape [B or 1, T, T] with B={b}, T={t}, found {mask.shape}")
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask: expected a boolean array (True = may attend), found dtype {mask.dtype}")
-    return tokens, positions, mask
+    return tokens, positions, as_mask(mask, b, t)
 
 
 def forward(params, config: ModelConfig, tokens: Int[Array, "B T"],
             positions: Optional[Int[Array, "B T"]] = None,
-            mask: Optional[Bool[Array, "B T T"]] = None) -> Float[Array, "B T V"]:
+            mask: Optional[Bool[Array, "B T T"] | AttentionMask] = None) -> Float[Array, "B T V"]:
     """Logits (fp32, [B, T, V]) of the denoiser. `mask[b, i, j]` True where query i may attend key j;
-    `None` is bidirectional attention. `positions` default to `arange(T)`."""
+    `None` is bidirectional attention; a `kernels.AttentionMask` describes the mask so that
+    `config.attention_impl` can skip what it forbids. `positions` default to `arange(T)`."""
     tokens, positions, mask = _prepare(config, tokens, positions, mask)
     logits, _ = Transformer(config).apply({"params": params}, tokens, positions, mask)
     return logits
+
+
+def hidden_states(params, config: ModelConfig, tokens: Int[Array, "B T"],
+                  positions: Optional[Int[Array, "B T"]] = None,
+                  mask: Optional[Bool[Array, "B T T"] | AttentionMask] = None) -> Float[Array, "B T D"]:
+    """The last layer's output before the final norm and `lm_head` (what `output_stats` consumes)."""
+    tokens, positions, mask = _prepare(config, tokens, positions, mask)
+    x, _ = Transformer(config).apply({"params": params}, tokens, positions, mask, hidden_only=True)
+    return x
+
+
+def hidden_states_with_router(params, config: ModelConfig, tokens, positions=None, mask=None):
+    """`hidden_states`, plus the router's choices: (idx [L, B, T, k], weight [L, B, T, k])."""
+    tokens, positions, mask = _prepare(config, tokens, positions, mask)
+    (x, _), state = Transformer(config).apply({"params": params}, tokens, positions, mask, hidden_only=True,
+                                              mutable=["intermediates"])
+    inter = state["intermediates"]["moe_layers"]["moe"]
+    return x, (inter["router_idx"][0], inter["router_weight"][0])
+
+
+def logits_from_hidden(params, config: ModelConfig, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final norm and `lm_head` on (a slice of) `hidden_states`: fp32 logits."""
+    dt = _dt(config.dtype)
+    x = rms_norm(hidden, params["final_norm"]["scale"], config.rms_norm_eps, dt)
+    return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+
+
+def output_stats(params, config: ModelConfig, hidden: Float[Array, "B T D"], targets: Int[Array, "B T"], *,
+                 entropy: bool = False, exclude_id: Optional[int] = None, temperature: float = 1.0,
+                 normaliser_exclude_id: Optional[int] = None) -> dict[str, Array]:
+    """log p(target), argmax (and optionally entropy, draft argmax) from `hidden_states` in chunks of
+    `config.logits_chunk` positions: no [B, T, V] tensor (see `kernels.logits`)."""
+    return chunked_output_stats(hidden, params["final_norm"]["scale"], params["lm_head"], targets,
+                                eps=config.rms_norm_eps, dtype=_dt(config.dtype), chunk=config.logits_chunk,
+                                entropy=entropy, exclude_id=exclude_id, temperature=temperature,
+                                normaliser_exclude_id=normaliser_exclude_id)
 
 
 def forward_with_router(params, config: ModelConfig, tokens, positions=None, mask=None):

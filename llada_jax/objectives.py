@@ -9,7 +9,10 @@ Three pieces, all pure functions of arrays, static configs and explicit keys:
   noise comes from `fold_in(key, example_id)`, so it does not depend on where the example sits in
   the batch, and a resumed run that folds the same step into the same key sees the same noise.
 * `loss_fn` scores one noised batch with ONE forward over the composite input `[x_t ; x_0]` under
-  the BD3-LM mask of REFERENCE §3 (the "vectorized likelihood"), reading the first L logits:
+  the BD3-LM mask of REFERENCE §3 (the "vectorized likelihood"), described as a
+  `kernels.AttentionMask` so `ModelConfig.attention_impl` can skip masked tiles; only the first
+  L hidden states reach the final norm and `lm_head`, which run in chunks of positions
+  (`model.output_stats`: no `[N, L, V]` logits in the forward or the backward pass):
   `loss = m2t + lambda_t2t * t2t (+ lambda_mtf * mtf + cap_beta * cap)`. With one block as long
   as the sequence (MDLM) the clean half cannot be attended, so it is dropped.
 * `BlockSizeSchedule` / `block_size_at`: the CPT warm-up / stable / decay schedule over block sizes.
@@ -32,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from llada_jax import masks
+from llada_jax import model
 from llada_jax.config import ConfigError, ModelConfig
-from llada_jax.model import forward, forward_with_router
+from llada_jax.kernels import AttentionMask
 
 WEIGHTINGS = ("elbo", "token_mean")
 
@@ -236,39 +239,52 @@ def noise(batch: Mapping[str, Any], key: PRNGKeyArray, config: ObjectiveConfig) 
 
 
 # ---------------------------------------------------------------------------------------- forward
-def denoiser_logits(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
+def denoiser_hidden(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
                     block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
-                    mdlm: bool = False, with_load: bool = False) -> Float[Array, "N L V"]:
-    """Logits of p(x_0 | x_t, clean earlier blocks) at every position, from ONE forward.
+                    mdlm: bool = False, with_load: bool = False) -> Float[Array, "N L D"]:
+    """The noisy half's last hidden states (before the final norm) from ONE forward.
 
-    Block diffusion (REFERENCE §3): the input is `[x_t ; x_0]` (length 2L) under `masks.composite`,
-    and the first L logits are kept. With `mdlm` or `block_size >= L` the noisy half attends nothing
-    of the clean half, so the forward runs bidirectionally over x_t alone (half the tokens).
-    `doc_ids` (packed data) additionally restricts attention to the same document.
-    With `with_load`, returns `(logits, load)`: the rows each routed expert received in this
+    Block diffusion (REFERENCE §3): the input is `[x_t ; x_0]` (length 2L) under the composite
+    mask, described (`AttentionMask.composite`) so that `model_config.attention_impl` can skip
+    what it forbids, and the first L positions are kept: the clean half never reaches the final
+    norm or `lm_head`. With `mdlm` or `block_size >= L` the noisy half attends nothing of the
+    clean half, so the forward runs bidirectionally over x_t alone (half the tokens). `doc_ids`
+    (packed data) additionally restricts attention to the same document (segment ids).
+    With `with_load`, returns `(hidden, load)`: the rows each routed expert received in this
     forward, `[MoE layers, E]` float32 (every routed token of the forward counts).
     """
     length = x_t.shape[1]
-    fwd = _forward_with_load if with_load else forward
     if mdlm or block_size >= length:
-        mask = None if doc_ids is None else masks.document(doc_ids)
-        return fwd(params, model_config, x_t, mask=mask)
-    mask, positions = masks.composite(length, block_size)
-    mask = mask[None]
-    if doc_ids is not None:
-        mask = mask & masks.document(jnp.concatenate([doc_ids, doc_ids], axis=1))
-    out = fwd(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions, mask)
-    if with_load:
-        return out[0][:, :length], out[1]
-    return out[:, :length]
+        hidden, load = _hidden(params, model_config, x_t, None, AttentionMask.bidirectional(segment_ids=doc_ids),
+                               with_load)
+        return (hidden, load) if with_load else hidden
+    segments = None if doc_ids is None else jnp.concatenate([doc_ids, doc_ids], axis=1)
+    positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
+    hidden, load = _hidden(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions,
+                           AttentionMask.composite(block_size, segment_ids=segments), with_load)
+    return (hidden[:, :length], load) if with_load else hidden[:, :length]
 
 
-def _forward_with_load(params, model_config: ModelConfig, tokens, positions=None, mask=None):
+def _hidden(params, model_config: ModelConfig, tokens, positions, mask, with_load: bool = True):
+    """`model.hidden_states`, and with `with_load` the routed rows per expert of each MoE layer."""
+    if not with_load:
+        return model.hidden_states(params, model_config, tokens, positions, mask), None
     if model_config.num_moe_layers == 0:
-        return forward(params, model_config, tokens, positions, mask), jnp.zeros((0, model_config.num_experts))
-    logits, (idx, _) = forward_with_router(params, model_config, tokens, positions, mask)
+        return (model.hidden_states(params, model_config, tokens, positions, mask),
+                jnp.zeros((0, model_config.num_experts), jnp.float32))
+    hidden, (idx, _) = model.hidden_states_with_router(params, model_config, tokens, positions, mask)
     load = jax.vmap(lambda i: jnp.bincount(i.reshape(-1), length=model_config.num_experts))(idx)
-    return logits, load.astype(jnp.float32)
+    return hidden, load.astype(jnp.float32)
+
+
+def denoiser_logits(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
+                    block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
+                    mdlm: bool = False) -> Float[Array, "N L V"]:
+    """Logits `[N, L, V]` of p(x_0 | x_t, clean earlier blocks) at every position, from ONE forward
+    (`denoiser_hidden`, then the final norm and `lm_head` on the noisy half only). The losses do
+    not call this: they read `model.output_stats` in chunks and never hold `[N, L, V]`."""
+    hidden = denoiser_hidden(params, model_config, x_t, x_0, block_size, doc_ids, mdlm)
+    return model.logits_from_hidden(params, model_config, hidden)
 
 
 def token_logprobs(logits: Float[Array, "N L V"], targets: Int[Array, "N L"]) -> Float[Array, "N L"]:
@@ -283,9 +299,11 @@ def per_token_logprobs(params, model_config: ModelConfig, x_t: Int[Array, "N L"]
     """log p(x_0[i] | x_t, clean blocks before i's block) for every i: the vectorized likelihood.
 
     One forward gives every block's terms at once (REFERENCE §3, §6); EBPO sums them per block
-    with `per_block_sums(jnp.where(masked, logp / t, 0), block_size)`.
+    with `per_block_sums(jnp.where(masked, logp / t, 0), block_size)`. The lm_head and the
+    log-softmax run in chunks of `model_config.logits_chunk` positions (no `[N, L, V]`).
     """
-    return token_logprobs(denoiser_logits(params, model_config, x_t, x_0, block_size, doc_ids, mdlm), x_0)
+    hidden = denoiser_hidden(params, model_config, x_t, x_0, block_size, doc_ids, mdlm)
+    return model.output_stats(params, model_config, hidden, x_0)["logp"]
 
 
 def per_block_sums(values: Float[Array, "N L"], block_size: int) -> Float[Array, "N NB"]:
@@ -329,43 +347,45 @@ def _t2t_weight(edited, kept, keep_weight):
     return edited.astype(jnp.float32) + keep_weight * kept.astype(jnp.float32)
 
 
-def _confident(logp_all, targets, masked):
-    return masked & (jnp.argmax(logp_all, axis=-1) == targets)
-
-
 def cap_loss(logp_all: Float[Array, "N L V"], targets: Int[Array, "N L"],
              masked: Bool[Array, "N L"], denominator=None) -> Float[Array, ""]:
     """CAP confidence loss (LLaDA2.0): mean predictive entropy over the masked positions whose
     argmax already equals the target; sharpening right answers lets more tokens pass the decoder's
     confidence threshold per step."""
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [N, L]
-    confident = _confident(logp_all, targets, masked)
+    return cap_loss_from_entropy(entropy, jnp.argmax(logp_all, axis=-1) == targets, masked, denominator)
+
+
+def cap_loss_from_entropy(entropy: Float[Array, "N L"], correct: Bool[Array, "N L"],
+                          masked: Bool[Array, "N L"], denominator=None) -> Float[Array, ""]:
+    """`cap_loss` from per-token entropies and argmax hits (what the chunked head computes)."""
+    confident = masked & correct
     return _safe_div(jnp.sum(jnp.where(confident, entropy, 0.0)),
                      jnp.sum(confident) if denominator is None else denominator)
 
 
-def _draft(logits, nb: NoisedBatch, obj_config: ObjectiveConfig):
-    """MTF's draft (the stop-gradient argmax, never <|mask|>) and where it is wrong."""
-    draft_logits = logits.at[..., obj_config.mask_token_id].set(-jnp.inf)
-    draft = jax.lax.stop_gradient(jnp.argmax(draft_logits, axis=-1))
-    return jnp.where(nb.masked, draft, nb.x_t), nb.masked & (draft != nb.x_0)
+def _output_stats(params, model_config: ModelConfig, hidden, nb: "NoisedBatch", obj_config: "ObjectiveConfig"):
+    """Chunked lm_head statistics of the noisy half: log p(x_0), argmax, MTF's draft (never
+    <|mask|>), CAP's entropy; no [N, L, V] tensor."""
+    return model.output_stats(params, model_config, hidden, nb.x_0, entropy=obj_config.cap,
+                              exclude_id=obj_config.mask_token_id if obj_config.mtf else None)
 
 
-def _noise_counts(nb: NoisedBatch, obj_config: ObjectiveConfig) -> dict[str, Array]:
+def _noise_counts(nb: "NoisedBatch", obj_config: "ObjectiveConfig") -> dict[str, Array]:
     return {"response": jnp.sum(nb.loss_mask), "masked": jnp.sum(nb.masked), "edited": jnp.sum(nb.edited),
             "t2t_weight": jnp.sum(_t2t_weight(nb.edited, nb.kept, obj_config.keep_weight))}
 
 
-def _forward_counts(logits, nb: NoisedBatch, obj_config: ObjectiveConfig) -> dict[str, Array]:
+def _forward_counts(stats, nb: "NoisedBatch", obj_config: "ObjectiveConfig") -> dict[str, Array]:
     out = {}
     if obj_config.mtf:
-        out["draft_wrong"] = jnp.sum(_draft(logits, nb, obj_config)[1])
+        out["draft_wrong"] = jnp.sum(nb.masked & (stats["draft"] != nb.x_0))
     if obj_config.cap:
-        out["confident"] = jnp.sum(_confident(jax.nn.log_softmax(logits, axis=-1), nb.x_0, nb.masked))
+        out["confident"] = jnp.sum(nb.masked & (stats["argmax"] == nb.x_0))
     return out
 
 
-def loss_denominators(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batch: Mapping[str, Any],
+def loss_denominators(params, model_config: ModelConfig, obj_config: "ObjectiveConfig", batch: Mapping[str, Any],
                       rng: PRNGKeyArray) -> dict[str, Array]:
     """The counts that normalise `loss_fn`'s terms, over `batch` (no gradient).
 
@@ -379,9 +399,9 @@ def loss_denominators(params, model_config: ModelConfig, obj_config: ObjectiveCo
     counts = _noise_counts(nb, obj_config)
     if obj_config.mtf or obj_config.cap:
         mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
-        logits = denoiser_logits(jax.lax.stop_gradient(params), model_config, nb.x_t, nb.x_0, obj_config.block_size,
-                                 nb.doc_ids, mdlm)
-        counts.update(_forward_counts(logits, nb, obj_config))
+        p = jax.lax.stop_gradient(params)
+        hidden = denoiser_hidden(p, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
+        counts.update(_forward_counts(_output_stats(p, model_config, hidden, nb, obj_config), nb, obj_config))
     return counts
 
 
@@ -406,17 +426,19 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
     nb = noise(batch, rng, obj_config)
     mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
 
-    logits, load = denoiser_logits(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
+    # Hidden states of the noisy half only; lm_head, log-softmax, argmax and (CAP) entropy run in
+    # chunks of positions, so no [N, L, V] tensor exists in the forward or the backward pass.
+    hidden, load = denoiser_hidden(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
                                    with_load=True)
-    den = _noise_counts(nb, obj_config) | _forward_counts(logits, nb, obj_config)
+    stats = _output_stats(params, model_config, hidden, nb, obj_config)
+    den = _noise_counts(nb, obj_config) | _forward_counts(stats, nb, obj_config)
     if denominators is not None:
         missing = sorted(set(den) - set(denominators))
         if missing:
             raise ValueError(f"loss_fn.denominators: expected the keys {sorted(den)}, missing {missing}")
         den = {k: denominators[k] for k in den}
-    logp_all = jax.nn.log_softmax(logits, axis=-1)  # [N, L, V] fp32
-    logp = jnp.take_along_axis(logp_all, nb.x_0[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == nb.x_0
+    logp = stats["logp"]
+    correct = stats["argmax"] == nb.x_0
 
     m2t = m2t_loss(logp, nb.masked, nb.t, nb.loss_mask, obj_config.weighting,
                    den["response"] if obj_config.weighting == "elbo" else den["masked"])
@@ -432,15 +454,17 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
     }
 
     if obj_config.mtf:
-        x_draft, wrong = _draft(logits, nb, obj_config)
-        logp2 = token_logprobs(
-            denoiser_logits(params, model_config, x_draft, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm), nb.x_0)
+        # The draft never proposes <|mask|>: a masked draft position would just be M2T again.
+        draft = jax.lax.stop_gradient(stats["draft"]).astype(nb.x_t.dtype)
+        x_draft = jnp.where(nb.masked, draft, nb.x_t)
+        wrong = nb.masked & (draft != nb.x_0)
+        logp2 = per_token_logprobs(params, model_config, x_draft, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
         mtf = _safe_div(jnp.sum(jnp.where(wrong, -logp2, 0.0)), den["draft_wrong"])
         total = total + obj_config.lambda_mtf * mtf
         metrics.update(mtf_loss=mtf, num_draft_wrong=jnp.sum(wrong))
 
     if obj_config.cap:
-        cap = cap_loss(logp_all, nb.x_0, nb.masked, den["confident"])
+        cap = cap_loss_from_entropy(stats["entropy"], correct, nb.masked, den["confident"])
         total = total + obj_config.cap_beta * cap
         metrics["cap_loss"] = cap
 

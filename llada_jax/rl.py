@@ -376,10 +376,13 @@ def policy_logprobs(params, model_config: ModelConfig, x_t: Int[Array, "R L"], x
                     targets: Int[Array, "R L"], block_size: int, *, temperature: float = 1.0,
                     exclude_mask: bool = True) -> Float[Array, "R L"]:
     """`log q(targets[i] | x_t, clean blocks of x_0 before i's block)` from one composite forward,
-    q the sampling distribution (`sampling_logprobs`)."""
-    logits = objectives.denoiser_logits(params, model_config, x_t, x_0, block_size)
-    return sampling_logprobs(logits, targets, temperature=temperature,
-                             exclude_id=model_config.mask_token_id if exclude_mask else None)
+    q the sampling distribution (`sampling_logprobs`), read from the noisy half's hidden states
+    through the chunked lm_head (`model.output_stats`: no [R, L, V] logits)."""
+    from llada_jax import model  # the model import stays out of the pure-function API
+
+    hidden = objectives.denoiser_hidden(params, model_config, x_t, x_0, block_size)
+    return model.output_stats(params, model_config, hidden, targets, temperature=temperature,
+                              normaliser_exclude_id=model_config.mask_token_id if exclude_mask else None)["logp"]
 
 
 def _elbo_rows(params, model_config: ModelConfig, tokens: Int[Array, "R L"], masked: Bool[Array, "R L"],

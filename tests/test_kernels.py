@@ -1,0 +1,125 @@
+"""Attention kernels against the dense oracle, and mask descriptions against `masks`.
+
+Every implementation is compared with `xla` (dense scores under the dense twin) in values and
+gradients, fp32, on the four masks the project uses: bidirectional, block causal, composite and
+packed documents (composite + segment ids), plus key padding. Shapes are tiny; splash runs in
+interpret mode (T = 128, its smallest tile).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import masks
+from llada_jax.kernels import AttentionMask, attention, blocked_tiles, resolve
+from llada_jax.kernels.attention import TileSizes, blocked_flops_fraction
+
+B, T, N, K, H = 2, 128, 4, 2, 16
+BS = 16
+
+
+def _docs():
+    # two packed documents per row, boundaries mid-block, different per row; same ids in both halves
+    d = np.stack([np.arange(T // 2) >= 20, np.arange(T // 2) >= 41]).astype(np.int32)
+    return jnp.asarray(np.concatenate([d, d], axis=1))
+
+
+def _masks():
+    return {
+        "bidirectional": AttentionMask.bidirectional(),
+        "block_causal": AttentionMask.block_causal(BS),
+        "composite": AttentionMask.composite(BS),
+        "packed_documents": AttentionMask.composite(BS, segment_ids=_docs()),
+        "bidirectional_documents": AttentionMask.bidirectional(segment_ids=_docs()),
+    }
+
+
+def _qkv(seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    k = jax.random.normal(ks[1], (B, T, K, H))
+    v = jax.random.normal(ks[2], (B, T, K, H))
+    w = jax.random.normal(ks[3], (B, T, N, H))  # a random cotangent
+    return q, k, v, w
+
+
+def _value_and_grads(impl, mask, rows=None, **kw):
+    q, k, v, w = _qkv()
+
+    def f(q, k, v):
+        out = attention(q, k, v, mask, impl=impl, **kw)
+        if rows is not None:
+            out = jnp.where(rows[:, :, None, None], out, 0.0)
+        return jnp.sum(out * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def _assert_same(impl, mask, rows=None, **kw):
+    want, want_g = _value_and_grads("xla", mask, rows)
+    got, got_g = _value_and_grads(impl, mask, rows, **kw)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for g, wg, name in zip(got_g, want_g, "qkv"):
+        np.testing.assert_allclose(g, wg, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("name,q_tile", [(name, 16) for name in _masks()]
+                         + [("composite", 48), ("packed_documents", 48)])
+def test_blocked_equals_dense(name, q_tile):
+    _assert_same("blocked", _masks()[name], tiles=TileSizes(blocked_q=q_tile))
+
+
+@pytest.mark.parametrize("name", ["block_causal", "packed_documents"])
+def test_cudnn_path_equals_dense(name):
+    # jax.nn.dot_product_attention (implementation="xla" on CPU; cuDNN on a GPU in bf16).
+    _assert_same("cudnn", _masks()[name])
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "block_causal", "composite", "packed_documents"])
+def test_splash_interpret_equals_dense(name):
+    _assert_same("splash", _masks()[name], interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "splash", "cudnn"])
+def test_key_padding_equals_dense_on_real_rows(impl):
+    valid = jnp.asarray(np.stack([np.arange(T) < 100, np.arange(T) < T]))  # row 0 padded at the end
+    mask = AttentionMask.block_causal(BS, key_valid=valid)
+    _assert_same(impl, mask, rows=valid, interpret=True) if impl == "splash" else _assert_same(impl, mask, rows=valid)
+
+
+def test_dense_twins_are_the_mask_builders():
+    np.testing.assert_array_equal(AttentionMask.block_causal(BS).dense(T)[0], masks.block_causal(T, BS))
+    np.testing.assert_array_equal(AttentionMask.composite(BS).dense(T)[0], masks.composite(T // 2, BS)[0])
+    np.testing.assert_array_equal(AttentionMask.bidirectional().dense(T)[0], masks.bidirectional(T))
+    docs = _docs()
+    np.testing.assert_array_equal(AttentionMask.composite(BS, segment_ids=docs).dense(T),
+                                  masks.composite(T // 2, BS)[0][None] & masks.document(docs))
+
+
+def test_blocked_tiles_cover_exactly_the_allowed_entries():
+    for kind, length in (("composite", 2 * 512), ("block_causal", 512)):
+        structure = AttentionMask(kind, 32).structure(length)
+        seen = np.zeros_like(structure)
+        for tile in blocked_tiles(kind, 32, length, 128):
+            cols = np.concatenate([np.arange(a, b) for a, b in tile.key_runs])
+            assert not seen[tile.q_start:tile.q_end][:, cols].any()
+            seen[tile.q_start:tile.q_end][:, cols] = tile.local
+        np.testing.assert_array_equal(seen, structure)
+    # The point of the kernel: the composite mask at L = 2048, block 32, is ~1/4 of dense.
+    assert blocked_flops_fraction("composite", 32, 4096, 256) < 1 / 3
+
+
+def test_bad_descriptions_name_the_field():
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match="attention_impl"):
+        attention(q, k, v, AttentionMask.bidirectional(), impl="flash")
+    with pytest.raises(ValueError, match="block_size"):
+        AttentionMask.composite(0)
+    with pytest.raises(ValueError, match="segment_ids"):
+        attention(q, k, v, AttentionMask.composite(BS, segment_ids=jnp.zeros((B, T - 1), jnp.int32)))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        attention(q[:, :96], k[:, :96], v[:, :96], AttentionMask.block_causal(BS), impl="splash")
+    # An explicit boolean mask has no structure to exploit: every impl runs the dense oracle.
+    assert resolve("blocked", AttentionMask.from_dense(jnp.ones((1, T, T), bool)), T) == "xla"
