@@ -175,7 +175,7 @@ def test_mbe_window_op_edits_only_editable_positions(tiny_hf, fixture_runs):
     canvas[:, :64] = rng.integers(0, 510, size=(2, 64))
     prompt_lens = jnp.array([21, 21])
     settings = decoding.DecodeSettings(block_length=B, mask_id=511, eos_id=510, pad_id=510, greedy=True,
-                                       filter_top=False, use_cache=False, mbe_window=2, prefill_blocks=0)
+                                       filter_top=False, use_cache=False, mbe_window=2)
     knobs = decoding.Knobs(threshold=jnp.float32(0.5), editing_threshold=jnp.float32(0.0),
                            temperature=jnp.float32(0), top_k=jnp.int32(512), top_p=jnp.float32(1),
                            penalty_lambda=jnp.float32(0), max_post_steps=jnp.int32(16),
@@ -184,10 +184,9 @@ def test_mbe_window_op_edits_only_editable_positions(tiny_hf, fixture_runs):
     state = decoding.DecodeState(
         canvas=jnp.asarray(canvas), block=jnp.array([3, 3]), phase=jnp.array([decoding.PROPOSE, decoding.DENOISE]),
         post_steps=zeros, steps=jnp.array([40, 40]), cache_writes=zeros, mbe_forwards=zeros,
-        commit_step=jnp.full(canvas.shape, -1, jnp.int32), cache=None)
-    op = jax.jit(lambda st: decoding._window_op(params, jax.random.key(0), prompt_lens, jnp.array([5, 5]), knobs,
-                                                st, config=config, settings=settings,
-                                                block_mask=masks.block_causal(80, B)))
+        commit_step=jnp.full(canvas.shape, -1, jnp.int32), stale=jnp.zeros((2,), bool), cache=None)
+    op = jax.jit(lambda st: decoding._window_op(params, decoding.row_keys_for(jax.random.key(0), 2), prompt_lens,
+                                                jnp.array([5, 5]), knobs, st, config=config, settings=settings))
     after = op(state)
     changed = np.flatnonzero(np.asarray(after.canvas[0]) != canvas[0])
     assert changed.size > 0 and changed.min() >= 32 and changed.max() < 64, changed
@@ -221,7 +220,7 @@ def test_sampling_is_keyed(tiny_hf):
 
 def test_choose_tokens_penalty_and_filters():
     settings = decoding.DecodeSettings(block_length=2, mask_id=3, eos_id=2, pad_id=2, greedy=True,
-                                       filter_top=False, use_cache=True, mbe_window=0, prefill_blocks=0)
+                                       filter_top=False, use_cache=True, mbe_window=0)
     knobs = decoding.Knobs(threshold=jnp.float32(0.5), editing_threshold=jnp.float32(0.0),
                            temperature=jnp.float32(0), top_k=jnp.int32(4), top_p=jnp.float32(1),
                            penalty_lambda=jnp.float32(2.0), max_post_steps=jnp.int32(16),
