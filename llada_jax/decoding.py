@@ -97,6 +97,10 @@ class DecodeSettings:
     mbe_window: int
     mbe_attention: str = "bidirectional"  # or "block_causal" (see the module docstring)
     prefill_chunk_blocks: int = 8  # blocks per prefill forward
+    # Capacity of the per-position write record (0 = off): DiPO's exact trajectory. A position can
+    # be written at most once per step of its block (B + max_post_steps steps) and once per MBE
+    # proposal while in the window, so `trajectory_capacity` sets it to that bound.
+    record_writes: int = 0
 
 
 MBE_ATTENTION = ("bidirectional", "block_causal")
@@ -134,10 +138,35 @@ class DecodeState:
     commit_step: Int[Array, "N L"]  # denoising step that last wrote each position, -1 if none
     stale: Bool[Array, "N"]  # the finished block's cached K/V are not clean (read in PROPOSE)
     cache: Any  # KV cache {"dense"|"moe": {"k", "v": [layers, N, L, K, H]}}, or None uncached
+    # With `settings.record_writes = W`: every write of every position, in order. write_step
+    # [N, L, W] is the row's denoising-step index of the write (-1 for an empty slot), write_token
+    # the token written, write_count [N, L] the number of writes (it may exceed W only if the
+    # bound were wrong; `summarize` checks). None when not recorded.
+    write_step: Any = None
+    write_token: Any = None
+    write_count: Any = None
 
     @property
     def forwards(self) -> Int[Array, "N"]:
         return self.steps + self.cache_writes + self.mbe_forwards
+
+
+class Trajectory(NamedTuple):
+    """Every write the decoder made (`generate(..., record_trajectory=True)`), for DiPO.
+
+    write_step [N, L, W]: for each canvas position, the row's denoising-step index (0-based, the
+    step counter of `steps`) of each write in order, -1 for an unused slot; a Multi-Block Editing
+    write carries the last denoising step before it. write_token [N, L, W]: the token written.
+    write_count [N, L]: writes per position. A position's value before step s is its last write
+    at a step < s (the mask id if none; prompt positions are never written). Together with the
+    final `canvas` (positions past the first EOS and past `P + gen_length` included) this is the
+    exact context of every decision.
+    """
+
+    write_step: np.ndarray
+    write_token: np.ndarray
+    write_count: np.ndarray
+    prompt_lengths: np.ndarray
 
 
 class GenerateOutput(NamedTuple):
@@ -163,6 +192,7 @@ class GenerateOutput(NamedTuple):
     mbe_forwards: np.ndarray
     num_generated: np.ndarray
     tpf: np.ndarray
+    trajectory: Optional[Trajectory] = None
 
 
 # --------------------------------------------------------------------------- token choice
@@ -211,6 +241,21 @@ def choose_tokens(logits: Float[Array, "N C V"], prev: Int[Array, "N C"], keys, 
 # --------------------------------------------------------------------------- the loop
 _slice = jax.vmap(lambda a, i, n: jax.lax.dynamic_slice_in_dim(a, i, n, axis=0), in_axes=(0, 0, None))
 _update = jax.vmap(lambda a, u, i: jax.lax.dynamic_update_slice_in_dim(a, u, i, axis=0))
+
+
+def _record(state: DecodeState, start, size: int, write: Bool[Array, "N C"], tok: Int[Array, "N C"],
+            step: Int[Array, "N"]) -> DecodeState:
+    """Appends the writes of one forward to the trajectory record (a no-op when not recording)."""
+    if state.write_step is None:
+        return state
+    count = _slice(state.write_count, start, size)  # [N, C]
+    slots = state.write_step.shape[-1]
+    put = write[..., None] & (jnp.arange(slots) == count[..., None])  # [N, C, W]
+    steps = jnp.where(put, step[:, None, None], _slice(state.write_step, start, size))
+    tokens = jnp.where(put, tok[..., None], _slice(state.write_token, start, size))
+    return state.replace(write_step=_update(state.write_step, steps, start),
+                         write_token=_update(state.write_token, tokens, start),
+                         write_count=_update(state.write_count, count + write, start))
 
 
 def _model_chunk(params, config, settings, state: DecodeState, start, size, reading, writing,
@@ -307,6 +352,7 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
     ended = denoising & jnp.where(knobs.llada20, ~masks_left, end21)
     stale = knobs.llada20 | ~clean_end
 
+    state = _record(state, start, b, write, tok, state.steps)
     state = state.replace(
         canvas=_update(state.canvas, new_tokens, start),
         commit_step=_update(state.commit_step, stamp, start),
@@ -357,6 +403,7 @@ def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSt
              & proposing[:, None])
     edited = write.any(-1)
     stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
+    state = _record(state, start, size, write, tok, state.steps - 1)
     state = state.replace(
         canvas=_update(state.canvas, jnp.where(write, tok, tokens), start),
         commit_step=_update(state.commit_step, stamp, start),
@@ -386,10 +433,16 @@ def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], 
                                 block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
                                 prefix_buckets=kvcache.buckets(length // b))
         cache_writes = (prompt_lens >= b).astype(jnp.int32)
+    record = {}
+    if settings.record_writes:
+        w = settings.record_writes
+        record = dict(write_step=jnp.full((n, length, w), -1, jnp.int32),
+                      write_token=jnp.full((n, length, w), settings.mask_id, jnp.int32),
+                      write_count=jnp.zeros((n, length), jnp.int32))
     return DecodeState(
         canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
         cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
-        stale=jnp.zeros((n,), bool), cache=cache)
+        stale=jnp.zeros((n,), bool), cache=cache, **record)
 
 
 def step(params, state: DecodeState, prompt_lens: Int[Array, "N"], num_blocks: Int[Array, "N"], knobs: Knobs,
@@ -483,7 +536,7 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
              mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
              use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
              llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
-             mbe_attention: str = "bidirectional") -> GenerateOutput:
+             record_trajectory: bool = False, mbe_attention: str = "bidirectional") -> GenerateOutput:
     """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
 
     `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
@@ -495,7 +548,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     Editing over that many finished blocks, whose blocks attend to each other as `mbe_attention`
     says ("bidirectional" or "block_causal", see the module docstring). Sampling (temperature > 0) needs `rng`; step keys
     are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
-    host function (see `decode`).
+    host function (see `decode`). `record_trajectory` also returns every write of every position
+    with its step (`GenerateOutput.trajectory`, what DiPO needs).
     """
     if preset is not None:
         if preset not in PRESETS:
@@ -563,7 +617,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
-        use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention)
+        use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention,
+        record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window) if record_trajectory else 0)
     knobs = make_knobs(vocab, threshold=threshold, editing_threshold=editing_threshold, temperature=temperature,
                        top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, max_post_steps=max_post_steps,
                        eos_early_stop=eos_early_stop, llada20=llada20)
@@ -571,6 +626,12 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
                    config=config, settings=settings, on_block=on_block)
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int) -> int:
+    """Most writes one position can receive: once per denoising step of its block (at most B steps
+    that fill masks, then at most max_post_steps more) and once per MBE proposal over it."""
+    return block_length + max_post_steps + 1 + mbe_window
 
 
 def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top_k=None, top_p=None,
@@ -591,6 +652,15 @@ def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
               settings: DecodeSettings) -> GenerateOutput:
     """Host-side result of `decode`: answers truncated after the first EOS, and statistics."""
     width = int(np.max(canvas_lens))  # the compiled canvas may be longer (a bucket)
+    trajectory = None
+    if state.write_step is not None:
+        count = np.asarray(state.write_count)[:, :width]
+        if count.max(initial=0) > settings.record_writes:
+            raise RuntimeError(f"decode: a position was written {int(count.max())} times, more than the "
+                               f"trajectory capacity {settings.record_writes}")
+        trajectory = Trajectory(write_step=np.asarray(state.write_step)[:, :width],
+                                write_token=np.asarray(state.write_token)[:, :width],
+                                write_count=count, prompt_lengths=np.asarray(prompt_lens))
     canvas, commit = np.asarray(state.canvas)[:, :width], np.asarray(state.commit_step)[:, :width]
     forwards = np.asarray(state.forwards)
     tokens, commit_steps, generated = [], [], []
@@ -607,4 +677,4 @@ def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
         tokens=tokens, commit_steps=commit_steps, canvas=canvas, canvas_lengths=np.asarray(canvas_lens),
         forwards=forwards, steps=np.asarray(state.steps), cache_writes=np.asarray(state.cache_writes),
         mbe_forwards=np.asarray(state.mbe_forwards), num_generated=generated,
-        tpf=generated / np.maximum(forwards, 1))
+        tpf=generated / np.maximum(forwards, 1), trajectory=trajectory)
