@@ -122,6 +122,7 @@ class Knobs:
     max_post_steps: Int[Array, ""]
     eos_early_stop: Bool[Array, ""]
     llada20: Bool[Array, ""]
+    mbe: Any = True  # this row uses Multi-Block Editing (when the program has a window)
 
 
 @flax.struct.dataclass
@@ -363,10 +364,11 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
         # COMMIT rows move on to the next block.
         phase=jnp.where(committing, DENOISE, state.phase),
         block=state.block + committing)
-    if settings.mbe_window:
-        return state.replace(phase=jnp.where(ended, PROPOSE, state.phase),
-                             stale=jnp.where(ended, stale, state.stale))
-    return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
+    if not settings.mbe_window:
+        return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
+    propose = ended & knobs.mbe
+    state = _finish_block(state, ended & ~propose, stale, prompt_lens, num_blocks, knobs, settings)
+    return state.replace(phase=jnp.where(propose, PROPOSE, state.phase), stale=jnp.where(ended, stale, state.stale))
 
 
 def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings):
@@ -505,8 +507,16 @@ def canvas_bucket(num_blocks: int, max_blocks: int) -> int:
 
 
 # --------------------------------------------------------------------------- host API
+class OptionError(ValueError):
+    """A bad decoding option or prompt; `field` names it (the server answers HTTP 400 with it)."""
+
+    def __init__(self, field: str, expected: str, found):
+        super().__init__(f"generate: {field}: expected {expected}, found {found!r}")
+        self.field = field
+
+
 def _fail(field, expected, found):
-    raise ValueError(f"generate: {field}: expected {expected}, found {found!r}")
+    raise OptionError(field, expected, found)
 
 
 def _as_prompt_list(prompts) -> list[list[int]]:
@@ -527,6 +537,82 @@ def _as_prompt_list(prompts) -> list[list[int]]:
             _fail(f"prompts[{i}]", "at least one token", p)
         out.append(row)
     return out
+
+
+def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 32,
+                  threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
+                  max_post_steps: int = 16, eos_early_stop: bool = False, temperature: float = 0.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
+                  mask_id: Optional[int] = None, eos_id: Optional[int] = None, mbe_window: int = 0,
+                  preset: Optional[str] = None, llada20: Optional[bool] = None,
+                  mbe_attention: str = "bidirectional") -> dict[str, Any]:
+    """The decoding options of `generate` checked and resolved (preset applied, ids defaulted);
+    raises `OptionError` naming the field, the expected and the found value."""
+    if preset is not None:
+        if preset not in PRESETS:
+            _fail("preset", f"one of {sorted(PRESETS)}", preset)
+        chosen = PRESETS[preset]
+        threshold = chosen["threshold"] if threshold is None else threshold
+        editing_threshold = chosen["editing_threshold"] if editing_threshold is None else editing_threshold
+        llada20 = chosen.get("llada20", False) if llada20 is None else llada20
+    llada20 = bool(llada20)
+    if threshold is None or editing_threshold is None:
+        _fail("threshold/editing_threshold", "values, or a preset", (threshold, editing_threshold))
+    mask_id = config.mask_token_id if mask_id is None else mask_id
+    eos_id = config.eos_token_id if eos_id is None else eos_id
+    vocab = config.vocab_size
+
+    def check_int(field, value, lo, hi=None):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
+                or (hi is not None and value >= hi):
+            _fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
+
+    for field, value in (("threshold", threshold), ("editing_threshold", editing_threshold),
+                         ("temperature", temperature), ("penalty_lambda", penalty_lambda), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                                      np.floating))):
+            _fail(field, "a number", value)
+    for field, value in (("eos_early_stop", eos_early_stop), ("llada20", llada20)):
+        if not isinstance(value, (bool, np.bool_)):
+            _fail(field, "true or false", value)
+    check_int("gen_length", gen_length, 1)
+    check_int("block_length", block_length, 1)
+    check_int("max_post_steps", max_post_steps, 0)
+    check_int("mbe_window", mbe_window, 0)
+    if mbe_attention not in MBE_ATTENTION:
+        _fail("mbe_attention", f"one of {MBE_ATTENTION}", mbe_attention)
+    check_int("mask_id", mask_id, 0, vocab)
+    check_int("eos_id", eos_id, 0, vocab)
+    if mask_id == eos_id:
+        _fail("eos_id", f"an id different from mask_id={mask_id}", eos_id)
+    if not 0.0 <= threshold <= 1.0:
+        _fail("threshold", "a value in [0, 1]", threshold)
+    if not editing_threshold >= 0.0:  # also rejects NaN
+        _fail("editing_threshold", "a value >= 0 (>= 1 disables editing)", editing_threshold)
+    if not temperature >= 0.0:
+        _fail("temperature", "a value >= 0", temperature)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, vocab + 1)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        _fail("top_p", "a value in (0, 1]", top_p)
+    if not penalty_lambda >= 0.0:
+        _fail("penalty_lambda", "a value >= 0", penalty_lambda)
+    return dict(gen_length=gen_length, block_length=block_length, threshold=float(threshold),
+                editing_threshold=float(editing_threshold), max_post_steps=int(max_post_steps),
+                eos_early_stop=bool(eos_early_stop), temperature=float(temperature), top_k=top_k, top_p=top_p,
+                penalty_lambda=float(penalty_lambda), mask_id=int(mask_id), eos_id=int(eos_id),
+                mbe_window=int(mbe_window), llada20=llada20, mbe_attention=mbe_attention)
+
+
+def check_prompts(prompts, vocab: int, mask_id: int) -> list[list[int]]:
+    """Prompts as lists of ids, each non-empty and free of out-of-range ids and the mask id."""
+    rows = _as_prompt_list(prompts)
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < vocab or t == mask_id]
+        if bad:
+            _fail(f"prompts[{i}]", f"token ids in [0, {vocab}) other than mask_id={mask_id}", bad[:5])
+    return rows
+
 
 
 def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_length: int = 32,
@@ -551,56 +637,17 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     host function (see `decode`). `record_trajectory` also returns every write of every position
     with its step (`GenerateOutput.trajectory`, what DiPO needs).
     """
-    if preset is not None:
-        if preset not in PRESETS:
-            _fail("preset", f"one of {sorted(PRESETS)}", preset)
-        chosen = PRESETS[preset]
-        threshold = chosen["threshold"] if threshold is None else threshold
-        editing_threshold = chosen["editing_threshold"] if editing_threshold is None else editing_threshold
-        llada20 = chosen.get("llada20", False) if llada20 is None else llada20
-    llada20 = bool(llada20)
-    if threshold is None or editing_threshold is None:
-        _fail("threshold/editing_threshold", "values, or a preset", (threshold, editing_threshold))
-    mask_id = config.mask_token_id if mask_id is None else mask_id
-    eos_id = config.eos_token_id if eos_id is None else eos_id
-    vocab = config.vocab_size
-
-    def check_int(field, value, lo, hi=None):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
-                or (hi is not None and value >= hi):
-            _fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
-
-    check_int("gen_length", gen_length, 1)
-    check_int("block_length", block_length, 1)
-    check_int("max_post_steps", max_post_steps, 0)
-    check_int("mbe_window", mbe_window, 0)
-    if mbe_attention not in MBE_ATTENTION:
-        _fail("mbe_attention", f"one of {MBE_ATTENTION}", mbe_attention)
-    check_int("mask_id", mask_id, 0, vocab)
-    check_int("eos_id", eos_id, 0, vocab)
-    if mask_id == eos_id:
-        _fail("eos_id", f"an id different from mask_id={mask_id}", eos_id)
-    if not 0.0 <= threshold <= 1.0:
-        _fail("threshold", "a value in [0, 1]", threshold)
-    if not editing_threshold >= 0.0:  # also rejects NaN
-        _fail("editing_threshold", "a value >= 0 (>= 1 disables editing)", editing_threshold)
-    if not temperature >= 0.0:
-        _fail("temperature", "a value >= 0", temperature)
-    if top_k is not None:
-        check_int("top_k", top_k, 1, vocab + 1)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        _fail("top_p", "a value in (0, 1]", top_p)
-    if not penalty_lambda >= 0.0:
-        _fail("penalty_lambda", "a value >= 0", penalty_lambda)
+    opts = check_options(
+        config, gen_length=gen_length, block_length=block_length, threshold=threshold,
+        editing_threshold=editing_threshold, max_post_steps=max_post_steps, eos_early_stop=eos_early_stop,
+        temperature=temperature, top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, mask_id=mask_id,
+        eos_id=eos_id, mbe_window=mbe_window, preset=preset, llada20=llada20, mbe_attention=mbe_attention)
+    mask_id, eos_id, vocab = opts["mask_id"], opts["eos_id"], config.vocab_size
+    threshold, editing_threshold, llada20 = opts["threshold"], opts["editing_threshold"], opts["llada20"]
     greedy = temperature == 0.0
     if not greedy and rng is None:
         _fail("rng", "a PRNG key when temperature > 0", rng)
-
-    rows = _as_prompt_list(prompts)
-    for i, row in enumerate(rows):
-        bad = [t for t in row if not 0 <= t < vocab or t == mask_id]
-        if bad:
-            _fail(f"prompts[{i}]", f"token ids in [0, {vocab}) other than mask_id={mask_id}", bad[:5])
+    rows = check_prompts(prompts, vocab, mask_id)
     prompt_lens = np.array([len(r) for r in rows], np.int32)
     canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
                            np.int32)
@@ -635,7 +682,7 @@ def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int)
 
 
 def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top_k=None, top_p=None,
-               penalty_lambda=0.0, max_post_steps=16, eos_early_stop=False, llada20=False) -> Knobs:
+               penalty_lambda=0.0, max_post_steps=16, eos_early_stop=False, llada20=False, mbe=True) -> Knobs:
     """Knobs from plain values (scalars, or one value per row); `None` top-k / top-p = off."""
     def arr(x, dtype):
         return jnp.asarray(np.asarray(x, dtype))
@@ -645,7 +692,7 @@ def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top
         threshold=arr(threshold, np.float32), editing_threshold=arr(editing_threshold, np.float32),
         temperature=arr(temperature, np.float32), top_k=arr(top_k, np.int32), top_p=arr(top_p, np.float32),
         penalty_lambda=arr(penalty_lambda, np.float32), max_post_steps=arr(max_post_steps, np.int32),
-        eos_early_stop=arr(eos_early_stop, np.bool_), llada20=arr(llada20, np.bool_))
+        eos_early_stop=arr(eos_early_stop, np.bool_), llada20=arr(llada20, np.bool_), mbe=arr(mbe, np.bool_))
 
 
 def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,

@@ -11,7 +11,7 @@ keys. This module is the decoder's forward instead (same parameters, same math):
     (or on a donated argument);
   * a query sees the cached keys of the *prefix* `j < start[r]` plus the chunk's fresh keys
     under `chunk_mask`; the prefix is read only up to a static bucket of `prefix_buckets`
-    (in blocks), chosen at run time by `lax.switch` from the longest prefix in the batch, so a
+    (in blocks, doubling), chosen at run time by `lax.switch` from the longest prefix in the batch, so a
     step early in a long canvas reads a short prefix. Only the attention is in the switch, the
     projections and the MoE are not, so the buckets cost little compile time.
 
@@ -40,9 +40,10 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
     return model.init_cache(config, batch, length, dtype)
 
 
-def buckets(num_blocks: int, *, growth: float = 1.5) -> tuple[int, ...]:
+def buckets(num_blocks: int, *, growth: float = 2.0) -> tuple[int, ...]:
     """Prefix lengths in blocks, 0 .. num_blocks, each at most `growth` times the one before:
-    (0, 1, 2, 3, 4, 6, 8, 12, ...). A read bounded by the next bucket wastes < `growth`x."""
+    (0, 1, 2, 4, 8, ...). A read bounded by the next bucket wastes < `growth`x; each bucket is one
+    more attention branch to compile."""
     out, b = [0], 1
     while b < num_blocks:
         out.append(b)

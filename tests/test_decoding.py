@@ -274,3 +274,42 @@ def test_invalid_settings_raise(tiny_hf, kwargs, field):
     kwargs = {"prompts": [[1, 2, 3]], "preset": "Q", **kwargs}
     with pytest.raises(ValueError, match=field):
         _run(tiny_hf, **kwargs)
+
+
+def test_varied_prompt_lengths_compile_few_programs(tiny_hf):
+    """20 prompts of random lengths in [1, 200], one `generate` call each: the canvas is bucketed
+    to a power of two of blocks and the prefill is chunked, so at most 3 programs are compiled
+    (canvases of 3..15 blocks fall in the buckets 4, 8, 16)."""
+    lengths = np.random.default_rng(7).integers(1, 201, size=20)
+    before = decoding.decode._cache_size()
+    for i, n in enumerate(lengths):
+        out = _run(tiny_hf, _random_prompts([int(n)], seed=100 + i), preset="S", gen_length=32)
+        assert len(out.tokens[0]) <= 32 and out.canvas.shape[1] == out.canvas_lengths[0]
+    assert decoding.decode._cache_size() - before <= 3
+
+
+def test_trajectory_cached_matches_uncached(tiny_hf, fixture_runs):
+    """The write record (DiPO's trajectory) is the same on both paths, and replaying each
+    position's last write gives the final canvas."""
+    prompts = [r["prompt"] for r in sorted(fixture_runs, key=lambda r: r["prompt_index"])[::5]]
+    cached = _run(tiny_hf, prompts, preset="Q", record_trajectory=True)
+    uncached = _run(tiny_hf, prompts, preset="Q", record_trajectory=True, use_cache=False)
+    for field in ("write_step", "write_token", "write_count"):
+        np.testing.assert_array_equal(getattr(cached.trajectory, field), getattr(uncached.trajectory, field))
+    t = cached.trajectory
+    last = np.take_along_axis(t.write_token, np.maximum(t.write_count - 1, 0)[..., None], axis=-1)[..., 0]
+    written = t.write_count > 0
+    np.testing.assert_array_equal(last[written], cached.canvas[written])
+
+
+@pytest.mark.parametrize("preset", ["S", "Q"])
+def test_mbe_block_causal_variant_cached_matches_uncached(tiny_hf, fixture_runs, preset):
+    """REFERENCE §5's block-causal window (kept as an option) on both paths; the bidirectional
+    default sees later blocks, so on these prompts it edits where the block-causal one does not
+    change more than it."""
+    prompts = [r["prompt"] for r in sorted(fixture_runs, key=lambda r: r["prompt_index"])[::5]]
+    kw = dict(preset=preset, mbe_window=2, mbe_attention="block_causal")
+    cached, uncached = _run(tiny_hf, prompts, **kw), _run(tiny_hf, prompts, **kw, use_cache=False)
+    assert cached.tokens == uncached.tokens
+    np.testing.assert_array_equal(cached.canvas, uncached.canvas)
+    np.testing.assert_array_equal(cached.forwards - cached.cache_writes, uncached.forwards)
