@@ -170,7 +170,7 @@ class Engine:
     def check(self, prompt, options: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
         """Validates one request against `decoding.check_options` and this engine's shapes;
         raises `decoding.OptionError` naming the field."""
-        opts = dict(options)
+        opts = {k: v for k, v in options.items() if k not in ("mask_id", "eos_id")}  # the engine's own
         opts.setdefault("block_length", self.settings.block_length)
         mbe = opts.pop("mbe_window", None)
         opts = decoding.check_options(self.config, **opts, mbe_window=0 if mbe is None else mbe,

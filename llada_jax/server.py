@@ -19,6 +19,7 @@ imports this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
@@ -150,7 +151,12 @@ class App:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", lambda r: JSONResponse({"ok": True}), methods=["GET"]),
-        ], on_shutdown=[self.worker.close])
+        ], lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        yield
+        self.worker.close()
 
     # ------------------------------------------------------------------ endpoints
     async def models(self, request: Request):
