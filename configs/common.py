@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # a tokenizer.json (file or directory); default: the locally built task tokenizer
     c.data.num_train = 20000
     c.data.num_test = 500
+    c.data.num_validation = 200  # held-out problems for choosing settings (offline tasks)
     c.data.batch_size = 32  # global batch
     c.data.seq_len = 64  # a multiple of objective.block_size
     c.data.template = "chat"  # "chat" (LLaDA2 chat format) or "plain" (prompt, answer, EOS padding)
@@ -86,7 +87,9 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.algorithm = algorithm  # "ebpo" | "espo" | "dipo"
     c.prompts_per_step = 8  # P
     c.group_size = 8  # G completions per prompt
-    c.inner_updates = 2  # μ updates per rollout batch, same batch and noise key
+    # μ updates per rollout batch, same batch and noise key; None: the algorithm's default
+    # (rl_loop.INNER_UPDATES: EBPO 2, ESPO 8 as in its paper, DiPO 2).
+    c.inner_updates = config_dict.placeholder(int)
     c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
     c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
     c.gen_length = 16
@@ -100,6 +103,10 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.beta = config_dict.placeholder(float)  # KL weight to the initial params (0 = no reference)
     c.kl_estimator = config_dict.placeholder(str)  # EBPO: "k1" | "k2" | "k3"
     c.grad_mode = config_dict.placeholder(str)  # EBPO / ESPO: "direct" | "replay"
+    c.t_floor = config_dict.placeholder(float)  # EBPO / ESPO: smallest mask rate of the ELBO noise
+    c.weighting = config_dict.placeholder(str)  # EBPO / ESPO: "rate" (1/t) | "count" (realised rate)
+    c.normalize = config_dict.placeholder(str)  # EBPO: "none" (the paper's) | "token" (per-token log ratio)
+    c.dual_clip = config_dict.placeholder(float)  # EBPO: floor c*A for A < 0 (None = plain PPO clip)
     c.dipo_step_bucket = 8  # DiPO num_steps rounded up to a multiple of this (fewer compiles)
     # Held-out evaluation (greedy) every eval_every steps and before the first; 0 = off.
     c.eval_every = 10

@@ -4,9 +4,12 @@ r"""The quickstart: a tiny MoE model trained from scratch on an offline task, th
   python launch/train.py --config=configs/quickstart.py --workdir=/tmp/qs        # the SFT stage alone
   python launch/quickstart.py --config=configs/quickstart.py:task=sudoku4x4 --rl_steps=0
 
-Default task: 2-digit addition at fixed width ("07+35=" -> "042"), taught by a noisy teacher
-that drops every carry in 60% of its demonstrations (REFERENCE §8: imitation then has a ceiling
-that the exact reward can lift). `noise=0.0` trains on clean demonstrations.
+Default task: four 2-digit sums at fixed width per prompt ("07+35,12+49,55+66,80+09=" ->
+"042,061,121,089"), taught by a noisy teacher that drops every carry in 60% of its
+demonstrations, pair by pair (REFERENCE §8: imitation then has a ceiling that the exact reward
+can lift). With blocks of 4 tokens each sum's answer is a block of its own, so a completion
+spans 4 blocks and EBPO's block terms do real work. `pairs=1` is the one-block variant (one sum,
+one 16-token block); `noise=0.0` trains on clean demonstrations.
 """
 
 import os
@@ -19,7 +22,7 @@ from common import base_config, parse_arg, rl_config  # noqa: E402
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, task="addition", noise=0.6)
+    a = parse_arg(arg, task="addition", noise=0.6, pairs=4)
     c = base_config()
     c.total_steps = 2500
     c.checkpoint_every = 500
@@ -34,21 +37,26 @@ def get_config(arg=None):
     c.model.overrides.partial_rotary_factor = 1.0
     c.data.task = a.task
     c.data.template = "plain"  # prompt text, answer, EOS padding: no chat template for toy tasks
+    pairs = a.pairs if a.task == "addition" else 1
     if a.task == "addition":
         c.data.task_config.max_digits = 2
         c.data.task_config.zero_pad = True
         c.data.task_config.carry_error_rate = a.noise
+        if pairs > 1:
+            c.data.task_config.num_pairs = pairs
     if a.task == "sudoku4x4":
         c.data.task_config.compact = True
     c.data.num_train = 20000
     c.data.num_test = 500
     c.data.batch_size = 64
-    # Prompt + answer, rounded up to whole blocks: addition 6 + 3 tokens, compact Sudoku 16 + 16,
-    # Countdown <= 25 + 10 (task tokenizer, plain template).
-    c.data.seq_len = {"addition": 16, "countdown": 48, "sudoku4x4": 32}[a.task]
-    # Addition in one block: with two blocks of 8, 1000 noisy-teacher steps left the units digit
+    # Prompt + answer, rounded up to whole blocks: addition 6 + 3 tokens per pair (4 pairs: 24 + 15
+    # and EOS), compact Sudoku 16 + 16, Countdown <= 25 + 10 (task tokenizer, plain template).
+    prompt_len = {"addition": 6 * pairs, "countdown": 32, "sudoku4x4": 16}[a.task]
+    c.data.seq_len = {"addition": 16 if pairs == 1 else 10 * pairs, "countdown": 48, "sudoku4x4": 32}[a.task]
+    # One pair in one block: with two blocks of 8, 1000 noisy-teacher steps left the units digit
     # unlearnt (0.0% and 1.2% held-out, seeds 0 and 1) where one block of 16 reached 19.9%.
-    c.objective.block_size = {"addition": 16, "countdown": 16, "sudoku4x4": 16}[a.task]
+    # Several pairs: blocks of 4, one answer (3 digits and a comma or EOS) per block.
+    c.objective.block_size = 16 if pairs == 1 or a.task != "addition" else 4
     # Decoding starts from a fully masked answer, so train nearer to it than the public recipe's
     # [0.3, 0.8].
     c.objective.t_min = 0.1
@@ -65,7 +73,7 @@ def get_config(arg=None):
     c.rl = rl_config("ebpo")
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
-    c.rl.gen_length = c.data.seq_len - {"addition": 6, "countdown": 32, "sudoku4x4": 16}[a.task]
+    c.rl.gen_length = c.data.seq_len - prompt_len
     c.rl_stage = config_dict.ConfigDict()
     c.rl_stage.steps = 100
     c.rl_stage.checkpoint_every = 10

@@ -17,7 +17,6 @@ Times exclude compilation (one warm-up call) and are medians over --repeats call
 ratios measured side by side in one run are meaningful.
 """
 
-import functools
 import json
 import platform
 import time
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from llada_jax import masks, model, objectives, rl
+from llada_jax import model, rl
 from llada_jax.config import get_config
 from llada_jax.timing import time_call
 
@@ -43,31 +42,6 @@ flags.DEFINE_list("vectorize", list(rl.VECTORIZE), "Vectorized modes to time (ba
 flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
 
 
-def _per_block_terms(config, block):
-    """The ELBO terms block by block: per block, one block-causal forward over the clean prefix and
-    the noisy block, every timestep a batch row. A Python loop over one jitted program per prefix
-    length (as a straightforward implementation runs it): one program unrolling all L/B forwards
-    took minutes to compile and more than 17 GB at L=2048."""
-
-    @functools.partial(jax.jit, static_argnums=(4,))
-    def one_block(params, x_0, x_t, masked, start):
-        end = start + block
-        inp = jnp.concatenate([x_0[:, :start], x_t[:, start:end]], axis=1)
-        logits = model.forward(params, config, inp, mask=masks.block_causal(end, block))[:, start:]
-        logp = objectives.token_logprobs(logits, x_0[:, start:end])
-        return jnp.where(masked[:, start:end], logp, 0.0).sum(-1)
-
-    def fn(params, tokens, noise):
-        b, n, length = noise.masked.shape
-        x_0 = jnp.repeat(tokens, n, axis=0)  # [B*N, L]
-        masked = noise.masked.reshape(b * n, length)
-        x_t = jnp.where(masked, config.mask_token_id, x_0)
-        out = [one_block(params, x_0, x_t, masked, start) for start in range(0, length, block)]
-        return (jnp.stack(out, -1) / noise.t.reshape(b * n, -1)).reshape(b, n, -1)
-
-    return fn
-
-
 def _batch(config, b, length):
     tokens = jax.random.randint(jax.random.key(1), (b, length), 0, config.vocab_size - 2)
     completion = jnp.broadcast_to(jnp.arange(length) >= FLAGS.prompt, (b, length))
@@ -82,7 +56,8 @@ def main(argv):
            "params": config.param_counts()["total"], "block": FLAGS.block, "timesteps": FLAGS.timesteps}
 
     out["likelihood"] = {}
-    loop = _per_block_terms(config, FLAGS.block)
+    loop = rl.per_block_likelihood_terms(config, rl.LikelihoodConfig(block_size=FLAGS.block,
+                                                                     num_timesteps=FLAGS.timesteps))
     for length in map(int, FLAGS.lengths):
         batch = _batch(config, 1, length)
         n, nb = FLAGS.timesteps, length // FLAGS.block

@@ -8,10 +8,13 @@ Minutes on a CPU, nothing downloaded.
 Stages (configs/quickstart.py):
   1. SFT: block-diffusion M2T + T2T training from scratch (<workdir>/sft).
   2. Held-out evaluation of the SFT model in S and Q modes (accuracy, mean reward, TPF).
-  3. RL from the SFT params (EBPO by default) with rollouts from the jitted decoder (<workdir>/rl).
+  3. RL from the SFT params (EBPO by default) with rollouts from the jitted decoder
+     (<workdir>/rl_<algorithm>), and the cost of EBPO's vectorized likelihood terms against the
+     per-block loop on a rollout batch of the run's shape.
   4. The same evaluation of the RL model.
 Prints a table and writes <workdir>/report.json. Rerunning resumes each stage from its last
-checkpoint. `--rl_steps=0` stops after stage 2.
+checkpoint; rerunning with another `--config.rl.algorithm` reuses the SFT stage and adds that
+algorithm's results to the report's `rl_by_algorithm`. `--rl_steps=0` stops after stage 2.
 """
 
 import json
@@ -19,10 +22,12 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, rl_loop, train
+from llada_jax import evaluate, rl, rl_loop, train
+from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
@@ -50,6 +55,39 @@ def held_out(params, model_config, tokenizer, cfg, examples) -> dict:
         r = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
                               block_length=cfg.objective.block_size, template=cfg.data.template)
         out[mode] = {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]}
+    return out
+
+
+def likelihood_cost(params, model_config, tokenizer, cfg, examples) -> dict:
+    """EBPO's vectorized likelihood terms against the per-block loop they replace, timed side by
+    side on one rollout batch of the run's shape (P prompts x G samples from `params`)."""
+    r = cfg.rl
+    prompts = evaluate.prompts_and_metas(examples[:r.prompts_per_step], tokenizer, cfg.data.template)[0]
+    out = rl_loop.rollout(params, model_config, prompts, cfg, jax.random.key(cfg.seed))
+    length = rl_loop.bucket(cfg.data.seq_len, cfg.objective.block_size)
+    batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens, length,
+                             pad_id=tokenizer.pad_id, gen_length=r.gen_length)
+    lik = rl_loop.build_rl_config(dict_to_ebpo(cfg)).likelihood
+    noise = rl.sample_noise(jax.random.key(1), jax.numpy.asarray(batch["completion_mask"]), lik)
+    tokens, mask = jax.numpy.asarray(batch["tokens"]), jax.numpy.asarray(batch["completion_mask"])
+    fast = jax.jit(lambda p, t, nz, m: rl.likelihood_terms(p, model_config, t, nz, lik, m))
+    slow = rl.per_block_likelihood_terms(model_config, lik)
+    sec_fast, _, a = time_call(fast, params, tokens, noise, mask, repeats=5)
+    sec_slow, _, b = time_call(slow, params, tokens, noise, mask, repeats=5)
+    blocks = length // cfg.objective.block_size
+    return {"rollouts": len(batch["tokens"]), "length": length, "block": cfg.objective.block_size,
+            "completion_blocks": float(batch["completion_mask"].reshape(len(tokens), blocks, -1).any(-1).sum(-1).mean()),
+            "timesteps": lik.num_timesteps, "forwards": {"vectorized": 1, "per_block_loop": blocks},
+            "vectorized_s": round(sec_fast, 4), "per_block_loop_s": round(sec_slow, 4),
+            "loop_over_vectorized": round(sec_slow / sec_fast, 2),
+            "max_abs_term_diff": float(np.max(np.abs(np.asarray(a) - np.asarray(b))))}
+
+
+def dict_to_ebpo(cfg):
+    """The run config with the EBPO likelihood (the cost is EBPO's whatever the RL algorithm)."""
+    out = cfg.copy_and_resolve_references()
+    with out.unlocked():
+        out.rl.algorithm = "ebpo"
     return out
 
 
@@ -87,8 +125,8 @@ def main(argv):
         r = rl_cfg.rl
         print(f"[3/{stages}] RL: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
               f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature {r.temperature}), "
-              f"{r.inner_updates} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
-        rl_dir = os.path.join(workdir, "rl")
+              f"{rl_loop.inner_updates(rl_cfg)} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
+        rl_dir = os.path.join(workdir, f"rl_{r.algorithm}")  # each algorithm resumes its own run
         state = rl_loop.run_rl(rl_cfg, rl_dir, model_config, tokenizer, init_params=sft_params)
         rl_params = jax.device_get(state.params)
         rows = train.read_metrics(rl_dir)
@@ -96,11 +134,21 @@ def main(argv):
         results["RL"] = held_out(rl_params, model_config, tokenizer, cfg, examples)
         report["rl"] = results["RL"]
         report["rl_run"] = {"algorithm": r.algorithm, "steps": rl_cfg.total_steps,
+                            "inner_updates": rl_loop.inner_updates(rl_cfg),
                             "rollout_reward_first": rows[0].get("reward_mean"),
                             "rollout_reward_last": rows[-1].get("reward_mean")}
+        report["likelihood_cost"] = likelihood_cost(rl_params, model_config, tokenizer, rl_cfg, examples)
     report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
                   seconds=round(time.perf_counter() - t0, 1))
     path = os.path.join(workdir, "report.json")
+    # Runs of other algorithms from the same SFT stage (--config.rl.algorithm=...) stay in the report.
+    previous = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f).get("rl_by_algorithm", {})
+    if "rl" in report:
+        previous[report["rl_run"]["algorithm"]] = dict(report["rl"], steps=report["rl_run"]["steps"])
+    report["rl_by_algorithm"] = previous
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -110,6 +158,11 @@ def main(argv):
     for stage, by_mode in results.items():
         for mode, m in by_mode.items():
             print(f"{stage:<6} {mode:<5} {m['accuracy']:>9.3f} {m['reward']:>8.3f} {m['tpf']:>6.2f}")
+    if "likelihood_cost" in report:
+        c = report["likelihood_cost"]
+        print(f"likelihood terms on a rollout batch ({c['rollouts']} x {c['length']} tokens, {c['completion_blocks']:.1f} "
+              f"completion blocks of {c['block']}, N={c['timesteps']}): vectorized {c['vectorized_s'] * 1e3:.1f} ms, "
+              f"per-block loop {c['per_block_loop_s'] * 1e3:.1f} ms ({c['loop_over_vectorized']:.2f}x)")
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")

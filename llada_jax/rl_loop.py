@@ -11,10 +11,12 @@
   3. rewards (`rewards.score`, which turns a raising verifier into reward 0 and a report) and the
      algorithm's advantages (EBPO group-normalised, ESPO leave-one-out, DiPO z-score with
      zero-variance groups dropped);
-  4. `rl.pack_rollouts`, then θ_old's terms (`rl.policy_terms` on the params before the inner
-     updates) and, when beta > 0, the reference's terms from a frozen on-device copy of the initial
-     params, all with the update key `fold_in(noise_key, s)` (common random numbers);
-  5. μ jitted `rl.make_rl_step` updates with that same batch and key, the state donated. With
+  4. `rl.pack_rollouts` (DiPO: `rl.pack_trajectory`, the decoder's every write) and, when
+     beta > 0, the reference's terms from a frozen on-device copy of the initial params, with the
+     update key `fold_in(noise_key, s)` (common random numbers);
+  5. μ jitted `rl.make_rl_step` updates with that same batch and key, the state donated; the
+     first runs at θ == θ_old and takes θ_old's terms from its own program (exact ratio 1 in any
+     precision), the later ones get the terms the previous update returned. With
      `rl.skip_no_signal`, a step whose advantages are all zero (every group's rewards equal) skips
      4-5: its gradient is zero (KL aside), but Adam would still move the params along its
      momentum, and the likelihood and updates are most of a step's time;
@@ -51,6 +53,8 @@ from llada_jax import checkpoint, decoding, evaluate, model, rewards, rl, shardi
 from llada_jax.config import ConfigError, ModelConfig
 
 ALGORITHMS = ("ebpo", "espo", "dipo")
+# μ, the inner updates per rollout batch, when `rl.inner_updates` is None (ESPO's paper uses 8).
+INNER_UPDATES = {"ebpo": 2, "espo": 8, "dipo": 2}
 _CONFIG_CLASSES = {"ebpo": rl.EBPOConfig, "espo": rl.ESPOConfig, "dipo": rl.DiPOConfig}
 # Keys of the metrics row that measure wall time; everything else is reproducible on resume.
 TIME_PREFIX = "time_"
@@ -67,19 +71,32 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
         raise ConfigError(f"rl.algorithm: expected one of {ALGORITHMS}, found {r.algorithm!r}")
     block = cfg.objective.block_size
     common = {k: r[k] for k in ("eps_low", "eps_high", "beta") if r[k] is not None}
+    # Log-probs of the distribution the rollouts were sampled from (greedy rollouts: temperature 1).
+    temperature = float(r.temperature) if r.temperature > 0 else 1.0
     if r.algorithm == "dipo":
         extra = {"vectorize": r.vectorize} if r.vectorize is not None else {}
-        return rl.DiPOConfig(block_size=block, num_steps=num_steps or 1, **common, **extra)
+        return rl.DiPOConfig(block_size=block, num_steps=num_steps or 1, temperature=temperature, **common, **extra)
     cls = _CONFIG_CLASSES[r.algorithm]
     lik = cls().likelihood
-    lik_fields = {"num_timesteps": r.num_timesteps, "vectorize": r.vectorize}
-    lik = dataclasses.replace(lik, block_size=block, **{k: v for k, v in lik_fields.items() if v is not None})
+    lik_fields = {"num_timesteps": r.num_timesteps, "vectorize": r.vectorize, "t_floor": r.t_floor,
+                  "weighting": r.weighting}
+    lik = dataclasses.replace(lik, block_size=block, temperature=temperature,
+                              **{k: v for k, v in lik_fields.items() if v is not None})
     fields = dict(common, likelihood=lik)
     if r.grad_mode is not None:
         fields["grad_mode"] = r.grad_mode
-    if r.algorithm == "ebpo" and r.kl_estimator is not None:
-        fields["kl_estimator"] = r.kl_estimator
+    if r.algorithm == "ebpo":
+        fields.update({k: r[k] for k in ("kl_estimator", "normalize", "dual_clip") if r[k] is not None})
+    elif any(r[k] is not None for k in ("normalize", "dual_clip")):
+        raise ConfigError(f"rl.normalize / rl.dual_clip: expected None for {r.algorithm} (EBPO options), found "
+                          f"{r.normalize!r} / {r.dual_clip!r}")
     return cls(**fields)
+
+
+def inner_updates(cfg: ml_collections.ConfigDict) -> int:
+    """μ: `rl.inner_updates`, or the algorithm's default (`INNER_UPDATES`)."""
+    mu = cfg.rl.inner_updates
+    return INNER_UPDATES[cfg.rl.algorithm] if mu is None else int(mu)
 
 
 def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = None) -> ml_collections.ConfigDict:
@@ -138,12 +155,13 @@ def bucket(n: int, size: int) -> int:
 
 def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
             key: jax.Array) -> decoding.GenerateOutput:
-    """G samples per prompt from the policy `params` as they are (rows grouped by prompt)."""
+    """G samples per prompt from the policy `params` as they are (rows grouped by prompt); DiPO's
+    also record every write of the decoder (its exact trajectory)."""
     r = cfg.rl
     rows = [p for p in prompts for _ in range(r.group_size)]
     return decoding.generate(params, model_config, rows, gen_length=r.gen_length,
                              block_length=cfg.objective.block_size, preset=r.preset,
-                             temperature=r.temperature, rng=key)
+                             temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo")
 
 
 def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
@@ -222,31 +240,38 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     step_fns: dict = {}
 
     def update(state, s, prompts, out, adv, keep):
-        """Steps 4-5: pack, θ_old's (and the reference's) terms, μ updates with one key. Returns
-        the new state, the reduced update metrics and the time the likelihood terms were ready."""
-        batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens, cfg.data.seq_len,
-                                 pad_id=tokenizer.pad_id,
-                                 commit_steps=out.commit_steps if r.algorithm == "dipo" else None)
+        """Steps 4-5: pack, the reference's terms, μ updates with one key; θ_old's terms come from
+        the first update's own program (`rl.make_rl_step`). Returns the new state, the reduced
+        update metrics and the time the reference terms were ready."""
+        block = cfg.objective.block_size
+        if r.algorithm == "dipo":
+            batch = rl.pack_trajectory(out, bucket(max(cfg.data.seq_len, int(out.canvas_lengths.max())), block),
+                                       pad_id=tokenizer.pad_id)
+        else:
+            batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens,
+                                     bucket(cfg.data.seq_len, block), pad_id=tokenizer.pad_id, gen_length=r.gen_length)
         batch.update(advantages=adv, sample_mask=keep, example_ids=np.arange(len(adv), dtype=np.int32))
         config, extra = rl_config, {}
         if r.algorithm == "dipo":
-            extra["dipo_num_steps"] = bucket(rl.dipo_num_steps(batch["commit_step"], cfg.objective.block_size),
-                                             r.dipo_step_bucket)
+            extra["dipo_num_steps"] = bucket(rl.dipo_num_steps(batch["write_step"], block), r.dipo_step_bucket)
             config = build_rl_config(cfg, extra["dipo_num_steps"])
-        if config not in terms_fns:
-            terms_fns[config] = jax.jit(functools.partial(rl.policy_terms, model_config=model_config, config=config))
         key = jax.random.fold_in(noise_key, s)
         batch = jax.device_put(batch, train.batch_sharding(mesh, batch))
-        batch["old_terms"] = terms_fns[config](state.params, batch, key)
+        terms_fn = functools.partial(rl.policy_terms, model_config=model_config, config=config)
         if ref_params is not None:
+            if config not in terms_fns:
+                terms_fns[config] = jax.jit(terms_fn)
             batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
+        # Placeholder for θ_old's terms: the first update (on_policy) ignores it and returns its own.
+        zeros = np.zeros(rl.terms_shape(batch, config), np.float32)
+        batch["old_terms"] = jax.device_put(zeros, train.batch_sharding(mesh, {"t": zeros})["t"])
         jax.block_until_ready(batch)
         t_terms = time.perf_counter()
         if config not in step_fns:
-            step_fns[config] = train.jit_train_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+            step_fns[config] = _jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
         inner = []
-        for _ in range(r.inner_updates):
-            state, m = step_fns[config](state, batch, key)
+        for i in range(inner_updates(cfg)):
+            state, m, batch["old_terms"] = step_fns[config](state, batch, key, np.bool_(i == 0))
             inner.append(m)
         return state, _reduce_inner(jax.device_get(inner)) | extra, t_terms
 
@@ -297,6 +322,15 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         bar.close()
         ckpt.close()
     return state
+
+
+def _jit_rl_step(step_fn, shardings: train.TrainState, mesh, example_batch: Mapping[str, Any]):
+    """`rl.make_rl_step`'s step jitted on the mesh: the state donated, the returned terms sharded
+    like the batch (they are the next inner update's `old_terms`)."""
+    b_sh = train.batch_sharding(mesh, dict(example_batch))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated, replicated),
+                   out_shardings=(shardings, replicated, b_sh["old_terms"]), donate_argnums=(0,))
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -310,7 +310,8 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
         # Each distinct setting is its own prepared dataset, so changing one never reuses stale data.
         name = "_".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
         data.prepare_task(cfg.data.task, data_dir, name=name, num_train=cfg.data.num_train,
-                          num_test=cfg.data.num_test, task_config=task.config_cls(**settings) if settings else None)
+                          num_test=cfg.data.num_test, num_validation=cfg.data.get("num_validation", 200),
+                          task_config=task.config_cls(**settings) if settings else None)
         return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
     if not cfg.data.dataset:
         raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")

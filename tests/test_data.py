@@ -130,6 +130,43 @@ def test_addition_fixed_width_and_noisy_teacher():
         tasks.addition_examples(1, "train", cfg=dataclasses.replace(cfg, carry_error_rate=1.5))
 
 
+def test_multi_pair_addition_spans_blocks_with_partial_credit():
+    """Four sums per prompt (the quickstart's task): per-pair noisy teacher, reward = exact pairs / 4."""
+    cfg = tasks.AdditionConfig(max_digits=2, zero_pad=True, num_pairs=4, carry_error_rate=0.6)
+    for ex in tasks.addition_examples(50, "train", cfg=cfg):
+        assert re.fullmatch(r"(\d\d\+\d\d,){3}\d\d\+\d\d=", ex["prompt"])
+        assert re.fullmatch(r"(\d{3},){3}\d{3}", ex["response"]) and len(ex["meta"]["pairs"]) == 4
+    meta = {"task": "addition", "pairs": [[7, 35], [12, 49], [55, 66], [80, 9]]}
+    assert tasks.reward("042,061,121,089", meta) == 1.0
+    assert tasks.reward("042,051,121,089<|endoftext|>", meta) == 0.75
+    assert tasks.reward("042,061,121", meta) == 0.75  # a missing answer
+    assert tasks.reward("042,061,121,089,000", meta) == 0.75  # an extra one: never full credit
+    assert tasks.reward("", meta) == 0.0
+    test = tasks.addition_examples(200, "test", cfg=cfg)
+    assert all(tasks.reward(ex["response"], ex["meta"]) == 1.0 for ex in test)  # held-out answers exact
+    keys = lambda exs: {f"{min(a, b)}+{max(a, b)}" for ex in exs for a, b in ex["meta"]["pairs"]}
+    assert not keys(test) & keys(tasks.addition_examples(500, "train", cfg=cfg))  # pairs never shared
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_held_out_splits_hold_distinct_problems(task):
+    """Validation and test are drawn without replacement and never share a problem with train or
+    each other; asking for more problems than a split has is an error naming the count."""
+    held = {split: tasks.examples(task, 60, split, seed=1) for split in ("validation", "test")}
+    for split, exs in held.items():
+        assert len({ex["prompt"] for ex in exs}) == 60, split
+    train = {ex["prompt"] for ex in tasks.examples(task, 200, "train")}
+    assert not train & {ex["prompt"] for ex in held["test"]}
+    assert not train & {ex["prompt"] for ex in held["validation"]}
+    assert not {ex["prompt"] for ex in held["test"]} & {ex["prompt"] for ex in held["validation"]}
+
+
+def test_too_many_held_out_problems_is_an_error():
+    one_digit = tasks.AdditionConfig(max_digits=1)  # ~10 test problems exist
+    with pytest.raises(ValueError, match=r"num \(test\): expected at most the distinct problems.*found 500"):
+        tasks.examples("addition", 500, "test", cfg=one_digit)
+
+
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_generation_is_deterministic_and_splits_are_disjoint(task):
     assert _examples(task, 20, seed=5) == _examples(task, 20, seed=5)

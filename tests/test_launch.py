@@ -83,10 +83,20 @@ def test_quickstart_runs_end_to_end(tmp_path):
             # A few steps teach little (often an immediate EOS): check the numbers are there and sane.
             assert 0.0 <= report[stage][mode]["accuracy"] <= 1.0 and report[stage][mode]["tpf"] >= 0.0
     assert len(train_rows := _jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2 and train_rows[-1]["step"] == 6
-    assert [r["step"] for r in _jsonl(tmp_path / "rl" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in _jsonl(tmp_path / "rl_ebpo" / "metrics.jsonl")] == [1, 2]
     assert f"report: {tmp_path}/report.json" in out.stdout
     for row in ("SFT    S", "SFT    Q", "RL     S", "RL     Q"):
         assert row in out.stdout
+    cost = report["likelihood_cost"]  # the vectorized terms equal the per-block loop's on the run's batch
+    assert cost["completion_blocks"] >= 4 and cost["forwards"]["per_block_loop"] == 10
+    assert cost["max_abs_term_diff"] < 1e-3 and cost["vectorized_s"] > 0
+    # Another algorithm from the same command reuses the SFT stage and joins the report.
+    _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
+         "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
+         "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
+         "--config.rl.algorithm=dipo")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["rl_by_algorithm"]) == {"ebpo", "dipo"} and report["rl_run"]["algorithm"] == "dipo"
 
 
 def _jsonl(path):

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from llada_jax import masks, model, rl
+from llada_jax import decoding, masks, model, objectives, rl
 from llada_jax.config import ConfigError, get_config
 from llada_jax.train import TrainState
 
@@ -67,7 +67,9 @@ def oracle_terms(params, tokens, noise, block_size):
             end = start + block_size
             inp = np.concatenate([tokens[:, :start], x_t[:, start:end], np.zeros((b, length - end), tokens.dtype)], 1)
             mask = masks.block_causal(length, block_size) & (jnp.arange(length) < end)[None, :]
-            logp = jax.nn.log_softmax(_fwd(params, MC, jnp.asarray(inp), jnp.arange(length), mask)[:, start:end], -1)
+            logits = _fwd(params, MC, jnp.asarray(inp), jnp.arange(length), mask)[:, start:end]
+            logits = logits.at[..., MC.mask_token_id].set(-jnp.inf)  # the decoder never samples it
+            logp = jax.nn.log_softmax(logits, -1)
             logp = np.take_along_axis(np.asarray(logp), tokens[:, start:end, None], -1)[..., 0]
             out[:, i, k] = np.where(masked[:, i, start:end], logp, 0).sum(-1) / t[:, i, k]
     return out
@@ -138,6 +140,78 @@ def test_on_policy_block_ratio_in_the_gradient_program(params):
     np.testing.assert_allclose([m["ratio_min"], m["ratio_max"]], 1.0, atol=1e-5)
     assert float(m["clip_frac"]) == 0.0 and abs(float(m["kl"])) < 1e-9
     np.testing.assert_allclose(loss, -np.mean(batch["advantages"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["ebpo", "dipo"])
+def test_on_policy_ratio_is_one_in_bf16(params, algorithm):
+    """bf16 compute: θ_old's terms from a forward-only program differ from the gradient program's
+    (XLA fuses them differently), so the update computes θ_old's terms itself on its first inner
+    update: every ratio is exactly one, whatever the precision."""
+    mc = MC.replace(dtype="bfloat16")
+    if algorithm == "ebpo":
+        cfg, batch = EBPO, make_batch()
+    else:
+        cfg = rl.DiPOConfig(block_size=4, num_steps=3)
+        batch = {k: jnp.asarray(np.repeat(v, 4, axis=0)) for k, v in hand_trajectory().items()}
+        batch["advantages"] = jnp.linspace(-1.0, 1.5, 4)
+    tx = optax.sgd(0.0)
+    step = jax.jit(rl.make_rl_step(mc, cfg, tx))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    _, m, terms = step(state, batch, jax.random.key(7), True)
+    assert float(m["ratio_min"]) == 1.0 == float(m["ratio_max"]) and float(m["clip_frac"]) == 0.0
+    # The separate forward-only program is what drifted: it does not reproduce the step's terms.
+    separate = jax.jit(rl.policy_terms, static_argnames=STATIC)(params, batch, jax.random.key(7), model_config=mc,
+                                                                config=cfg)
+    assert separate.shape == terms.shape
+
+
+def test_zero_variance_groups_of_non_dyadic_rewards():
+    """float32 mean(0.1 x 8) != 0.1, so a std > 0 test kept such groups; max > min does not."""
+    r = jnp.full(8, 0.1)
+    adv, keep = rl.zscore_advantages(r, 8)
+    assert not np.asarray(keep).any() and np.all(np.asarray(adv) == 0.0)
+    assert np.all(np.asarray(rl.group_normalized_advantages(r, 8)) == 0.0)
+    assert np.all(np.asarray(rl.leave_one_out_advantages(jnp.full(4, 1 / 3), 4)) == 0.0)
+
+
+def test_dual_clip_bounds_the_negative_advantage_gradient():
+    """With A < 0 the plain clip keeps rho*A, whose gradient in log rho is rho*A (unbounded); the
+    dual clip floors the objective at c*A, so past rho = c the gradient is zero."""
+    log_ratio = jnp.array([0.0, 1.0, 5.0, 10.0])
+    adv = jnp.full((4,), -1.0)
+    w = jnp.full((4,), 0.25)
+    grad = lambda c: np.asarray(jax.grad(lambda lr: rl.policy_loss(lr, adv, w, 0.2, 0.28, dual_clip=c)[0])(log_ratio))
+    np.testing.assert_allclose(grad(None), 0.25 * np.exp([0.0, 1.0, 5.0, 10.0]), rtol=1e-5)  # grows as rho
+    np.testing.assert_allclose(grad(3.0), [0.25, 0.25 * np.e, 0.0, 0.0], rtol=1e-5)
+    _, m = rl.policy_loss(log_ratio, adv, w, 0.2, 0.28, dual_clip=3.0)
+    np.testing.assert_allclose(m["pg_loss"], -(-1 - np.e - 3 - 3) / 4, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"EBPOConfig.dual_clip: expected None or a value > 1, found 0.5"):
+        rl.EBPOConfig(dual_clip=0.5)
+
+
+def test_token_normalised_sequence_ratio():
+    """normalize="token": log rho is the ELBO difference per completion token."""
+    rng = np.random.default_rng(1)
+    terms, old = (jnp.asarray(rng.normal(-3, 1, (2, 4, 4)), jnp.float32) for _ in range(2))
+    completion = np.zeros((2, 32), bool)
+    completion[0, 5:], completion[1, 5:13] = True, True
+    batch = {"completion_mask": jnp.asarray(completion), "advantages": jnp.array([1.0, -1.0]), "old_terms": old,
+             "sample_mask": jnp.array([True, True])}
+    _, m = rl.ebpo_objective(terms, batch, rl.EBPOConfig(likelihood=LIK, normalize="token", eps_low=0.9, eps_high=9))
+    delta = (np.asarray(terms) - np.asarray(old)).mean(1).sum(-1) / completion.sum(1)
+    np.testing.assert_allclose(m["ratio_mean"], np.exp(delta).mean(), rtol=1e-5)
+
+
+def test_count_weighting_scales_by_the_realised_mask_rate(params):
+    batch, key = make_batch(), jax.random.key(3)
+    lik = dataclasses.replace(LIK, weighting="count")
+    noise = _noise(key, batch["completion_mask"], config=lik)
+    rate = _terms(params, batch, key, model_config=MC, config=EBPO)
+    count = _terms(params, batch, key, model_config=MC, config=rl.EBPOConfig(likelihood=lik))
+    masked = np.asarray(noise.masked).reshape(4, 4, L // BS, BS).sum(-1)
+    tokens = np.asarray(batch["completion_mask"]).reshape(4, 1, L // BS, BS).sum(-1)
+    want = np.asarray(rate) * np.asarray(noise.t) * tokens / np.maximum(masked, 1)
+    np.testing.assert_allclose(count, want, rtol=1e-4, atol=1e-5)
 
 
 def test_replay_gradient_equals_direct(params, params_old):
@@ -218,60 +292,99 @@ def test_advantages_by_hand():
 
 # ------------------------------------------------------------------------- DiPO
 def hand_trajectory():
-    """Two blocks of 4: prompt [0, 2), block 0 completes at global steps 0, 1; block 1 (steps 2..4)
-    commits two tokens at step 2, then one each at steps 3 and 4."""
-    tokens = np.array([[20, 21, 30, 31, 40, 41, 42, 43]])
-    commit = np.array([[-1, -1, 0, 1, 2, 2, 3, 4]])
-    return tokens, commit
+    """Two blocks of 4: prompt [0, 2); block 0 writes 30 at step 0, 31 at step 1; block 1 (steps
+    2..4) writes 40 and 41 at step 2, 42 at step 3, then EDITS 41 -> 44 at step 4 and writes 43."""
+    tokens = np.array([[20, 21, 30, 31, 40, 44, 42, 43]])
+    e = -1
+    steps = np.full((1, 8, 3), e)
+    written = np.zeros((1, 8, 3), np.int64)
+    for pos, writes in {2: [(0, 30)], 3: [(1, 31)], 4: [(2, 40)], 5: [(2, 41), (4, 44)], 6: [(3, 42)], 7: [(4, 43)]}.items():
+        for i, (st, tok) in enumerate(writes):
+            steps[0, pos, i], written[0, pos, i] = st, tok
+    decoded = np.arange(8)[None] >= 2
+    return {"tokens": tokens, "completion_mask": decoded, "write_step": steps, "write_token": written}
 
 
-def test_dipo_inputs_show_exactly_the_earlier_commits():
-    tokens, commit = hand_trajectory()
-    local = rl.dipo_local_steps(jnp.asarray(commit), 4)
-    np.testing.assert_array_equal(local, [[-1, -1, 0, 1, 0, 0, 1, 2]])
-    assert rl.dipo_num_steps(commit, 4) == 3
+def test_dipo_inputs_show_the_canvas_as_it_was():
+    t = hand_trajectory()
+    local = rl.dipo_local_steps(jnp.asarray(t["write_step"]), 4)
+    n = rl.NEVER
+    np.testing.assert_array_equal(local[0, 2:, 0], [0, 1, 0, 0, 1, 2])
+    np.testing.assert_array_equal(local[0, 5], [0, 2, n])  # the edit is a write of its own
+    assert rl.dipo_num_steps(t["write_step"], 4) == 3
     m = MC.mask_token_id
-    want = {0: [20, 21, m, m, m, m, m, m], 1: [20, 21, 30, m, 40, 41, m, m], 2: [20, 21, 30, 31, 40, 41, 42, m]}
+    # Before step 2 of block 1, position 5 shows its first value 41, not its final 44.
+    want = {0: [20, 21, m, m, m, m, m, m], 1: [20, 21, 30, m, 40, 41, m, m], 2: [20, 21, 30, 31, 40, 41, 42, m],
+            3: [20, 21, 30, 31, 40, 44, 42, 43]}
     for step, row in want.items():
-        np.testing.assert_array_equal(rl.dipo_inputs(jnp.asarray(tokens), local, step, m), [row])
-    never = np.array([[-1, -1, 0, 1, 2, 2, rl.NEVER, rl.NEVER]])  # unknown steps stay masked throughout
-    local = rl.dipo_local_steps(jnp.asarray(never), 4)
-    np.testing.assert_array_equal(rl.dipo_inputs(jnp.asarray(tokens), local, 5, m), [[20, 21, 30, 31, 40, 41, m, m]])
+        got = rl.dipo_inputs(jnp.asarray(t["tokens"]), jnp.asarray(t["completion_mask"]), local,
+                             jnp.asarray(t["write_token"]), step, m)
+        np.testing.assert_array_equal(got, [row], err_msg=f"step {step}")
 
 
 @pytest.mark.parametrize("vectorize", ["batch", "scan"])
 def test_dipo_logprobs_match_decode_time_inputs(params, vectorize):
-    """Each token's log-prob equals the uncached decoder's view when it was committed: the canvas up
-    to its block under the block-causal mask, earlier blocks final, its block as at that step."""
-    tokens, commit = hand_trajectory()
-    cfg = rl.DiPOConfig(block_size=4, num_steps=3, vectorize=vectorize)
+    """Each write's log-prob equals the uncached decoder's view when it was made: the canvas up to
+    its block under the block-causal mask, earlier blocks final, its block as at that step (an
+    edit sees the value it replaces), at the rollout temperature with the mask id excluded."""
+    t = hand_trajectory()
+    cfg = rl.DiPOConfig(block_size=4, num_steps=3, vectorize=vectorize, temperature=0.7)
     got = np.asarray(jax.jit(rl.dipo_token_logprobs, static_argnames=STATIC)(
-        params, MC, jnp.asarray(tokens), rl.dipo_local_steps(jnp.asarray(commit), 4), config=cfg))
-    local = np.asarray(rl.dipo_local_steps(jnp.asarray(commit), 4))[0]
-    for i in range(2, 8):
+        params, MC, {k: jnp.asarray(v) for k, v in t.items()}, config=cfg))
+    m = MC.mask_token_id
+    views = {(2, 0): [m, m], (3, 0): [30, m], (4, 0): [m, m, m, m], (5, 0): [m, m, m, m],
+             (6, 0): [40, 41, m, m], (5, 1): [40, 41, 42, m], (7, 0): [40, 41, 42, m]}
+    for (i, slot), block in views.items():
         start = i // 4 * 4
-        canvas = tokens[0].copy()
-        block = canvas[start:start + 4]
-        block[(local[start:start + 4] >= local[i]) & (local[start:start + 4] >= 0)] = MC.mask_token_id
+        canvas = t["tokens"][0].copy()
+        canvas[start:start + 4] = ([20, 21] + block) if start == 0 else block
         mask = masks.block_causal(8, 4) & (jnp.arange(8) < start + 4)[None, :]  # nothing past block i reaches it
-        logits = _fwd(params, MC, jnp.asarray(canvas)[None], jnp.arange(8), mask)
-        want = jax.nn.log_softmax(logits[0, i])[tokens[0, i]]
-        np.testing.assert_allclose(got[0, i], want, rtol=1e-5, atol=1e-5, err_msg=f"position {i}")
-    np.testing.assert_array_equal(got[0, :2], 0.0)
+        logits = _fwd(params, MC, jnp.asarray(canvas)[None], jnp.arange(8), mask)[0, i]
+        want = jax.nn.log_softmax(logits.at[m].set(-jnp.inf) / 0.7)[t["write_token"][0, i, slot]]
+        np.testing.assert_allclose(got[0, i, slot], want, rtol=1e-5, atol=1e-5, err_msg=f"position {i} write {slot}")
+    assert np.count_nonzero(got) == 7
+
+
+def test_dipo_rebuilds_the_exact_context_of_every_greedy_write(params):
+    """Decode greedily in S mode (it edits) with `P + gen_length` not a multiple of the block, pack
+    the recorded trajectory, and check that every write, the EOS fill and the canvas past the
+    answer included, is the argmax of the logits DiPO's rebuilt context gives."""
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15], list(range(20, 31))]
+    out = decoding.generate(params, MC, prompts, gen_length=16, block_length=8, preset="S", record_trajectory=True)
+    batch = rl.pack_trajectory(out, 32, pad_id=MC.pad_token_id)
+    local = np.asarray(rl.dipo_local_steps(jnp.asarray(batch["write_step"]), 8))
+    writes = local < rl.NEVER
+    assert writes.sum() > int(batch["completion_mask"].sum())  # S mode edited some positions
+    # Canvases of 24 or 32 tokens: the decoder wrote past P + 16, and those writes are in the batch.
+    assert any(batch["completion_mask"][i, len(p) + 16:].any() for i, p in enumerate(prompts))
+    x_t = jax.vmap(lambda j: rl.dipo_inputs(jnp.asarray(batch["tokens"]), jnp.asarray(batch["completion_mask"]),
+                                            jnp.asarray(local), jnp.asarray(batch["write_token"]), j,
+                                            MC.mask_token_id))(jnp.arange(local[writes].max() + 1))
+    logits_fn = jax.jit(objectives.denoiser_logits, static_argnums=(1, 4))
+    bad, gaps = 0, []
+    for j in range(x_t.shape[0]):
+        logits = np.array(logits_fn(params, MC, x_t[j], jnp.asarray(batch["tokens"]), 8))
+        logits[..., MC.mask_token_id] = -np.inf
+        for b, i, w in zip(*np.nonzero(local == j)):
+            tok = batch["write_token"][b, i, w]
+            gaps.append(logits[b, i].max() - logits[b, i, tok])
+            bad += int(logits[b, i].argmax() != tok)
+    assert len(gaps) == writes.sum()
+    assert max(gaps) < 1e-4, (bad, max(gaps))  # argmax up to float rounding (cached vs composite forward)
 
 
 def test_dipo_drops_zero_variance_groups(params):
-    rewards = jnp.array([1.0, 0.0, 1.0, 1.0])  # group 0 varies; group 1 is all ones
+    rewards = jnp.array([1.0, 0.0, 0.1, 0.1])  # group 0 varies; group 1 is all 0.1 (not a dyadic float)
     adv, keep = rl.zscore_advantages(rewards, 2)
-    comp = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [3, 2, 1]]
-    steps = [[0, 1, 1], [0, 0, 2], [2, 1, 0], [0, 1, 2]]
-    batch = rl.pack_rollouts([[20, 21]] * 4, comp, 8, pad_id=MC.pad_token_id, commit_steps=steps)
-    cfg = rl.DiPOConfig(block_size=4, num_steps=rl.dipo_num_steps(batch["commit_step"], 4))
-    old = jnp.asarray(np.random.default_rng(0).normal(-6, 0.1, (4, 8)), jnp.float32)
+    np.testing.assert_array_equal(keep, [True, True, False, False])
+    t = hand_trajectory()
+    batch = {k: np.repeat(v, 4, axis=0) for k, v in t.items()}
+    cfg = rl.DiPOConfig(block_size=4, num_steps=rl.dipo_num_steps(batch["write_step"], 4))
+    old = jnp.asarray(np.random.default_rng(0).normal(-6, 0.1, (4, 8, 3)), jnp.float32)
     batch.update(advantages=adv, sample_mask=keep, old_terms=old)
     loss_fn = jax.jit(rl.dipo_loss, static_argnames=STATIC)
     loss, m = loss_fn(params, batch, model_config=MC, config=cfg)
-    assert int(m["scored_tokens"]) == 6 and int(m["unscored_tokens"]) == 0  # 2 kept samples x 3 tokens
+    assert int(m["scored_tokens"]) == 14 and int(m["unscored_tokens"]) == 0  # 2 kept samples x 7 writes
     # The dropped group's numbers do not matter at all; the kept group's do.
     loss2, _ = loss_fn(params, dict(batch, old_terms=old.at[2:].add(5.0), advantages=adv.at[2:].set(9.0)),
                        model_config=MC, config=cfg)
@@ -298,14 +411,17 @@ def test_config_errors_name_field_expected_found():
                      config=rl.EBPOConfig(likelihood=rl.LikelihoodConfig(BS, 2), beta=0.1))
 
 
-def test_pack_rollouts():
-    out = rl.pack_rollouts([[5, 6, 7], [5]], [[8, 9], [1, 2, 3]], 8, pad_id=0, commit_steps=[[1, 0], [0, 2, 1]])
+def test_pack_rollouts_scores_exactly_what_was_generated():
+    """Completion + EOS fill up to gen_length after the prompt; nothing past it (layout padding)."""
+    out = rl.pack_rollouts([[5, 6, 7], [5]], [[8, 9], [1, 2, 3]], 8, pad_id=0, gen_length=3)
     np.testing.assert_array_equal(out["tokens"], [[5, 6, 7, 8, 9, 0, 0, 0], [5, 1, 2, 3, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(out["completion_mask"], [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
-    n = rl.NEVER
-    np.testing.assert_array_equal(out["commit_step"], [[-1, -1, -1, 1, 0, n, n, n], [-1, 0, 2, 1, n, n, n, n]])
+    np.testing.assert_array_equal(out["completion_mask"], [[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]])
+    no_fill = rl.pack_rollouts([[5, 6, 7]], [[8, 9]], 8, pad_id=0, score_padding=False)
+    np.testing.assert_array_equal(no_fill["completion_mask"], [[0, 0, 0, 1, 1, 0, 0, 0]])
     with pytest.raises(ValueError, match="row 0"):
-        rl.pack_rollouts([[1] * 6], [[2] * 3], 8, pad_id=0)
+        rl.pack_rollouts([[1] * 6], [[2] * 3], 8, pad_id=0, gen_length=3)
+    with pytest.raises(ValueError, match="gen_length: expected"):
+        rl.pack_rollouts([[1]], [[2]], 8, pad_id=0)
 
 
 # ------------------------------------------------------------------------- a toy RL problem
@@ -329,15 +445,16 @@ def test_ebpo_updates_raise_the_likelihood_of_rewarded_completions(params):
     step = jax.jit(rl.make_rl_step(MC, EBPO, tx))
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
     before = gap(params)
+    batch["old_terms"] = jnp.zeros((4, LIK.num_timesteps, L // BS))
     for r in range(4):
         key = jax.random.key(r)
-        batch["old_terms"] = _terms(state.params, batch, key, model_config=MC, config=EBPO)
         for inner in range(2):
-            state, m = step(state, batch, key)
+            state, m, terms = step(state, batch, key, jnp.bool_(inner == 0))
+            batch["old_terms"] = terms  # θ_old of the next inner update
             assert np.isfinite(float(m["loss"]))
-            if inner == 0:  # at θ == θ_old (to rounding: see the test above)
-                np.testing.assert_allclose([m["ratio_min"], m["ratio_max"]], 1.0, atol=1e-5)
-                np.testing.assert_allclose(m["loss"], -np.mean(batch["advantages"]), atol=1e-5)
+            if inner == 0:  # at θ == θ_old: the step's own terms, so exactly one
+                assert float(m["ratio_min"]) == 1.0 == float(m["ratio_max"])
+                np.testing.assert_allclose(m["loss"], -np.mean(batch["advantages"]), rtol=1e-6)
     after = gap(state.params)
     assert int(state.step) == 8
     assert after - before > 2.0, (before, after)

@@ -78,7 +78,7 @@ def test_ebpo_end_to_end_metrics(ebpo_run):
         assert r["reward_errors"] == 0 and r["rollout_tpf"] > 0 and r["updated"] == 1
         assert 0 <= r["accuracy"] <= 1 and r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
     assert "eval_S_accuracy" in rows[2] and "eval_S_accuracy" in rows[4] and "eval_S_accuracy" not in rows[1]
-    assert int(state.step) == cfg.total_steps * cfg.rl.inner_updates
+    assert int(state.step) == cfg.total_steps * rl_loop.inner_updates(cfg)
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
 
 
@@ -117,6 +117,13 @@ def test_algorithm_switch(algorithm, data_dir, tmp_path):
     if algorithm == "dipo":
         assert all(r["dipo_num_steps"] % cfg.rl.dipo_step_bucket == 0 for r in rows)
         assert all(r["scored_tokens"] > 0 or r["samples_kept"] == 0 for r in rows)
+
+
+def test_inner_updates_default_per_algorithm():
+    """ESPO's paper runs mu = 8 updates per rollout batch; EBPO and DiPO keep 2; a value overrides."""
+    assert [rl_loop.inner_updates(load_config("rl.py", **{"rl.algorithm": a})) for a in ("ebpo", "espo", "dipo")] \
+        == [2, 8, 2]
+    assert rl_loop.inner_updates(load_config("rl.py", **{"rl.algorithm": "espo", "rl.inner_updates": 3})) == 3
 
 
 def test_raising_reward_is_counted(data_dir, tmp_path):

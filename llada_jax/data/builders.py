@@ -43,6 +43,7 @@ class TaskBuilderConfig(tfds.core.BuilderConfig):
     num_test: int = 500
     seed: int = 0
     task_config: Any = None
+    num_validation: int = 200
 
 
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -54,8 +55,9 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     TASK: ClassVar[str]
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "A validation split; held-out splits hold distinct problems."}
 
     def generation_settings(self) -> dict[str, Any]:
         """Everything that determines the records; stored as metadata.json and checked on reuse."""
@@ -63,7 +65,8 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if c is None:
             raise DataError(f"{type(self).__name__}: pass config=TaskBuilderConfig(name=..., ...)")
         task_config = c.task_config or tasks.get_task(self.TASK).config_cls()
-        return {"task": self.TASK, "num_train": c.num_train, "num_test": c.num_test, "seed": c.seed,
+        return {"task": self.TASK, "num_train": c.num_train, "num_test": c.num_test,
+                "num_validation": c.num_validation, "seed": c.seed,
                 "task_config": dataclasses.asdict(task_config)}
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -75,11 +78,12 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # nothing is downloaded
         c = self.builder_config
         return {"train": self._generate_examples("train", c.num_train),
+                "validation": self._generate_examples("validation", c.num_validation),
                 "test": self._generate_examples("test", c.num_test)}
 
     def _generate_examples(self, split: str, num: int):
         c, task = self.builder_config, tasks.get_task(self.TASK)
-        for i, ex in enumerate(task.examples(num, split, c.seed, c.task_config or task.config_cls())):
+        for i, ex in enumerate(tasks.examples(self.TASK, num, split, c.seed, c.task_config or task.config_cls())):
             yield i, encode_record(prompt_response_messages(ex["prompt"], ex["response"]), ex["meta"])
 
 
@@ -108,8 +112,9 @@ class JsonlConfig(tfds.core.BuilderConfig):
 class ChatJsonl(tfds.core.GeneratorBasedBuilder):
     """User conversations from JSONL files (formats in `llada_jax.data.jsonl`)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "A validation split; held-out splits hold distinct problems."}
 
     def generation_settings(self) -> dict[str, Any]:
         return {"files": {split: [os.path.abspath(p) for p in paths]
@@ -154,12 +159,14 @@ def _prepare(builder: tfds.core.GeneratorBasedBuilder, overwrite: bool) -> str:
 
 
 def prepare_task(task: str, data_dir: str, *, name: str = "default", num_train: int = 20_000,
-                 num_test: int = 500, seed: int = 0, task_config: Any = None, overwrite: bool = False) -> str:
-    """Generates `<data_dir>/<task>/<name>/1.0.0` (train and test splits); returns its directory."""
+                 num_test: int = 500, seed: int = 0, task_config: Any = None, overwrite: bool = False,
+                 num_validation: int = 200) -> str:
+    """Generates `<data_dir>/<task>/<name>/1.1.0` (train, validation and test splits; the held-out
+    two hold distinct problems); returns its directory."""
     if task not in TASK_BUILDERS:
         raise DataError(f"task: expected one of {sorted(TASK_BUILDERS)}, found {task!r}")
     config = TaskBuilderConfig(name=name, num_train=num_train, num_test=num_test, seed=seed,
-                               task_config=task_config)
+                               task_config=task_config, num_validation=num_validation)
     return _prepare(TASK_BUILDERS[task](config=config, data_dir=data_dir, file_format=FILE_FORMAT), overwrite)
 
 

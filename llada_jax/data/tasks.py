@@ -10,9 +10,11 @@ needs and its `task` key names the task, so `reward(completion, meta)` scores an
 
 Splits never share a problem: every problem has a key (the pair of addends, the multiset of
 numbers and the target, the Sudoku solution grid) and a stable hash of the key decides its
-split, independently of the seed. Datasets generated with different seeds therefore never
-leak test problems into training either. Sudoku splits by solution grid, so a test puzzle's
-solution never appears in training under a different set of blanks.
+split (train, validation for choosing settings, test for reporting), independently of the
+seed. Datasets generated with different seeds therefore never leak test problems into
+training either. Sudoku splits by solution grid, so a test puzzle's solution never appears in
+training under a different set of blanks. The evaluation splits hold distinct problems (drawn
+without replacement, `examples`); train examples are drawn with replacement.
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+EVAL_SPLITS = ("validation", "test")
 _END_MARKERS = ("<|role_end|>", "<|endoftext|>")
 
 
-def split_of(key: str, test_fraction: float) -> str:
-    """The split ("train" or "test") a problem belongs to: a stable hash of its key, not a seed."""
-    return "test" if zlib.crc32(key.encode()) % 10_000 < round(test_fraction * 10_000) else "train"
+def split_of(key: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
+    """The split a problem belongs to: a stable hash of its key, not a seed. The test band is the
+    same whatever `validation_fraction` is (validation problems come out of train)."""
+    h = zlib.crc32(key.encode()) % 10_000
+    if h < round(test_fraction * 10_000):
+        return "test"
+    return "validation" if h < round((test_fraction + validation_fraction) * 10_000) else "train"
 
 
 def answer_text(completion: str) -> str:
@@ -67,6 +74,12 @@ class AdditionConfig:
     # mode while the right one keeps the rest of the probability: a ceiling that SFT cannot
     # pass and a verifier can lift. The test split and the meta (the reward) stay exact.
     carry_error_rate: float = 0.0
+    # Problems per example: `num_pairs` sums in one prompt ("07+35,12+49=" -> "042,061"), each
+    # pair drawn from the example's split and each demonstration's carries dropped independently.
+    # Four pairs with 4-token blocks put every answer in a block of its own: completions span
+    # several blocks (what EBPO's block decomposition needs), and the reward gives partial credit.
+    num_pairs: int = 1
+    validation_fraction: float = 0.05
 
 
 def sum_without_carries(a: int, b: int) -> int:
@@ -85,29 +98,46 @@ def _operand(rng: np.random.Generator, cfg: AdditionConfig) -> int:
 
 
 def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
-    """`num` addition problems `a+b=` of the split; the response is the decimal sum (in the train
-    split, the carry-less sum with probability `cfg.carry_error_rate` where the two differ)."""
+    """`num` addition problems of the split, `a+b=` (or `num_pairs` of them, comma-separated);
+    the response is the decimal sum of each (in the train split, the carry-less sum with
+    probability `cfg.carry_error_rate` where the two differ, per pair)."""
     _check_split(split)
     if not 0.0 <= cfg.carry_error_rate <= 1.0:
         raise ValueError(f"carry_error_rate: expected a probability in [0, 1], found {cfg.carry_error_rate}")
+    if cfg.num_pairs < 1:
+        raise ValueError(f"num_pairs: expected an integer >= 1, found {cfg.num_pairs}")
     rng, out = _rng(seed, split), []
+    w = cfg.max_digits if cfg.zero_pad else 0
     while len(out) < num:
-        a, b = _operand(rng, cfg), _operand(rng, cfg)
-        if split_of(f"add:{min(a, b)}+{max(a, b)}", cfg.test_fraction) != split:
-            continue
-        answer = a + b
-        if split == "train" and cfg.carry_error_rate > 0 and rng.random() < cfg.carry_error_rate:
-            answer = sum_without_carries(a, b)
-        w = cfg.max_digits if cfg.zero_pad else 0
-        out.append({"prompt": f"{a:0{w}d}+{b:0{w}d}=", "response": f"{answer:0{w + 1 if w else 0}d}",
-                    "meta": {"task": "addition", "a": a, "b": b}})
+        pairs, prompts, answers = [], [], []
+        while len(pairs) < cfg.num_pairs:
+            a, b = _operand(rng, cfg), _operand(rng, cfg)
+            if split_of(f"add:{min(a, b)}+{max(a, b)}", cfg.test_fraction, cfg.validation_fraction) != split:
+                continue
+            answer = a + b
+            if split == "train" and cfg.carry_error_rate > 0 and rng.random() < cfg.carry_error_rate:
+                answer = sum_without_carries(a, b)
+            pairs.append([a, b])
+            prompts.append(f"{a:0{w}d}+{b:0{w}d}")
+            answers.append(f"{answer:0{w + 1 if w else 0}d}")
+        meta = {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}
+        if cfg.num_pairs > 1:
+            meta = {"task": "addition", "pairs": pairs}
+        out.append({"prompt": ",".join(prompts) + "=", "response": ",".join(answers), "meta": meta})
     return out
 
 
 def addition_reward(completion: str, meta: Mapping) -> float:
-    """1.0 iff the answer is exactly the decimal sum."""
+    """1.0 iff the answer is exactly the decimal sum; with several pairs (`meta["pairs"]`), the
+    fraction of the comma-separated answers that are exact (1.0 = all of them)."""
     answer = answer_text(completion)
-    return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
+    pairs = meta.get("pairs") or [[meta["a"], meta["b"]]]
+    parts = answer.split(",")
+    correct = sum(k < len(parts) and re.fullmatch(r"\d+", parts[k]) is not None and int(parts[k]) == a + b
+                  for k, (a, b) in enumerate(pairs))
+    if len(parts) != len(pairs):
+        correct = min(correct, len(pairs) - 1)  # extra or missing answers: never full credit
+    return correct / len(pairs)
 
 
 # --------------------------------------------------------------------------------- countdown
@@ -123,6 +153,7 @@ class CountdownConfig:
     target_low: int = 1  # targets are drawn uniformly among the reachable integers in [target_low, target_high]
     target_high: int = 100
     test_fraction: float = 0.1
+    validation_fraction: float = 0.05
 
 
 def countdown_expressions(numbers: tuple[int, ...]) -> dict[fractions.Fraction, str]:
@@ -170,7 +201,7 @@ def countdown_examples(num: int, split: str, seed: int = 0, cfg: CountdownConfig
         if not reachable:
             continue
         target, expr = reachable[int(rng.integers(len(reachable)))]
-        if split_of(f"countdown:{sorted(numbers)}:{target}", cfg.test_fraction) != split:
+        if split_of(f"countdown:{sorted(numbers)}:{target}", cfg.test_fraction, cfg.validation_fraction) != split:
             continue
         shown = ", ".join(map(str, numbers))
         out.append({"prompt": f"Using {shown} once each with + - * /, make {target}.", "response": expr,
@@ -264,6 +295,7 @@ class SudokuConfig:
     min_blanks: int = 10  # blanks are drawn uniformly from [min_blanks, max_blanks]
     max_blanks: int = 12  # 12 is the maximum: a 4x4 Sudoku needs at least 4 clues
     test_fraction: float = 0.15
+    validation_fraction: float = 0.05
     # The grids as 16 digits each, no instruction and no line breaks: prompt "0100004023000020",
     # response "4132324123141423" (32 tokens in all with the task tokenizer, against 51).
     compact: bool = False
@@ -331,7 +363,8 @@ def sudoku_examples(num: int, split: str, seed: int = 0, cfg: SudokuConfig = Sud
     _check_split(split)
     if not 1 <= cfg.min_blanks <= cfg.max_blanks <= 12:
         raise ValueError(f"blanks: expected 1 <= min_blanks <= max_blanks <= 12, found {cfg}")
-    grids = [g for g in _GRIDS if split_of("sudoku:" + "".join(map(str, g)), cfg.test_fraction) == split]
+    grids = [g for g in _GRIDS if split_of("sudoku:" + "".join(map(str, g)), cfg.test_fraction,
+                                           cfg.validation_fraction) == split]
     rng, out = _rng(seed, split), []
     while len(out) < num:
         solution = grids[int(rng.integers(len(grids)))]
@@ -369,6 +402,28 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("countdown", CountdownConfig, countdown_examples, countdown_reward),
     Task("sudoku4x4", SudokuConfig, sudoku_examples, sudoku_reward),
 )}
+
+
+def examples(task: str, num: int, split: str, seed: int = 0, cfg=None) -> list[dict]:
+    """`num` examples of a task's split: train drawn with replacement, validation and test as
+    distinct problems (the first `num` distinct prompts of the split's draw sequence, so a
+    held-out score never counts a problem twice). Raises naming `num` when the split has fewer."""
+    t = get_task(task)
+    cfg = t.config_cls() if cfg is None else cfg
+    if split not in EVAL_SPLITS:
+        return t.examples(num, split, seed, cfg)
+    draws = num
+    for _ in range(6):
+        out, seen = [], set()
+        for ex in t.examples(draws, split, seed, cfg):
+            if ex["prompt"] not in seen:
+                seen.add(ex["prompt"])
+                out.append(ex)
+                if len(out) == num:
+                    return out
+        draws *= 4
+    raise ValueError(f"num ({split}): expected at most the distinct problems of the {task!r} {split} split, found "
+                     f"{num} requested and {len(out)} distinct among {draws // 4} draws")
 
 
 def get_task(name: str) -> Task:
