@@ -1,13 +1,14 @@
 r"""What Multi-Block Editing does on a trained model: held-out accuracy and TPF, printed as JSON.
 
-  python launch/train.py --config=configs/quickstart.py --workdir=/tmp/mbe_sft --config.total_steps=1500
-  python launch/bench_mbe.py --config=configs/quickstart.py --workdir=/tmp/mbe_sft --block_length=4
+  python launch/quickstart.py --workdir=/tmp/qs --rl_steps=0          # SFT: four sums per prompt, blocks of 4
+  python launch/bench_mbe.py --config=configs/quickstart.py --workdir=/tmp/qs \
+      --checkpoint=/tmp/qs/sft/checkpoints --block_length=4
 
 For each mode (S, Q) it decodes the config's held-out split without MBE and with an
 `--mbe_window` window in both attentions ("bidirectional", the default, and REFERENCE §5's
 "block_causal"), and reports accuracy, mean reward, TPF (every forward counted, MBE ones too) and
-how many answers MBE changed. The quickstart trains with one 16-token block per answer; MBE needs
-several finished blocks, so decode with smaller blocks (`--block_length=4`: three blocks per answer).
+how many answers MBE changed. MBE needs several finished blocks per answer: the quickstart's
+four sums per prompt in blocks of 4 give four.
 """
 
 import json
@@ -21,7 +22,8 @@ from llada_jax import checkpoint, decoding, evaluate, rewards, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py[:args]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints, tokenizer, data).", required=True)
+flags.DEFINE_string("workdir", None, "The training run's workdir (tokenizer, data).", required=True)
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (default: <workdir>/checkpoints).")
 flags.DEFINE_integer("block_length", 4, "Decoding block length.")
 flags.DEFINE_integer("mbe_window", 2, "MBE window in blocks.")
 flags.DEFINE_integer("eval_examples", 256, "Held-out examples.")
@@ -34,7 +36,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     cfg, workdir = FLAGS.config, FLAGS.workdir
     train.enable_compilation_cache()
-    config, params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
+    config, params = checkpoint.load_params(FLAGS.checkpoint or os.path.join(workdir, "checkpoints"))
     config = config.replace(moe_impl=FLAGS.moe_impl)
     tok = train.load_tokenizer(cfg, workdir)
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
