@@ -4,11 +4,11 @@ r"""The quickstart: a tiny MoE model trained from scratch on an offline task, th
   python launch/train.py --config=configs/quickstart.py --workdir=/tmp/qs        # the SFT stage alone
   python launch/quickstart.py --config=configs/quickstart.py:task=sudoku4x4 --rl_steps=0
 
-Default task: four 2-digit sums at fixed width per prompt ("07+35,12+49,55+66,80+09=" ->
-"042,061,121,089"), taught by a noisy teacher that drops every carry in 60% of its
+Default task: four 2-digit sums at fixed width per prompt ("07+3512+4955+6680+09" ->
+"=042,=061,=121,=089"), taught by a noisy teacher that drops every carry in 60% of its
 demonstrations, pair by pair (REFERENCE §8: imitation then has a ceiling that the exact reward
-can lift). With blocks of 4 tokens each sum's answer is a block of its own, so a completion
-spans 4 blocks and EBPO's block terms do real work. `pairs=1` is the one-block variant (one sum,
+can lift). With blocks of 5 tokens each sum's answer is a block of its own, 20 tokens after its
+pair, so a completion spans 4 blocks and EBPO's block terms do real work. `pairs=1` is the one-block variant (one sum,
 one 16-token block); `noise=0.0` trains on clean demonstrations.
 """
 
@@ -49,14 +49,15 @@ def get_config(arg=None):
     c.data.num_train = 20000
     c.data.num_test = 500
     c.data.batch_size = 64
-    # Prompt + answer, rounded up to whole blocks: addition 6 + 3 tokens per pair (4 pairs: 24 + 15
-    # and EOS), compact Sudoku 16 + 16, Countdown <= 25 + 10 (task tokenizer, plain template).
-    prompt_len = {"addition": 6 * pairs, "countdown": 32, "sudoku4x4": 16}[a.task]
+    # Prompt + answer, rounded up to whole blocks: addition 6 + 3 tokens (several pairs: 5 + 5 per
+    # pair, the last answer ending in EOS), compact Sudoku 16 + 16, Countdown <= 25 + 10 (task
+    # tokenizer, plain template).
+    prompt_len = {"addition": 6 if pairs == 1 else 5 * pairs, "countdown": 32, "sudoku4x4": 16}[a.task]
     c.data.seq_len = {"addition": 16 if pairs == 1 else 10 * pairs, "countdown": 48, "sudoku4x4": 32}[a.task]
     # One pair in one block: with two blocks of 8, 1000 noisy-teacher steps left the units digit
     # unlearnt (0.0% and 1.2% held-out, seeds 0 and 1) where one block of 16 reached 19.9%.
-    # Several pairs: blocks of 4, one answer (3 digits and a comma or EOS) per block.
-    c.objective.block_size = 16 if pairs == 1 or a.task != "addition" else 4
+    # Several pairs: blocks of 5, one answer ("=", 3 digits, a comma or EOS) per block.
+    c.objective.block_size = 16 if pairs == 1 or a.task != "addition" else 5
     # Decoding starts from a fully masked answer, so train nearer to it than the public recipe's
     # [0.3, 0.8].
     c.objective.t_min = 0.1

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import evaluate, rl, rl_loop, train
+from llada_jax import evaluate, plots, rl, rl_loop, train
 from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
@@ -166,6 +166,8 @@ def main(argv):
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
+    plots.training_curves(workdir)
+    print(f"training curves: {workdir}/training_curves.png")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ problem's `meta` (what the verifier needs). `REWARDS` names them:
 - `code`: the fraction of unit tests passed in `llada_jax.sandbox`,
 - `by_task`: dispatch on `meta["task"]` to one of the above.
 
+`judge` gives one sample's reward with the reason it is not 1 (the sandbox's per-test
+reasons for code), for evaluation reports.
+
 `score` applies a reward to a batch and never raises for a reward that does: the sample gets
 `on_error` (0) and is reported, with its index, text and meta, in the returned list and by
 `logging.warning`.
@@ -317,18 +320,37 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else text
 
 
+def code_check(completion: str, meta: Mapping[str, Any],
+               config: sandbox.SandboxConfig = sandbox.SandboxConfig()) -> sandbox.SandboxResult:
+    """Runs the completion's program against `meta`'s tests in the sandbox: `tests` (assert
+    statements) or `io_tests` ([stdin, expected stdout] pairs). The result says per test
+    whether it passed and why not (`reasons`, `failure`). HumanEval-style metas also hold
+    `prefix` (the function's signature and docstring) and `entry_point`: a program that does
+    not define `entry_point` is a body, run after the prefix; one that does gets the prefix's
+    import lines before it."""
+    program = extract_code(completion)
+    if "prefix" in meta:
+        prefix = str(meta["prefix"])
+        if re.search(rf"^\s*def\s+{re.escape(str(meta.get('entry_point', '')))}\s*\(", program, flags=re.MULTILINE):
+            imports = [line for line in prefix.splitlines() if re.match(r"\s*(import|from)\s", line)]
+            program = "\n".join(imports + [program])
+        else:  # the body as written: its first line's indentation matters
+            body = completion
+            for marker in tasks._END_MARKERS:
+                body = body.split(marker, 1)[0]
+            fenced = re.findall(r"```(?:python|py)?[^\n]*\n(.*?)```", body, flags=re.DOTALL)
+            program = prefix + (fenced[-1] if fenced else body.rstrip() + "\n")
+    if "tests" in meta:
+        return sandbox.run_assert_tests(program, meta["tests"], config)
+    if "io_tests" in meta:
+        return sandbox.run_io_tests(program, [tuple(case) for case in meta["io_tests"]], config)
+    raise KeyError(f"code meta: expected a 'tests' or 'io_tests' key, found keys {sorted(meta)}")
+
+
 def code_reward(completion: str, meta: Mapping[str, Any],
                 config: sandbox.SandboxConfig = sandbox.SandboxConfig()) -> float:
-    """Fraction of the unit tests the completion's program passes in the sandbox. `meta` holds
-    either `tests` (assert statements) or `io_tests` ([stdin, expected stdout] pairs)."""
-    program = extract_code(completion)
-    if "tests" in meta:
-        result = sandbox.run_assert_tests(program, meta["tests"], config)
-    elif "io_tests" in meta:
-        result = sandbox.run_io_tests(program, [tuple(case) for case in meta["io_tests"]], config)
-    else:
-        raise KeyError(f"code meta: expected a 'tests' or 'io_tests' key, found keys {sorted(meta)}")
-    return result.fraction
+    """Fraction of the unit tests the completion's program passes in the sandbox (`code_check`)."""
+    return code_check(completion, meta, config).fraction
 
 
 def code_reward_with(config: sandbox.SandboxConfig) -> RewardFn:
@@ -355,6 +377,32 @@ def get_reward(name: str) -> RewardFn:
     if name not in REWARDS:
         raise ValueError(f"reward: expected one of {sorted(REWARDS)}, found {name!r}")
     return REWARDS[name]
+
+
+def judge(completion: str, meta: Mapping[str, Any], reward: str = "by_task",
+          code_config: sandbox.SandboxConfig = sandbox.SandboxConfig()) -> tuple[float, str]:
+    """The reward of one sample and, unless it is 1, why: for code the sandbox's reasons per
+    failed test, for GSM8K / MATH the expected and the extracted answer, for the toy tasks
+    the answer text. Raises what the reward raises (bad meta)."""
+    name = meta["task"] if reward == "by_task" else reward
+    if name == "code":
+        result = code_check(completion, meta, code_config)
+        reason = result.failure
+        if result.status != "ok" and not reason:
+            reason = f"sandbox {result.status}: {result.stderr.strip()[-200:]}"
+        return result.fraction, reason
+    value = float(get_reward(name)(completion, meta))
+    if value >= 1.0:
+        return value, ""
+    if name == "gsm8k":
+        found = final_number(tasks.answer_text(completion))
+        return value, f"expected {_reference(meta)}, found {'no number' if found is None else found}"
+    if name == "math":
+        text = tasks.answer_text(completion)
+        found = extract_boxed(text)
+        return value, f"expected {_reference(meta)!r}, found {'no answer' if found is None and not _NUMBER.findall(text) else found if found is not None else _NUMBER.findall(text)[-1]!r}"
+    answer = tasks.answer_text(completion).strip()
+    return value, f"reward {value:g} for answer {answer[:100]!r}"
 
 
 @dataclasses.dataclass(frozen=True)

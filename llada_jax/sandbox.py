@@ -21,6 +21,13 @@ Layers, in the order the child applies them before the first line of untrusted c
    work directory. Enforced where `unshare` is permitted; if the kernel refuses it (a
    container without CAP_SYS_ADMIN) the child goes on without these layers and says so in
    `SandboxResult.layers`.
+   The same mount namespace keeps the interpreter's import path readable by the uid of
+   layer 4: where an import directory lies under a directory that others may not traverse
+   (pyenv in /root, mode 700), that directory is covered by an empty tmpfs in which only
+   the import directories are bind-mounted back, at their own paths (`import_paths` in
+   `layers`). Without it every module not imported before the privilege drop (`string`,
+   `heapq`, ...) was missing. Where the namespace is refused, the child says in its stderr
+   which import directories the sandbox uid cannot read.
 4. As root only: drop to a fresh unprivileged uid/gid (random, in [2^20, 2^21), owning
    nothing), no supplementary groups. The child can then not signal the trainer, write
    any file it does not own, or fork past RLIMIT_NPROC; a uid of its own per run means that
@@ -67,7 +74,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 0x400, 0x800, 0x200000
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+_MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 0x20, 0x1000, 0x2000, 0x4000, 0x40000
 _MOUNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
                 "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME}
 _UID_RANGE = (1 << 20, 1 << 21)
@@ -95,7 +102,9 @@ class SandboxResult:
     """Outcome of a run. `status`: "ok" (every test ran), "timeout" (killed at the wall-clock
     limit), "crashed" (the child died early: an rlimit signal, `os._exit`, a launcher error).
     Tests that did not report count as failed. `layers` lists the isolation layers the child
-    actually applied (empty if it died before saying)."""
+    actually applied (empty if it died before saying). `reasons[i]` says why test i failed
+    ("" if it passed): the exception type and message, "timeout: ...", "wrong output: ...",
+    or why it never reported (wall-clock timeout, the signal or exit status that ended the child)."""
     passed: int
     total: int
     results: tuple[bool, ...]
@@ -104,10 +113,21 @@ class SandboxResult:
     layers: tuple[str, ...]
     stderr: str
     seconds: float
+    reasons: tuple[str, ...] = ()
 
     @property
     def fraction(self) -> float:
         return self.passed / self.total if self.total else 0.0
+
+    @property
+    def failure(self) -> str:
+        """One line on what went wrong: the distinct reasons of the failed tests with their
+        indices ("" if all passed)."""
+        seen: dict[str, list[int]] = {}
+        for i, reason in enumerate(self.reasons):
+            if reason:
+                seen.setdefault(reason, []).append(i)
+        return "; ".join(f"test {','.join(map(str, idx))}: {reason}" for reason, idx in seen.items())
 
 
 def normalise_output(text: str) -> str:
@@ -130,7 +150,10 @@ def run_io_tests(program: str, cases: Sequence[tuple[str, str]], config: Sandbox
     """Runs `program` once per (stdin, expected stdout) case; a case passes if the output
     equals the expected one up to `normalise_output`. `SystemExit` ends a run normally."""
     digests = [_digest(expected) for _, expected in cases]
-    return _run(program, "io", [stdin for stdin, _ in cases], digests, config)
+    result = _run(program, "io", [stdin for stdin, _ in cases], digests, config)
+    reasons = tuple(f"{r}; expected: {normalise_output(expected)[:200]}" if r.startswith("wrong output: ") else r
+                    for r, (_, expected) in zip(result.reasons, cases))
+    return dataclasses.replace(result, reasons=reasons)
 
 
 def _run(program: str, kind: str, tests: list[str], digests: list[str] | None, config: SandboxConfig) -> SandboxResult:
@@ -171,18 +194,37 @@ def _run(program: str, kind: str, tests: list[str], digests: list[str] | None, c
     if status == "ok" and "done" not in records:
         status = "crashed"
     reported = records.get("test", {})
-    if digests is None:
-        results = tuple(reported.get(i) == "pass" for i in range(len(tests)))
-    else:
-        results = tuple(reported.get(i) == d for i, d in enumerate(digests))
-    return SandboxResult(passed=sum(results), total=len(tests), results=results, status=status,
+    unreported = _unreported_reason(status, proc.returncode, config, stderr)
+    results, reasons = [], []
+    for i in range(len(tests)):
+        value, reason = reported.get(i, (None, unreported))
+        passed = value == ("pass" if digests is None else digests[i])
+        if not passed and not reason:
+            reason = "wrong output" if digests is not None else "failed"
+        results.append(passed)
+        reasons.append("" if passed else reason)
+    return SandboxResult(passed=sum(results), total=len(tests), results=tuple(results), status=status,
                          returncode=proc.returncode, layers=tuple(records.get("layers", ())), stderr=stderr,
-                         seconds=time.monotonic() - start)
+                         seconds=time.monotonic() - start, reasons=tuple(reasons))
+
+
+def _unreported_reason(status: str, returncode: int | None, config: SandboxConfig, stderr: str) -> str:
+    """Why a test has no record: the run was killed at the wall clock, or the child died."""
+    if status == "timeout":
+        return f"timeout: the run exceeded timeout_s={config.timeout_s} s and was killed"
+    if returncode is not None and returncode < 0:
+        signame = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        why = {"SIGXCPU": f" (CPU limit cpu_s={config.cpu_s} s)", "SIGXFSZ": f" (file size limit {config.file_bytes} bytes)",
+               "SIGSEGV": " (a crash; with the address-space limit often a failed allocation)",
+               "SIGKILL": " (killed)"}.get(signame, "")
+        return f"not run: the sandboxed interpreter died by {signame}{why}"
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    return f"not run: the sandboxed interpreter exited with status {returncode}" + (f" ({last[:200]})" if last else "")
 
 
 def _records(stdout: bytes, nonce: str) -> dict:
-    """The child's records in its stdout: lines `<nonce> layers <json>`, `<nonce> test <i> <value>`,
-    `<nonce> done`; any other line is the program's own output and ignored."""
+    """The child's records in its stdout: lines `<nonce> layers <json>`, `<nonce> test <i> <value>
+    <reason json>`, `<nonce> done`; any other line is the program's own output and ignored."""
     records: dict = {}
     prefix = nonce.encode() + b" "
     for line in stdout.split(b"\n"):
@@ -192,8 +234,13 @@ def _records(stdout: bytes, nonce: str) -> dict:
         if kind == "layers":
             records["layers"] = json.loads(rest)
         elif kind == "test":
-            index, _, value = rest.partition(" ")
-            records.setdefault("test", {})[int(index)] = value
+            index, _, rest = rest.partition(" ")
+            value, _, reason = rest.partition(" ")
+            try:
+                reason = json.loads(reason) if reason else ""
+            except ValueError:
+                reason = "unreadable reason"
+            records.setdefault("test", {})[int(index)] = (value, str(reason))
         elif kind == "done":
             records["done"] = True
     return records
@@ -254,7 +301,9 @@ def _isolate(spec: dict) -> list[str]:
     layers.append("rlimits")
     workdir = os.getcwd()
     if os.geteuid() == 0:
-        flags = (CLONE_NEWNET if spec["private_network"] else 0) | (CLONE_NEWNS if spec["read_only_fs"] else 0)
+        blocked = _import_paths_blocked() if spec["uid"] is not None else {}
+        flags = (CLONE_NEWNET if spec["private_network"] else 0) | \
+            (CLONE_NEWNS if spec["read_only_fs"] or blocked else 0)
         if flags:
             import ctypes
 
@@ -263,8 +312,13 @@ def _isolate(spec: dict) -> list[str]:
                 if flags & CLONE_NEWNET:
                     layers.append("private_network")
                 if flags & CLONE_NEWNS:
-                    _read_only_mounts(libc, workdir)
-                    layers.append("read_only_fs")
+                    _private_mounts(libc)
+                    if blocked:
+                        _expose_import_paths(libc, blocked, os.path.dirname(workdir))
+                        layers.append("import_paths")
+                    if spec["read_only_fs"]:
+                        _read_only_mounts(libc, workdir)
+                        layers.append("read_only_fs")
             for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
                 del sys.modules[name]  # the program must import it afresh, which the audit hook refuses
         if spec["uid"] is not None:
@@ -272,20 +326,79 @@ def _isolate(spec: dict) -> list[str]:
             os.setgid(spec["uid"])
             os.setuid(spec["uid"])
             layers.append("unprivileged_uid")
+            unreadable = [p for p in _import_paths() if not os.access(p, os.R_OK | os.X_OK)]
+            if unreadable:
+                os.write(2, f"sandbox: the sandbox uid cannot read the import directories {unreadable}; "
+                            f"modules from them fail to import (no mount namespace to expose them)\n".encode())
     return layers
+
+
+def _import_paths() -> list[str]:
+    """The existing directories (and zip files) of the interpreter's import path, resolved."""
+    return sorted({os.path.realpath(p) for p in sys.path if p and os.path.exists(p)})
+
+
+def _import_paths_blocked() -> dict[str, list[str]]:
+    """Import paths under a directory that others may not traverse, grouped by the topmost
+    such directory: {blocking directory: [import paths below it]}."""
+    import stat
+
+    blocked: dict[str, list[str]] = {}
+    for path in _import_paths():
+        parts = path.strip("/").split("/")
+        for k in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:k])
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                blocked.setdefault(ancestor, []).append(path)
+                break
+    for top, paths in blocked.items():  # drop paths inside another one of the list
+        blocked[top] = [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
+    return blocked
+
+
+def _mount(libc, source, target, flags, fstype=None, data=None) -> None:
+    import ctypes
+
+    enc = lambda x: x.encode() if isinstance(x, str) else x  # noqa: E731
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        raise OSError(ctypes.get_errno(), f"sandbox: mount {source!r} on {target!r} with flags {flags:#x} failed")
+
+
+def _private_mounts(libc) -> None:
+    """Our mounts in the fresh namespace must not propagate to the host."""
+    _mount(libc, "none", "/", _MS_REC | _MS_PRIVATE)
+
+
+def _expose_import_paths(libc, blocked: dict[str, list[str]], stage_root: str) -> None:
+    """In a fresh mount namespace, for each directory that hides import paths from the sandbox
+    uid: bind-mounts those paths aside (under `stage_root`, ours), covers the directory with
+    an empty tmpfs others may traverse, and moves the bind mounts back to the same paths.
+    The rest of the hidden directory stays hidden (the tmpfs is empty)."""
+    staged = []
+    for top, paths in blocked.items():
+        for path in paths:
+            stage = os.path.join(stage_root, f"import{len(staged)}")
+            if os.path.isdir(path):
+                os.mkdir(stage, 0o700)
+            else:
+                open(stage, "x").close()  # a zip file on the path: a file mount point
+            _mount(libc, path, stage, _MS_BIND | _MS_REC)
+            staged.append((top, path, stage))
+    for top in blocked:
+        _mount(libc, "tmpfs", top, _MS_NOSUID | _MS_NODEV, "tmpfs", "mode=0755,size=1m")
+    for top, path, stage in staged:
+        if os.path.isdir(stage):
+            os.makedirs(path, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            open(path, "x").close()
+        _mount(libc, stage, path, _MS_MOVE)
 
 
 def _read_only_mounts(libc, workdir: str) -> None:
     """In a fresh mount namespace: remounts every mount read-only except a bind mount of `workdir`.
     Existing per-mount flags are kept (the kernel refuses to clear locked ones)."""
-    import ctypes
-
-    def mount(source, target, flags):
-        if libc.mount(source, target, None, flags, None) != 0:
-            raise OSError(ctypes.get_errno(), f"sandbox: mount {target!r} with flags {flags:#x} failed")
-
-    mount(b"none", b"/", _MS_REC | _MS_PRIVATE)  # our remounts must not propagate to the host
-    mount(workdir.encode(), workdir.encode(), _MS_BIND)
+    _mount(libc, workdir, workdir, _MS_BIND)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]
     for fields in mounts:
@@ -295,7 +408,7 @@ def _read_only_mounts(libc, workdir: str) -> None:
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
         for option in options:
             flags |= _MOUNT_FLAGS.get(option, 0)
-        mount(None, target.encode(), flags)
+        _mount(libc, None, target, flags)
 
 
 _REFUSED_EVENTS = frozenset({
@@ -362,6 +475,22 @@ def _alarm(signum, frame):
     raise _TestTimeout
 
 
+def _describe(error: BaseException, spec: dict, test: str | None = None) -> str:
+    """A failed test's reason: the alarm as a timeout, a MemoryError with the limit, else
+    `Type: message` (or, for an exception without a message, the test that raised it)."""
+    if isinstance(error, _TestTimeout):
+        return f"timeout: the test exceeded test_timeout_s={spec['test_timeout_s']} s"
+    name = type(error).__name__
+    message = str(error)
+    if isinstance(error, MemoryError):
+        return f"MemoryError: {message} (memory limit memory_bytes={spec['memory_bytes']})".replace(":  (", ": (")
+    if isinstance(error, SyntaxError):
+        return f"SyntaxError: {error.msg} (line {error.lineno})"
+    if message:
+        return f"{name}: {message}"
+    return f"{name} in {test.strip()[:200]!r}" if test else name
+
+
 class _Unclosable(io.BytesIO):
     """A BytesIO that outlives `sys.stdout.close()` by the program, so its output can still be read."""
 
@@ -381,15 +510,16 @@ def _child_main() -> None:
         _install_audit_hook(workdir)
         layers.append("audit_hook")
     write, run, setitimer, digest_of, normalise = os.write, exec, signal.setitimer, hashlib.sha256, normalise_output
-    text_io, capture, stdin_type = io.TextIOWrapper, _Unclosable, io.BytesIO
+    text_io, capture, stdin_type, dumps = io.TextIOWrapper, _Unclosable, io.BytesIO, json.dumps
     write(1, b"\n" + nonce + b" layers " + json.dumps(layers).encode() + b"\n")
     signal.signal(signal.SIGALRM, _alarm)
+    compile_error = ""
     try:
         code = compile(spec["program"], "<program>", "exec")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        code = None
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        code, compile_error = None, _describe(e, spec)
     for i, test in enumerate(spec["tests"]):
-        value = b"fail"
+        value, reason = b"fail", compile_error
         try:
             try:
                 setitimer(signal.ITIMER_REAL, spec["test_timeout_s"])
@@ -410,11 +540,19 @@ def _child_main() -> None:
                     out.flush()
                     text = out.buffer.getvalue().decode("utf-8", errors="replace")
                     value = digest_of(normalise(text).encode()).hexdigest().encode()
+                    reason = "wrong output: " + normalise(text)[:200]
             finally:
                 setitimer(signal.ITIMER_REAL, 0)
-        except BaseException:  # the program's failures, the alarm, MemoryError: the test failed
-            pass
-        write(1, b"\n" + nonce + b" test %d " % i + value + b"\n")
+        except BaseException as e:  # the program's failures, the alarm, MemoryError: the test failed
+            try:
+                reason = _describe(e, spec, test if spec["kind"] == "assert" else None)
+            except BaseException:  # noqa: BLE001 - a hostile __str__
+                reason = "failed (the exception could not be described)"
+        try:
+            reason_json = dumps(reason[:500]).encode()
+        except BaseException:  # noqa: BLE001
+            reason_json = b'"failed"'
+        write(1, b"\n" + nonce + b" test %d " % i + value + b" " + reason_json + b"\n")
     write(1, b"\n" + nonce + b" done\n")
     os._exit(0)  # without waiting for threads the program may have left running
 

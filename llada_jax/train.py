@@ -12,7 +12,6 @@ numbers as one that never stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -28,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import checkpoint, model, objectives, sharding
 from llada_jax.config import ModelConfig, get_config
+from llada_jax.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
 
 Batch = dict[str, np.ndarray]
 
@@ -171,54 +171,6 @@ def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch):
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-
-# ------------------------------------------------------------------------------ metrics log
-class MetricsLog:
-    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`.
-
-    On resume, lines beyond the restored step are dropped first: they were logged by the killed
-    run after its last checkpoint and will be logged again."""
-
-    def __init__(self, workdir: str, resume_step: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        self._writer = _tensorboard_writer(workdir)
-
-    def write(self, step: int, metrics: dict) -> None:
-        row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._writer.add_scalar(k, v, step)
-            self._writer.flush()
-
-
-def _to_py(v):
-    v = np.asarray(v)
-    return v.item() if v.ndim == 0 else v.tolist()
-
-
-def _tensorboard_writer(workdir: str):
-    """TensorBoard events through tensorboardX when it is installed (it needs no TensorFlow)."""
-    try:
-        from tensorboardX import SummaryWriter  # type: ignore
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(workdir, "tb"))
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------ run

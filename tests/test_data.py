@@ -131,17 +131,18 @@ def test_addition_fixed_width_and_noisy_teacher():
 
 
 def test_multi_pair_addition_spans_blocks_with_partial_credit():
-    """Four sums per prompt (the quickstart's task): per-pair noisy teacher, reward = exact pairs / 4."""
+    """Four sums per prompt (the quickstart's task) at a fixed stride of 5 characters, per-pair
+    noisy teacher, reward = exact answers / 4."""
     cfg = tasks.AdditionConfig(max_digits=2, zero_pad=True, num_pairs=4, carry_error_rate=0.6)
     for ex in tasks.addition_examples(50, "train", cfg=cfg):
-        assert re.fullmatch(r"(\d\d\+\d\d,){3}\d\d\+\d\d=", ex["prompt"])
-        assert re.fullmatch(r"(\d{3},){3}\d{3}", ex["response"]) and len(ex["meta"]["pairs"]) == 4
+        assert re.fullmatch(r"(\d\d\+\d\d){4}", ex["prompt"])
+        assert re.fullmatch(r"(=\d{3},){3}=\d{3}", ex["response"]) and len(ex["meta"]["pairs"]) == 4
     meta = {"task": "addition", "pairs": [[7, 35], [12, 49], [55, 66], [80, 9]]}
-    assert tasks.reward("042,061,121,089", meta) == 1.0
-    assert tasks.reward("042,051,121,089<|endoftext|>", meta) == 0.75
-    assert tasks.reward("042,061,121", meta) == 0.75  # a missing answer
-    assert tasks.reward("042,061,121,089,000", meta) == 0.75  # an extra one: never full credit
-    assert tasks.reward("", meta) == 0.0
+    assert tasks.reward("=042,=061,=121,=089", meta) == 1.0
+    assert tasks.reward("=042,=051,=121,=089<|endoftext|>", meta) == 0.75
+    assert tasks.reward("=042,=061,=121", meta) == 0.75  # a missing answer
+    assert tasks.reward("=042,=061,=121,=089,=000", meta) == 0.75  # an extra one: never full credit
+    assert tasks.reward("042,061,121,089", meta) == 0.0 and tasks.reward("", meta) == 0.0
     test = tasks.addition_examples(200, "test", cfg=cfg)
     assert all(tasks.reward(ex["response"], ex["meta"]) == 1.0 for ex in test)  # held-out answers exact
     keys = lambda exs: {f"{min(a, b)}+{max(a, b)}" for ex in exs for a, b in ex["meta"]["pairs"]}

@@ -150,7 +150,8 @@ def test_sandbox_reports_layers_and_per_test_results():
     result = sandbox.run_assert_tests(_ADD_BUGGY, _ADD_TESTS, FAST)
     assert result.results == (True, True, False, False) and result.status == "ok"
     expected = {"process_group", "rlimits", "audit_hook"} | (
-        {"private_network", "read_only_fs", "unprivileged_uid"} if ROOT else set())
+        {"private_network", "read_only_fs", "unprivileged_uid"} if ROOT else set()) | (
+        {"import_paths"} if ROOT and sandbox._import_paths_blocked() else set())
     assert set(result.layers) == expected
 
 
@@ -289,3 +290,138 @@ def test_score_reports_a_raising_reward_and_goes_on(caplog):
 def test_score_checks_lengths():
     with pytest.raises(ValueError, match="2 completions but 1 metas"):
         rewards.score(["a", "b"], [{}], "addition")
+
+
+# ------------------------------------------------------------- standard-library programs
+def test_a_program_importing_string_passes_and_says_why_otherwise():
+    """Regression: with the interpreter under a directory the sandbox uid may not traverse
+    (pyenv in /root, mode 700), every standard-library module not imported before the
+    privilege drop was missing, and the test failed with no message."""
+    program = "import string\ndef letters(n):\n    return string.ascii_lowercase[:n]\n"
+    result = sandbox.run_assert_tests(program, ["assert letters(3) == 'abc'"], FAST)
+    assert result.results == (True,), result.reasons
+    assert result.reasons == ("",)
+
+
+def test_failed_tests_say_why():
+    program = "def f(x):\n    return 10 // x\n"
+    tests = ["assert f(2) == 5", "assert f(2) == 4", "f(0)", "while True:\n    pass", "import nosuchmodule"]
+    result = sandbox.run_assert_tests(program, tests, FAST)
+    assert result.results == (True, False, False, False, False)
+    assert result.reasons == ("", "AssertionError in 'assert f(2) == 4'", "ZeroDivisionError: integer division or modulo by zero",
+                              f"timeout: the test exceeded test_timeout_s={FAST.test_timeout_s} s",
+                              "ModuleNotFoundError: No module named 'nosuchmodule'")
+    assert "test 2: ZeroDivisionError" in result.failure
+    assert sandbox.run_assert_tests("def f(:\n", ["f()"], FAST).reasons == ("SyntaxError: invalid syntax (line 1)",)
+    io = sandbox.run_io_tests("print(input().upper())", [("ab\n", "AB\n"), ("cd\n", "cD\n")], FAST)
+    assert io.reasons == ("", "wrong output: CD; expected: cD")
+    killed = sandbox.run_assert_tests("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n",
+                                      ["pass", "pass"], sandbox.SandboxConfig(**{**FAST.__dict__, "timeout_s": 1.5}))
+    assert killed.reasons == ("timeout: the run exceeded timeout_s=1.5 s and was killed",) * 2
+    memory = sandbox.run_assert_tests("x = bytearray(12 * 1024 ** 3)\n", ["pass"], FAST)
+    assert memory.reasons[0].startswith("MemoryError") and f"memory_bytes={FAST.memory_bytes}" in memory.reasons[0]
+
+
+# Ordinary correct programs over the standard library: (program, tests, (a line, the line made wrong)).
+# Each must score 1.0, and 0.0 with the wrong line (every test exercises that line).
+_STDLIB_PROGRAMS = {
+    "string": ("import string\n\ndef caesar(text, k):\n"
+               "    table = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[k:] + string.ascii_lowercase[:k])\n"
+               "    return text.translate(table)\n",
+               ["assert caesar('abc', 1) == 'bcd'", "assert caesar('xyz', 2) == 'zab'"],
+               ("string.ascii_lowercase[k:] + string.ascii_lowercase[:k]", "string.ascii_lowercase[k:] + string.ascii_lowercase[:k + 1]")),
+    "random": ("import random\n\ndef shuffled(xs, seed):\n    rng = random.Random(seed)\n    ys = list(xs)\n"
+               "    rng.shuffle(ys)\n    return ys\n",
+               ["assert sorted(shuffled(range(10), 3)) == list(range(10))",
+                "assert shuffled(range(10), 3) == shuffled(range(10), 3) and shuffled([1], 5) == [1]"],
+               ("    return ys\n", "    return ys[1:]\n")),
+    "re": ("import re\n\ndef words(text):\n    return re.findall(r'[A-Za-z]+', text)\n",
+           ["assert words('Hi, you 2!') == ['Hi', 'you']", "assert words('A-b') == ['A', 'b']"],
+           ("r'[A-Za-z]+'", "r'[a-z]+'")),
+    "collections": ("from collections import Counter, defaultdict, deque, namedtuple, OrderedDict\n\n"
+                    "Point = namedtuple('Point', 'x y')\n\ndef top(words):\n    return Counter(words).most_common(1)[0][0]\n\n"
+                    "def groups(pairs):\n    d = defaultdict(list)\n    for k, v in pairs:\n        d[k].append(v)\n"
+                    "    return dict(d)\n\ndef rotate(xs, k):\n    q = deque(xs)\n    q.rotate(k)\n    return list(q)\n",
+                    ["assert top(['a', 'b', 'a']) == 'a' and Point(1, 2).y == 2",
+                     "assert groups([(1, 'a'), (1, 'b')]) == {1: ['a', 'b']} and rotate([1, 2, 3], 1) == [3, 1, 2] and top('xyy') == 'y'"],
+                    ("    return Counter(words).most_common(1)[0][0]\n", "    return Counter(words).most_common()[-1][0]\n")),
+    "itertools": ("import itertools\n\ndef pairs(xs):\n    return list(itertools.combinations(xs, 2))\n\n"
+                  "def running(xs):\n    return list(itertools.accumulate(xs))\n",
+                  ["assert pairs([1, 2, 3]) == [(1, 2), (1, 3), (2, 3)] and running([1, 2, 3]) == [1, 3, 6]",
+                   "assert len(pairs(range(5))) == 10"],
+                  ("itertools.combinations(xs, 2)", "itertools.permutations(xs, 2)")),
+    "math": ("import math\n\ndef hyp(a, b):\n    return math.hypot(a, b)\n\ndef lcm(a, b):\n"
+             "    return a * b // math.gcd(a, b)\n",
+             ["assert math.isclose(hyp(3, 4), 5.0) and lcm(4, 6) == 12", "assert lcm(21, 6) == 42"],
+             ("a * b // math.gcd(a, b)", "a * b // math.gcd(a, b) + 1")),
+    "functools": ("from functools import lru_cache, reduce, partial\n\n@lru_cache(maxsize=None)\ndef fib(n):\n"
+                  "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nproduct = partial(reduce, lambda a, b: a * b)\n",
+                  ["assert fib(50) == 12586269025 and product([1, 2, 3, 4]) == 24", "assert fib(10) == 55"],
+                  ("n if n < 2 else", "n if n < 3 else")),
+    "typing_dataclasses": ("from dataclasses import dataclass, field, asdict\nfrom typing import List, Optional\n\n"
+                           "@dataclass(order=True)\nclass Item:\n    price: float\n    name: str = ''\n"
+                           "    tags: List[str] = field(default_factory=list)\n\n"
+                           "def cheapest(items: List[Item]) -> Optional[str]:\n    return min(items).name if items else None\n",
+                           ["assert cheapest([Item(3.0, 'b'), Item(1.5, 'a')]) == 'a'",
+                            "assert cheapest([Item(2, 'x', ['t']), Item(9, 'y')]) == 'x' and asdict(Item(1))['tags'] == []"],
+                           ("min(items).name", "max(items).name")),
+    "copy": ("import copy\n\ndef grown(grid):\n    g = copy.deepcopy(grid)\n    g[0].append(0)\n    return g\n",
+             ["g = [[1]]\nassert grown(g) == [[1, 0]] and g == [[1]]", "g = [[2], [3]]\nassert grown(g)[1] == [3] and g == [[2], [3]]"],
+             ("copy.deepcopy(grid)", "copy.copy(grid)")),
+    "heapq": ("import heapq\n\ndef k_smallest(xs, k):\n    h = list(xs)\n    heapq.heapify(h)\n"
+              "    return [heapq.heappop(h) for _ in range(k)]\n",
+              ["assert k_smallest([5, 1, 4, 2], 2) == [1, 2]", "assert k_smallest([4, 9, 2, 7], 3) == [2, 4, 7]"],
+              ("    heapq.heapify(h)\n", "    h.reverse()\n")),
+    "bisect": ("import bisect\n\ndef grade(score):\n    return 'FDCBA'[bisect.bisect([60, 70, 80, 90], score)]\n",
+               ["assert grade(59) == 'F' and grade(90) == 'A'", "assert grade(70) == 'C'"],
+               ("bisect.bisect(", "bisect.bisect_left(")),
+    "datetime": ("from datetime import date, datetime, timedelta\n\ndef days_between(a, b):\n"
+                 "    return (date.fromisoformat(b) - date.fromisoformat(a)).days\n\n"
+                 "def plus_hours(ts, h):\n    return (datetime.fromisoformat(ts) + timedelta(hours=h)).isoformat()\n",
+                 ["assert days_between('2024-02-28', '2024-03-01') == 2",
+                  "assert days_between('2023-01-01', '2024-01-01') == 365 and plus_hours('2024-01-01T23:00:00', 2) == '2024-01-02T01:00:00'"],
+                 ("(date.fromisoformat(b) - date.fromisoformat(a)).days", "(date.fromisoformat(b) - date.fromisoformat(a)).days + 1")),
+    "json": ("import json\n\ndef roundtrip(obj):\n    return json.loads(json.dumps(obj, sort_keys=True))\n\n"
+             "def keys(text):\n    return sorted(json.loads(text))\n",
+             ["assert roundtrip({'b': [1, 2], 'a': None}) == {'a': None, 'b': [1, 2]} and keys('{\"y\": 1, \"x\": 2}') == ['x', 'y']",
+              "assert keys('{\"k\": 0}') == ['k']"],
+             ("    return sorted(json.loads(text))\n", "    return sorted(json.loads(text))[1:]\n")),
+    "fractions_decimal_statistics": ("from fractions import Fraction\nfrom decimal import Decimal\nimport statistics\n\n"
+                                     "def mean_exact(xs):\n    return Fraction(sum(Fraction(x) for x in xs), len(xs))\n\n"
+                                     "def median(xs):\n    return statistics.median(xs)\n",
+                                     ["assert mean_exact(['1/3', '2/3']) == Fraction(1, 2) and median([3, 1, 2]) == 2",
+                                      "assert mean_exact([Decimal('0.5'), 1]) == Fraction(3, 4)"],
+                                     ("len(xs))\n", "len(xs) + 1)\n")),
+    "io_textwrap_enum_operator": ("import enum, operator, textwrap, sys\n\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n\n"
+                                  "def main():\n    n = int(sys.stdin.readline())\n    rows = [tuple(map(int, l.split())) for l in sys.stdin]\n"
+                                  "    rows.sort(key=operator.itemgetter(1))\n    print(textwrap.shorten(' '.join(str(a) for a, _ in rows), width=80))\n"
+                                  "    print(Color(n).name)\n\nmain()\n",
+                                  None, ("key=operator.itemgetter(1)", "key=operator.itemgetter(0)")),
+}
+_STDLIB_IO = [("1\n3 1\n1 2\n", "3 1\nRED\n"), ("2\n5 9\n7 0\n", "7 5\nBLUE\n")]
+
+
+@pytest.mark.parametrize("name", sorted(_STDLIB_PROGRAMS))
+def test_standard_library_programs_score_one_and_zero_with_a_wrong_line(name):
+    program, tests, (line, wrong) = _STDLIB_PROGRAMS[name]
+    assert program.count(line) == 1, "the wrong line must replace exactly one line of the program"
+    meta = {"tests": tests} if tests is not None else {"io_tests": _STDLIB_IO}
+    right = rewards.code_check(f"```python\n{program}```", meta, FAST)
+    assert right.fraction == 1.0, right.failure or right.stderr
+    broken = rewards.code_check(program.replace(line, wrong), meta, FAST)
+    assert broken.fraction == 0.0, f"the wrong line passed: {broken.results}"
+    assert all(broken.reasons), broken.reasons
+
+
+def test_exposing_the_import_path_hides_the_rest_of_its_directory():
+    blocked = sandbox._import_paths_blocked()
+    if not (ROOT and blocked):
+        pytest.skip("the import path is readable by any uid here: nothing is exposed")
+    top, exposed = next(iter(blocked.items()))
+    others = [os.path.join(top, n) for n in os.listdir(top)
+              if not any(p == os.path.join(top, n) or p.startswith(os.path.join(top, n) + "/") for p in exposed)]
+    if not others:
+        pytest.skip(f"{top} holds nothing besides the import path")
+    program = "import os\ndef seen(p):\n    return os.path.exists(p)\n"
+    result = sandbox.run_assert_tests(program, [f"assert not seen({others[0]!r})", f"assert seen({exposed[0]!r})"], FAST)
+    assert result.results == (True, True), result.reasons

@@ -74,10 +74,12 @@ class AdditionConfig:
     # mode while the right one keeps the rest of the probability: a ceiling that SFT cannot
     # pass and a verifier can lift. The test split and the meta (the reward) stay exact.
     carry_error_rate: float = 0.0
-    # Problems per example: `num_pairs` sums in one prompt ("07+35,12+49=" -> "042,061"), each
-    # pair drawn from the example's split and each demonstration's carries dropped independently.
-    # Four pairs with 4-token blocks put every answer in a block of its own: completions span
-    # several blocks (what EBPO's block decomposition needs), and the reward gives partial credit.
+    # Problems per example: `num_pairs` sums in one prompt, each pair drawn from the example's
+    # split and each demonstration's carries dropped independently. Several pairs are written
+    # back to back at a fixed stride, "07+3512+49" -> "=042,=061" (with zero_pad: 5 tokens per
+    # pair and per answer), so with blocks of 5 tokens answer k sits exactly 5 * num_pairs tokens
+    # after pair k: every answer is a block of its own (completions span num_pairs blocks, what
+    # EBPO's block decomposition needs) and the reward gives partial credit.
     num_pairs: int = 1
     validation_fraction: float = 0.05
 
@@ -120,20 +122,24 @@ def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig =
             pairs.append([a, b])
             prompts.append(f"{a:0{w}d}+{b:0{w}d}")
             answers.append(f"{answer:0{w + 1 if w else 0}d}")
-        meta = {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}
-        if cfg.num_pairs > 1:
-            meta = {"task": "addition", "pairs": pairs}
-        out.append({"prompt": ",".join(prompts) + "=", "response": ",".join(answers), "meta": meta})
+        if cfg.num_pairs == 1:
+            out.append({"prompt": prompts[0] + "=", "response": answers[0],
+                        "meta": {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}})
+        else:
+            out.append({"prompt": "".join(prompts), "response": ",".join("=" + x for x in answers),
+                        "meta": {"task": "addition", "pairs": pairs}})
     return out
 
 
 def addition_reward(completion: str, meta: Mapping) -> float:
     """1.0 iff the answer is exactly the decimal sum; with several pairs (`meta["pairs"]`), the
-    fraction of the comma-separated answers that are exact (1.0 = all of them)."""
+    fraction of the comma-separated `=sum` answers that are exact (1.0 = all of them)."""
     answer = answer_text(completion)
-    pairs = meta.get("pairs") or [[meta["a"], meta["b"]]]
+    if "pairs" not in meta:
+        return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
+    pairs = meta["pairs"]
     parts = answer.split(",")
-    correct = sum(k < len(parts) and re.fullmatch(r"\d+", parts[k]) is not None and int(parts[k]) == a + b
+    correct = sum(k < len(parts) and re.fullmatch(r"=\d+", parts[k]) is not None and int(parts[k][1:]) == a + b
                   for k, (a, b) in enumerate(pairs))
     if len(parts) != len(pairs):
         correct = min(correct, len(pairs) - 1)  # extra or missing answers: never full credit

@@ -1,0 +1,95 @@
+"""PNG figures of what the launchers measure: speed vs accuracy of decoding modes, training curves.
+
+`speed_accuracy` draws an evaluation summary (`benchmarks.run_eval`) as accuracy against
+tokens per forward, one point per mode, the presets named, and the Pareto front (the modes no
+other mode beats on both axes) joined by a line: the speed-accuracy trade-off of LLaDA2.1's
+threshold / editing_threshold knobs. `training_curves` draws a quickstart work directory's
+metrics.jsonl files: the SFT loss, and the RL rollout reward and accuracy per step.
+Both use matplotlib's Agg back end (no display) and return the Figure, so tests can read the
+axes' labels; the PNG is written to `path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (x, y) that no other point matches or beats on both x and y while
+    beating on one, sorted by x: larger is better on both axes."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def speed_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str, title: str = "") -> "plt.Figure":
+    """Accuracy vs TPF of every mode in `summary` ({mode: {"tpf", "accuracy", ...}}) with the
+    Pareto front, written as a PNG to `path`."""
+    names = list(summary)
+    points = [(float(summary[n]["tpf"]), float(summary[n]["accuracy"])) for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    grid = [i for i, n in enumerate(names) if ":" in n]
+    presets = [i for i in range(len(names)) if i not in grid]
+    if grid:
+        ax.scatter([points[i][0] for i in grid], [points[i][1] for i in grid], s=18, c="0.6",
+                   label="threshold x editing_threshold grid")
+    if presets:
+        ax.scatter([points[i][0] for i in presets], [points[i][1] for i in presets], s=40, c="C0", marker="D",
+                   label="presets", zorder=3)
+    for i in presets:
+        ax.annotate(names[i], points[i], textcoords="offset points", xytext=(5, 5), fontsize=9)
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], c="C3", lw=1.5, label="Pareto front")
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "speed vs accuracy of decoding modes")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return fig
+
+
+def _rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves(workdir: str, path: str | None = None) -> "plt.Figure":
+    """The SFT loss (`<workdir>/sft/metrics.jsonl`) and the RL rollout reward and accuracy
+    (`<workdir>/rl/metrics.jsonl`) per step, as a PNG (default `<workdir>/training_curves.png`).
+    A stage without metrics is left out; none at all is an error naming the files."""
+    sft = [r for r in _rows(os.path.join(workdir, "sft", "metrics.jsonl")) if "loss" in r]
+    rl = [r for r in _rows(os.path.join(workdir, "rl", "metrics.jsonl")) if "reward_mean" in r]
+    if not sft and not rl:
+        raise FileNotFoundError(f"training_curves: expected metrics in {workdir}/sft/metrics.jsonl or "
+                                f"{workdir}/rl/metrics.jsonl, found none")
+    panels = [p for p in ("sft", "rl") if {"sft": sft, "rl": rl}[p]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), dpi=120, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "sft":
+            ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], c="C0")
+            ax.set_ylabel("SFT loss")
+            ax.set_title("SFT")
+        else:
+            steps = [r["step"] for r in rl]
+            ax.plot(steps, [r["reward_mean"] for r in rl], c="C1", label="rollout reward")
+            if all("accuracy" in r for r in rl):
+                ax.plot(steps, [r["accuracy"] for r in rl], c="C2", label="rollout accuracy")
+            ax.set_ylabel("reward / accuracy")
+            ax.set_title("RL")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path or os.path.join(workdir, "training_curves.png"))
+    return fig
