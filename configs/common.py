@@ -15,6 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.log_every = 10
+    # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_num_steps) into
+    # <workdir>/profile; 0 steps = off.
+    c.profile_start_step = 0
+    c.profile_num_steps = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
@@ -61,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
     c.optim.accum_steps = 1
+    # Aux-loss-free expert balancing (train.update_expert_bias): off for SFT and RL, on for CPT.
+    c.optim.expert_bias_rate = 0.0
 
     c.mesh = ml_collections.ConfigDict()  # -1: all remaining devices
     c.mesh.data = -1

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("ragged", "dense", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,7 +50,9 @@ class ModelConfig:
     # ---- run settings (not part of the HF config) ----
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
-    moe_impl: str = "ragged"  # "ragged": sorted dropless jax.lax.ragged_dot; "dense": every expert on every token
+    moe_impl: str = "ragged"  # "ragged": sorted dropless jax.lax.ragged_dot; "dense": every expert on every token;
+    # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/moe.py)
+    moe_capacity_factor: float = 0.0  # expert_parallel buffers: 0 worst case (dropless), c > 0 c x balanced (drops counted)
     remat_policy: str = "none"
 
     def __post_init__(self):
@@ -132,6 +134,8 @@ class ModelConfig:
                 fail(f, f"one of {DTYPES}", getattr(self, f))
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", f"one of {MOE_IMPLS}", self.moe_impl)
+        if not isinstance(self.moe_capacity_factor, (int, float)) or self.moe_capacity_factor < 0:
+            fail("moe_capacity_factor", "a number >= 0 (0: worst-case dropless buffers)", self.moe_capacity_factor)
         if self.remat_policy not in REMAT_POLICIES:
             fail("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
 

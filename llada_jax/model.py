@@ -220,11 +220,17 @@ class MoE(nn.Module):
         wo = _param(self, "wo", _KERNEL_INIT, (e, f, d), ("exp", "expert_mlp", "embed"), pdt)
 
         b, t, _ = x.shape
-        x2 = x.reshape(b * t, d)
-        idx, w = route(x2, router, bias, c)
+        if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/moe.py)
+            from llada_jax.moe import expert_parallel
+
+            y, idx, w, dropped = expert_parallel(x, router, bias, wi_gate, wi_up, wo, c)
+            self.sow("intermediates", "moe_dropped", dropped)
+        else:
+            x2 = x.reshape(b * t, d)
+            idx, w = route(x2, router, bias, c)
+            y = EXPERT_IMPLS[c.moe_impl](x2, idx, w, wi_gate, wi_up, wo, dt).reshape(b, t, d)
         self.sow("intermediates", "router_idx", idx.reshape(b, t, -1))
         self.sow("intermediates", "router_weight", w.reshape(b, t, -1))
-        y = EXPERT_IMPLS[c.moe_impl](x2, idx, w, wi_gate, wi_up, wo, dt).reshape(b, t, d)
         if c.num_shared_experts:
             y = y + MLP(c, c.shared_intermediate_size, axis="mlp", name="shared")(x)
         return y

@@ -34,7 +34,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from llada_jax import masks
 from llada_jax.config import ConfigError, ModelConfig
-from llada_jax.model import forward
+from llada_jax.model import forward, forward_with_router
 
 WEIGHTINGS = ("elbo", "token_mean")
 
@@ -238,24 +238,37 @@ def noise(batch: Mapping[str, Any], key: PRNGKeyArray, config: ObjectiveConfig) 
 # ---------------------------------------------------------------------------------------- forward
 def denoiser_logits(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
                     block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
-                    mdlm: bool = False) -> Float[Array, "N L V"]:
+                    mdlm: bool = False, with_load: bool = False) -> Float[Array, "N L V"]:
     """Logits of p(x_0 | x_t, clean earlier blocks) at every position, from ONE forward.
 
     Block diffusion (REFERENCE §3): the input is `[x_t ; x_0]` (length 2L) under `masks.composite`,
     and the first L logits are kept. With `mdlm` or `block_size >= L` the noisy half attends nothing
     of the clean half, so the forward runs bidirectionally over x_t alone (half the tokens).
     `doc_ids` (packed data) additionally restricts attention to the same document.
+    With `with_load`, returns `(logits, load)`: the rows each routed expert received in this
+    forward, `[MoE layers, E]` float32 (every routed token of the forward counts).
     """
     length = x_t.shape[1]
+    fwd = _forward_with_load if with_load else forward
     if mdlm or block_size >= length:
         mask = None if doc_ids is None else masks.document(doc_ids)
-        return forward(params, model_config, x_t, mask=mask)
+        return fwd(params, model_config, x_t, mask=mask)
     mask, positions = masks.composite(length, block_size)
     mask = mask[None]
     if doc_ids is not None:
         mask = mask & masks.document(jnp.concatenate([doc_ids, doc_ids], axis=1))
-    logits = forward(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions, mask)
-    return logits[:, :length]
+    out = fwd(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions, mask)
+    if with_load:
+        return out[0][:, :length], out[1]
+    return out[:, :length]
+
+
+def _forward_with_load(params, model_config: ModelConfig, tokens, positions=None, mask=None):
+    if model_config.num_moe_layers == 0:
+        return forward(params, model_config, tokens, positions, mask), jnp.zeros((0, model_config.num_experts))
+    logits, (idx, _) = forward_with_router(params, model_config, tokens, positions, mask)
+    load = jax.vmap(lambda i: jnp.bincount(i.reshape(-1), length=model_config.num_experts))(idx)
+    return logits, load.astype(jnp.float32)
 
 
 def token_logprobs(logits: Float[Array, "N L V"], targets: Int[Array, "N L"]) -> Float[Array, "N L"]:
@@ -289,81 +302,145 @@ def _safe_div(num, den):
 
 
 def m2t_loss(logp: Float[Array, "N L"], masked: Bool[Array, "N L"], t: Float[Array, " N"],
-             loss_mask: Bool[Array, "N L"], weighting: str) -> Float[Array, ""]:
+             loss_mask: Bool[Array, "N L"], weighting: str, denominator=None) -> Float[Array, ""]:
     """Mask-to-token loss (REFERENCE §4).
 
     "elbo": `sum_masked(-log p / t) / #response tokens`, an unbiased estimate of the per-token
     negative ELBO (E[#masked / t] = #response tokens). "token_mean": cross-entropy averaged over
-    the masked tokens.
+    the masked tokens. `denominator` replaces the count of this batch (gradient accumulation
+    passes the whole step's, see `loss_denominators`).
     """
     nll = jnp.where(masked, -logp, 0.0)
     if weighting == "elbo":
-        return _safe_div(jnp.sum(nll / t[:, None]), jnp.sum(loss_mask))
+        return _safe_div(jnp.sum(nll / t[:, None]), jnp.sum(loss_mask) if denominator is None else denominator)
     if weighting == "token_mean":
-        return _safe_div(jnp.sum(nll), jnp.sum(masked))
+        return _safe_div(jnp.sum(nll), jnp.sum(masked) if denominator is None else denominator)
     raise ConfigError(f"weighting: expected one of {WEIGHTINGS}, found {weighting!r}")
 
 
 def t2t_loss(logp: Float[Array, "N L"], edited: Bool[Array, "N L"], kept: Bool[Array, "N L"],
-             keep_weight: float) -> Float[Array, ""]:
+             keep_weight: float, denominator=None) -> Float[Array, ""]:
     """Token-to-token loss: weighted CE mean over edited positions (weight 1) and kept ones (`keep_weight`)."""
-    w = edited.astype(jnp.float32) + keep_weight * kept.astype(jnp.float32)
-    return _safe_div(jnp.sum(-logp * w), jnp.sum(w))
+    w = _t2t_weight(edited, kept, keep_weight)
+    return _safe_div(jnp.sum(-logp * w), jnp.sum(w) if denominator is None else denominator)
+
+
+def _t2t_weight(edited, kept, keep_weight):
+    return edited.astype(jnp.float32) + keep_weight * kept.astype(jnp.float32)
+
+
+def _confident(logp_all, targets, masked):
+    return masked & (jnp.argmax(logp_all, axis=-1) == targets)
 
 
 def cap_loss(logp_all: Float[Array, "N L V"], targets: Int[Array, "N L"],
-             masked: Bool[Array, "N L"]) -> Float[Array, ""]:
+             masked: Bool[Array, "N L"], denominator=None) -> Float[Array, ""]:
     """CAP confidence loss (LLaDA2.0): mean predictive entropy over the masked positions whose
     argmax already equals the target; sharpening right answers lets more tokens pass the decoder's
     confidence threshold per step."""
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [N, L]
-    confident = masked & (jnp.argmax(logp_all, axis=-1) == targets)
-    return _safe_div(jnp.sum(jnp.where(confident, entropy, 0.0)), jnp.sum(confident))
+    confident = _confident(logp_all, targets, masked)
+    return _safe_div(jnp.sum(jnp.where(confident, entropy, 0.0)),
+                     jnp.sum(confident) if denominator is None else denominator)
+
+
+def _draft(logits, nb: NoisedBatch, obj_config: ObjectiveConfig):
+    """MTF's draft (the stop-gradient argmax, never <|mask|>) and where it is wrong."""
+    draft_logits = logits.at[..., obj_config.mask_token_id].set(-jnp.inf)
+    draft = jax.lax.stop_gradient(jnp.argmax(draft_logits, axis=-1))
+    return jnp.where(nb.masked, draft, nb.x_t), nb.masked & (draft != nb.x_0)
+
+
+def _noise_counts(nb: NoisedBatch, obj_config: ObjectiveConfig) -> dict[str, Array]:
+    return {"response": jnp.sum(nb.loss_mask), "masked": jnp.sum(nb.masked), "edited": jnp.sum(nb.edited),
+            "t2t_weight": jnp.sum(_t2t_weight(nb.edited, nb.kept, obj_config.keep_weight))}
+
+
+def _forward_counts(logits, nb: NoisedBatch, obj_config: ObjectiveConfig) -> dict[str, Array]:
+    out = {}
+    if obj_config.mtf:
+        out["draft_wrong"] = jnp.sum(_draft(logits, nb, obj_config)[1])
+    if obj_config.cap:
+        out["confident"] = jnp.sum(_confident(jax.nn.log_softmax(logits, axis=-1), nb.x_0, nb.masked))
+    return out
+
+
+def loss_denominators(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batch: Mapping[str, Any],
+                      rng: PRNGKeyArray) -> dict[str, Array]:
+    """The counts that normalise `loss_fn`'s terms, over `batch` (no gradient).
+
+    Gradient accumulation sums these over the micro-batches of a step and hands the totals to
+    every micro-batch's `loss_fn(..., denominators=...)`: each micro-batch then contributes its
+    share of the whole step's loss, and the summed loss and gradient equal the unaccumulated
+    step's. The noise-only counts need no forward; MTF's wrong-draft count and CAP's confident
+    count depend on the model's argmax and cost one forward (without gradient) per micro-batch.
+    """
+    nb = noise(batch, rng, obj_config)
+    counts = _noise_counts(nb, obj_config)
+    if obj_config.mtf or obj_config.cap:
+        mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
+        logits = denoiser_logits(jax.lax.stop_gradient(params), model_config, nb.x_t, nb.x_0, obj_config.block_size,
+                                 nb.doc_ids, mdlm)
+        counts.update(_forward_counts(logits, nb, obj_config))
+    return counts
 
 
 def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batch: Mapping[str, Any],
-            rng: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Array]]:
+            rng: PRNGKeyArray, denominators: Optional[Mapping[str, Array]] = None
+            ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """The block-diffusion training loss of one batch: `(loss, metrics)`; differentiable in `params`.
 
     `rng` is the noise key (fold the step into it); `model_config` and `obj_config` are static
     under `jit`. M2T and T2T share one forward (a position is masked, edited or kept); MTF adds a
     second forward on the stop-gradient argmax draft; CAP adds `cap_beta * mean entropy` over
     masked positions already predicted correctly.
+
+    `metrics["expert_load"]` ([MoE layers, E], the first forward's rows per expert) feeds the
+    trainer's load metrics and the aux-loss-free `expert_bias` update.
+
+    `denominators` (from `loss_denominators`, summed over a step's micro-batches) replace this
+    batch's own counts in every mean, loss and metric alike; the loss and every metric are then
+    additive over micro-batches (gradient accumulation sums them).
     """
     obj_config.check_model(model_config)
     nb = noise(batch, rng, obj_config)
     mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
 
-    logits = denoiser_logits(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
+    logits, load = denoiser_logits(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
+                                   with_load=True)
+    den = _noise_counts(nb, obj_config) | _forward_counts(logits, nb, obj_config)
+    if denominators is not None:
+        missing = sorted(set(den) - set(denominators))
+        if missing:
+            raise ValueError(f"loss_fn.denominators: expected the keys {sorted(den)}, missing {missing}")
+        den = {k: denominators[k] for k in den}
     logp_all = jax.nn.log_softmax(logits, axis=-1)  # [N, L, V] fp32
     logp = jnp.take_along_axis(logp_all, nb.x_0[..., None], axis=-1)[..., 0]
     correct = jnp.argmax(logits, axis=-1) == nb.x_0
 
-    m2t = m2t_loss(logp, nb.masked, nb.t, nb.loss_mask, obj_config.weighting)
-    t2t = t2t_loss(logp, nb.edited, nb.kept, obj_config.keep_weight)
+    m2t = m2t_loss(logp, nb.masked, nb.t, nb.loss_mask, obj_config.weighting,
+                   den["response"] if obj_config.weighting == "elbo" else den["masked"])
+    t2t = t2t_loss(logp, nb.edited, nb.kept, obj_config.keep_weight, den["t2t_weight"])
     total = m2t + obj_config.lambda_t2t * t2t
     metrics = {
         "m2t_loss": m2t, "t2t_loss": t2t,
-        "masked_acc": _safe_div(jnp.sum(correct & nb.masked), jnp.sum(nb.masked)),
-        "edit_acc": _safe_div(jnp.sum(correct & nb.edited), jnp.sum(nb.edited)),
+        "masked_acc": _safe_div(jnp.sum(correct & nb.masked), den["masked"]),
+        "edit_acc": _safe_div(jnp.sum(correct & nb.edited), den["edited"]),
         "num_masked": jnp.sum(nb.masked), "num_edited": jnp.sum(nb.edited), "num_kept": jnp.sum(nb.kept),
         "num_loss_tokens": jnp.sum(nb.loss_mask),
+        "expert_load": jax.lax.stop_gradient(load),  # [MoE layers, E]: rows per expert (train.expert_load_metrics)
     }
 
     if obj_config.mtf:
-        # The draft never proposes <|mask|>: a masked draft position would just be M2T again.
-        draft_logits = logits.at[..., obj_config.mask_token_id].set(-jnp.inf)
-        draft = jax.lax.stop_gradient(jnp.argmax(draft_logits, axis=-1))
-        x_draft = jnp.where(nb.masked, draft, nb.x_t)
-        wrong = nb.masked & (draft != nb.x_0)
+        x_draft, wrong = _draft(logits, nb, obj_config)
         logp2 = token_logprobs(
             denoiser_logits(params, model_config, x_draft, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm), nb.x_0)
-        mtf = _safe_div(jnp.sum(jnp.where(wrong, -logp2, 0.0)), jnp.sum(wrong))
+        mtf = _safe_div(jnp.sum(jnp.where(wrong, -logp2, 0.0)), den["draft_wrong"])
         total = total + obj_config.lambda_mtf * mtf
         metrics.update(mtf_loss=mtf, num_draft_wrong=jnp.sum(wrong))
 
     if obj_config.cap:
-        cap = cap_loss(logp_all, nb.x_0, nb.masked)
+        cap = cap_loss(logp_all, nb.x_0, nb.masked, den["confident"])
         total = total + obj_config.cap_beta * cap
         metrics["cap_loss"] = cap
 

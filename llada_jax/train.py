@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import checkpoint, model, objectives, sharding
+from llada_jax import checkpoint, flops, model, objectives, sharding
 from llada_jax.config import ModelConfig, get_config
 from llada_jax.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
 
@@ -124,41 +124,79 @@ def batch_sharding(mesh, batch: Batch) -> dict:
             for k, v in batch.items()}
 
 
+# ------------------------------------------------------------------------------ expert load
+def expert_load_metrics(load) -> dict[str, Any]:
+    """Per-MoE-layer load summaries from rows per expert `load` [layers, E]: `expert_load_max_over_mean`
+    and `expert_load_busiest_share` (share of the layer's routed rows on its busiest expert), both
+    [layers], and `expert_load_imbalance`, the largest max/mean over layers (1 = perfectly balanced)."""
+    mean = jnp.mean(load, axis=-1)
+    peak = jnp.max(load, axis=-1)
+    ratio = peak / jnp.maximum(mean, 1e-9)
+    return {"expert_load_max_over_mean": ratio, "expert_load_busiest_share": peak / jnp.maximum(jnp.sum(load, -1), 1e-9),
+            "expert_load_imbalance": jnp.max(ratio, initial=0.0)}
+
+
+def update_expert_bias(params, load, rate: float):
+    """Aux-loss-free balancing (LLaDA2 / DeepSeek-V3): `b_i += rate * sign(mean_load - load_i)` per
+    MoE layer, from the rows each expert received this step. `expert_bias` is a buffer: the
+    optimizer leaves it alone (`trainable_labels`) and only this update moves it."""
+    delta = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)  # [layers, E]
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: (x + delta.astype(x.dtype)) if _leaf_name(p) == "expert_bias" else x, params)
+
+
 # ------------------------------------------------------------------------------ update step
 def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int = 1,
-                    loss_fn: Callable = objectives.loss_fn) -> Callable:
+                    loss_fn: Callable = objectives.loss_fn,
+                    denominators_fn: Callable = objectives.loss_denominators,
+                    expert_bias_rate: float = 0.0) -> Callable:
     """`step(state, batch, rng) -> (state, metrics)`, not yet jitted.
 
-    With `accum_steps > 1` the batch is split into micro-batches on its leading axis and
-    gradients are averaged by `lax.scan` (activation memory of one micro-batch). Every
-    micro-batch uses the same step key and its examples keep their batch-row ids, so the
-    noise is exactly that of the unaccumulated step.
+    With `accum_steps > 1` the batch is split into micro-batches on its leading axis (activation
+    memory of one micro-batch) and the objective is left unchanged: a first `lax.scan` sums the
+    step's normalising counts (`denominators_fn`, e.g. the number of response tokens), a second
+    sums each micro-batch's loss, metrics and gradient computed against those totals, so the
+    loss, the metrics and the gradient are the unaccumulated step's (a per-micro-batch mean
+    would weight tokens of sparse micro-batches more). Every micro-batch uses the same step key
+    and its examples keep their batch-row ids, so the noise is exactly that of the unaccumulated
+    step. A custom `loss_fn` must accept `denominators=` and be additive over micro-batches then.
+
+    A `metrics["expert_load"]` from the loss ([MoE layers, E]) becomes the load summaries of
+    `expert_load_metrics`; with `expert_bias_rate > 0` (CPT) it also drives `update_expert_bias`.
     """
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
-        grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
         if accum_steps == 1:
+            grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
             (_, metrics), grads = grad_fn(state.params, batch)
         else:
             if b % accum_steps:
                 raise ValueError(f"batch_size: expected a multiple of accum_steps={accum_steps}, found {b}")
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, b // accum_steps, *x.shape[1:]), batch)
+            count = lambda mb: denominators_fn(state.params, model_config, obj_config, mb, key)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            den, _ = jax.lax.scan(lambda acc, mb: (jax.tree_util.tree_map(jnp.add, acc, count(mb)), None),
+                                  jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(count, first)), micro)
+            grad_fn = jax.value_and_grad(
+                lambda p, mb: loss_fn(p, model_config, obj_config, mb, key, denominators=den), has_aux=True)
 
             def body(acc, mb):
                 (_, m), g = grad_fn(state.params, mb)
                 return jax.tree_util.tree_map(jnp.add, acc, (g, m)), None
 
-            zeros = jax.tree_util.tree_map(
-                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro))))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, first)))
             (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
-            grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
-            metrics = jax.tree_util.tree_map(lambda m: m / accum_steps, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        load = metrics.pop("expert_load", None)
+        if load is not None and load.size:
+            metrics.update(expert_load_metrics(load))
+            if expert_bias_rate > 0:
+                params = update_expert_bias(params, load, expert_bias_rate)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -315,7 +353,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
 
     step_fn = None
     bar = _progress(start, cfg.total_steps, progress)
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+    profile = _profile_window(cfg, workdir)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             for step in range(start, cfg.total_steps):
@@ -323,10 +362,19 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
                 if step_fn is None:
                     step_fn = jit_train_step(make_train_step(model_config, obj_config, tx, schedule,
-                                                             cfg.optim.accum_steps, loss_fn), shardings, mesh, batch)
+                                                             cfg.optim.accum_steps, loss_fn,
+                                                             expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)),
+                                             shardings, mesh, batch)
+                    b_local, length = np.shape(batch["tokens"])
+                    step_flops = flops.training_flops_per_step(
+                        model_config, b_local, length, obj_config.block_size, mdlm=obj_config.is_mdlm(length),
+                        complementary=obj_config.complementary, mtf=obj_config.mtf)
+                profile(step)
                 state, metrics = step_fn(state, batch, rng)
                 tokens_since += int(np.asarray(batch["tokens"]).size)
+                steps_since += 1
                 done = step + 1
+                profile(done, state)
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     metrics = jax.device_get(metrics)
                     if not np.isfinite(metrics["loss"]):
@@ -335,7 +383,10 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                             f"step {ckpt.latest_step()} in {ckpt.directory}")
                     now = time.perf_counter()
                     metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
+                    # this process's rows over its devices: the per-device figure holds on many hosts too
+                    metrics.update(model_flops_per_step=step_flops, **flops.mfu(
+                        step_flops * steps_since, now - t_last, jax.local_device_count(), jax.devices()[0].device_kind))
+                    t_last, tokens_since, steps_since = now, 0, 0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
                     if on_log:
@@ -350,9 +401,33 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     ckpt.save(done, state, extra=dict(extra_json, data=data_state), force=True)
                 bar.update(1)
     finally:
+        profile(None)
         bar.close()
         ckpt.close()
     return state
+
+
+def _profile_window(cfg: ml_collections.ConfigDict, workdir: str) -> Callable:
+    """`jax.profiler` trace of steps [profile_start_step, + profile_num_steps) into <workdir>/profile
+    (TensorBoard / Perfetto). Call with the step about to run, with the steps done (and the state,
+    to wait for it) after it, and with None on exit."""
+    start, num = int(cfg.get("profile_start_step", 0)), int(cfg.get("profile_num_steps", 0))
+    active = [False]
+
+    def call(step, state=None):
+        if num <= 0:
+            return
+        if step is None or (active[0] and state is not None and step >= start + num):
+            if active[0]:
+                if state is not None:
+                    jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                active[0] = False
+        elif not active[0] and state is None and step == start:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            active[0] = True
+
+    return call
 
 
 def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:

@@ -8,6 +8,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # identical programs (e.g. the runs of the resume test) compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llada_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# With libtpu installed (the test extra, for tests/test_aot.py), JAX tries its TPU plugin at start-up:
+# let parallel test processes load it at once (no TPU is opened) and skip the GCE metadata query.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

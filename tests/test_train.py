@@ -37,7 +37,8 @@ def _launch(workdir, data_dir, extra=()):
 
 def _metrics(workdir):
     rows = train.read_metrics(workdir)
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    timing = ("tokens_per_s", "flops_per_s_per_device", "mfu")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +221,92 @@ def test_every_config_builds(path, arg):
     train.build_objective(cfg, model_config)
     assert cfg.data.seq_len % cfg.objective.block_size == 0
     assert cfg.total_steps > 0 and cfg.checkpoint_every > 0
+
+
+@pytest.mark.parametrize("variant", [{}, {"weighting": "token_mean", "mtf": True, "cap": True, "keep_weight": 0.5}])
+def test_accumulated_step_equals_unaccumulated(tiny_hf, variant):
+    """Micro-batches with very different response lengths: the accumulated step normalises by the
+    whole step's counts, so loss, every metric and the gradient equal the one-batch step's."""
+    import optax
+
+    from llada_jax import objectives
+
+    config, params = tiny_hf
+    obj = objectives.ObjectiveConfig.for_model(config, block_size=8, **variant)
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+    b, length = 4, 16
+    tokens = jax.random.randint(jax.random.key(3), (b, length), 0, config.vocab_size - 2)
+    prompt = jnp.asarray([2, 14, 4, 12])[:, None]  # rows 0,2 hold most of the response tokens
+    batch = {"tokens": tokens, "loss_mask": jnp.arange(length)[None, :] >= prompt}
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    out = {}
+    for accum in (1, 2):
+        step = jax.jit(train.make_train_step(config, obj, tx, optax.constant_schedule(1.0), accum_steps=accum))
+        new, metrics = step(state, batch, jax.random.key(5))
+        out[accum] = (jax.tree_util.tree_map(jnp.subtract, state.params, new.params), metrics)
+    grads1, m1 = out[1]
+    for accum in (2,):
+        grads, m = out[accum]
+        assert set(m) == set(m1)
+        for k in m1:
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} with accum {accum}")
+        for g, g1 in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads1)):
+            # fp32 sums in another order: 1e-5 of the leaf's scale
+            np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5 * float(np.abs(g1).max()))
+
+
+def _skewed_router_run(tiny_hf, rate, steps):
+    """`steps` updates with the learning rate at zero, so only the expert_bias update moves anything;
+    the router favours a few experts (their columns scaled up). Returns (imbalance per step, biases)."""
+    import optax
+
+    from llada_jax import objectives
+
+    config, params = tiny_hf
+    router = params["moe_layers"]["moe"]["router"]  # [layers, D, E]
+    params = dict(params, moe_layers=dict(params["moe_layers"], moe=dict(
+        params["moe_layers"]["moe"], router=router.at[..., :3].multiply(25.0))))
+    obj = objectives.ObjectiveConfig.for_model(config, block_size=8)
+    tx = optax.sgd(0.0)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(train.make_train_step(config, obj, tx, optax.constant_schedule(0.0), expert_bias_rate=rate))
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, config.vocab_size - 2)
+    batch = {"tokens": tokens, "loss_mask": jnp.broadcast_to(jnp.arange(16) >= 4, (2, 16))}
+    imbalance = []
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.key(5))
+        imbalance.append(float(metrics["expert_load_imbalance"]))
+        assert metrics["expert_load_max_over_mean"].shape == (config.num_moe_layers,)
+    return np.asarray(imbalance), params["moe_layers"]["moe"]["expert_bias"], state.params["moe_layers"]["moe"]["expert_bias"]
+
+
+def test_expert_bias_update_balances_a_skewed_router(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=1e-2, steps=300)
+    first, last = imbalance[:10].mean(), imbalance[-50:].mean()
+    assert first > 2.0, first  # the skew is real
+    assert last < 0.6 * first, (first, last)
+    assert not np.allclose(before, after)
+
+
+def test_expert_bias_frozen_when_rate_is_zero(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=0.0, steps=3)
+    np.testing.assert_array_equal(before, after)
+    assert imbalance.min() > 2.0  # each step draws new noise, so the load moves a little, the skew stays
+
+
+def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
+    from llada_jax import flops
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 3, "checkpoint_every": 3, "log_every": 1,
+                               "profile_start_step": 1, "profile_num_steps": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    rows = train.read_metrics(str(tmp_path))
+    want = flops.training_flops_per_step(model_config, 8, 32, 8, complementary=obj.complementary, mtf=obj.mtf)
+    assert [r["model_flops_per_step"] for r in rows] == [want] * 3
+    assert all(r["flops_per_s_per_device"] > 0 and r["mfu"] is None for r in rows)  # CPU: not in the peak table
+    assert all(r["expert_load_imbalance"] >= 1.0 and len(r["expert_load_busiest_share"]) == model_config.num_moe_layers
+               for r in rows)
+    traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
+    assert traces, "no profiler trace written"

@@ -1,0 +1,35 @@
+r"""EBPO of LLaDA2.x mini or flash at pod shapes: the SFT recipe's model, optimizer and mesh, plus
+an `rl` section (REFERENCE §6). Used to plan memory ahead of a pod run:
+
+  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
+  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
+      --config.rl.vectorize=scan --config.rl.grad_mode=replay
+
+Shapes: 32 prompts x 8 completions = 256 rollouts of 2048 tokens (prompt + completion), N = 8
+likelihood timesteps. With launch/rl.py it also needs data: --config.data.data_dir/dataset, a
+tokenizer and a reward that fits the dataset (`rl.reward`).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sft  # noqa: E402
+from common import parse_arg, rl_config  # noqa: E402
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="mini", algorithm="ebpo")
+    c = sft.get_config(f"size={a.size}")
+    c.total_steps = 200
+    c.checkpoint_every = 20
+    c.optim.lr = 1e-6  # constant (rl_loop.make_rl_optimizer)
+    c.optim.weight_decay = 0.0
+    c.data.seq_len = 2048  # prompt + completion
+    c.rl = rl_config(a.algorithm)
+    c.rl.prompts_per_step = 32
+    c.rl.group_size = 8
+    c.rl.num_timesteps = 8
+    c.rl.gen_length = 1024
+    c.rl.eval_every = 0
+    return c

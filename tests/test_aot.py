@@ -1,0 +1,121 @@
+"""Ahead-of-time compilation for TPU topologies (llada_jax.aot, launch/compile.py).
+
+The compile tests need libtpu, XLA's TPU compiler, which then runs on this CPU for a 4-chip v5e
+slice (the tiny model, shapes kept small so that each job compiles in seconds on a quiet
+machine). They run launch/compile.py in a subprocess: with libtpu installed (the `tpu` extra), or
+from the directory `LLADA_JAX_LIBTPU_PATH` names, where `.ci/run` installs it apart from the
+environment (an installed libtpu makes every JAX process probe for a TPU at start-up).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from llada_jax import aot
+
+LIBTPU_PATH = os.environ.get("LLADA_JAX_LIBTPU_PATH", "")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isdir(os.path.join(LIBTPU_PATH, "libtpu"))
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]', or "
+                                                         "LLADA_JAX_LIBTPU_PATH): no TPU compiler for a topology")
+
+
+def compile_job(*args):
+    """launch/compile.py in a subprocess (libtpu from LLADA_JAX_LIBTPU_PATH when set)."""
+    path = os.pathsep.join(p for p in (ROOT, LIBTPU_PATH, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_SKIP_MDS_QUERY="1")
+    return subprocess.run([sys.executable, "launch/compile.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.parametrize("text, name, chips, cloud", [
+    ("v5p-64", "v5p:2x4x4", 32, "v5p-64"),
+    ("v5p-256", "v5p:4x4x8", 128, "v5p-256"),
+    ("v5p-8", "v5p:2x2x1", 4, "v5p-8"),
+    ("v5p-1024", "v5p:8x8x8", 512, "v5p-1024"),
+    ("v6e-32", "v6e:4x8", 32, "v6e-32"),
+    ("v5e-16", "v5e:4x4", 16, "v5e-16"),
+    ("v5litepod-8", "v5e:2x4", 8, "v5e-8"),
+    ("v5p:2x4x4", "v5p:2x4x4", 32, "v5p-64"),
+    ("V5E:2x2", "v5e:2x2", 4, "v5e-4"),
+])
+def test_parse_topology(text, name, chips, cloud):
+    t = aot.parse_topology(text)
+    assert (t.name, t.chips, t.cloud_name) == (name, chips, cloud)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("v5p-63", "even N"),
+    ("v5p-48", "power of two"),
+    ("v5e-12", "N in"),
+    ("v5e:2x2x2", "2D shape"),
+    ("v9-8", "generation 'v9'"),
+    ("tpu", "expected a TPU topology"),
+])
+def test_parse_topology_rejects(text, fragment):
+    with pytest.raises(ValueError, match="topology") as e:
+        aot.parse_topology(text)
+    assert fragment in str(e.value) and text in str(e.value)
+
+
+def test_parse_hbm_oom_reads_xla_numbers():
+    msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required for "
+           "HLO temporaries (702.02G) exceeds available HBM (95.73G). HLO module: jit_step.")
+    assert aot.is_hbm_oom(msg)
+    req, avail, what = aot.parse_hbm_oom(msg)
+    assert (req, avail, what) == (round(702.02 * 2 ** 30), round(95.73 * 2 ** 30), "HLO temporaries")
+    assert aot.parse_hbm_oom("Ran out of memory in memory space hbm. Used 1.50M of 512.00K hbm.")[:2] == (
+        round(1.5 * 2 ** 20), 512 * 2 ** 10)
+    assert not aot.is_hbm_oom("INVALID_ARGUMENT: shapes do not match")
+
+
+_TINY = {  # the tiny model's jobs at small shapes; rl: 2 prompts x 4 completions, N = 2
+    "sft": ["--config=configs/quickstart.py", "--config.data.batch_size=8"],
+    "rl": ["--config=configs/rl.py", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
+           "--config.rl.num_timesteps=2"],
+    "decode": ["--config=configs/quickstart.py", "--config.data.batch_size=8", "--prompt_length=16",
+               "--gen_length=32"],
+}
+
+
+@needs_libtpu
+@pytest.mark.parametrize("job", ["sft", "rl", "decode"])
+def test_tiny_jobs_compile_for_a_tpu_slice(job):
+    out = compile_job(f"--job={job}", "--topology=v5e:2x2", *_TINY[job])
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
+    assert report["topology"] == "v5e:2x2" and report["chips"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert report["fits"] is True and "error" not in report
+    assert report["hbm_bytes"] == aot.GENERATIONS["v5e"].hbm_bytes
+    assert report["temporary_bytes"] > 0 and report["argument_bytes"] > 0
+    assert report["total_bytes"] == (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+                                     + report["temporary_bytes"] + report["generated_code_bytes"])
+    if job in ("sft", "rl"):  # the train state is donated: its outputs reuse the argument buffers
+        assert report["alias_bytes"] > 0
+    if job == "rl":
+        assert (report["rollouts"], report["num_timesteps"], report["grad_mode"]) == (8, 2, "direct")
+    if job == "decode":
+        assert report["canvas"] == 48 and report["batch"] == 8
+
+
+@needs_libtpu
+def test_compile_reports_a_job_that_does_not_fit_readably(tmp_path):
+    """Through the launcher: a chip with 1 MiB of HBM; one JSON line naming the job and the shortfall."""
+    out = compile_job("--config=configs/quickstart.py", "--topology=v5e-4", "--job=decode",
+                      "--config.data.batch_size=8", "--prompt_length=16", "--gen_length=32", "--hbm_mib=1")
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stdout
+    report = json.loads(lines[0])
+    assert report["fits"] is False and report["job"] == "decode"
+    assert report["hbm_bytes"] == 2 ** 20
+    assert report["required_bytes"] > 2 ** 20
+    assert report["shortfall_bytes"] == report["required_bytes"] - 2 ** 20
+    assert report["error"].startswith("decode does not fit on v5e:2x2 (4 chips, mesh fsdp=4)")
+    assert "short by" in report["error"] and "CompileTimeHbmOom" in report["xla_message"]
+    assert "decode does not fit" in out.stderr
