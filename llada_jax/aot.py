@@ -273,7 +273,7 @@ def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_
     settings = decoding.DecodeSettings(
         block_length=block, mask_id=model_config.mask_token_id, eos_id=model_config.eos_token_id,
         pad_id=model_config.pad_token_id, greedy=temperature == 0.0, filter_top=False, use_cache=use_cache,
-        mbe_window=mbe_window, prefill_blocks=prompt_length // block if use_cache else 0)
+        mbe_window=mbe_window)  # the prefill is a chunked loop inside decode (no static length)
     fn = jax.jit(lambda *a: decoding.decode(*a, config=model_config, settings=settings))
     args = (params, rows((n, length), jnp.int32), rows((n,), jnp.int32), rows((n,), jnp.int32), knobs, _key(mesh))
     info = dict(_model_info(cfg, model_config), batch=n, prompt_length=prompt_length, gen_length=gen_length,

@@ -24,15 +24,29 @@ tokens; with MBE on, an iteration runs whichever of the two shapes some row need
 first) and rows that need the other one sit that forward out. Per-row statistics count only
 the forwards a row took part in, so a row's numbers are the ones it would get alone.
 
-KV cache. The cache covers the whole canvas. The prompt's full blocks are written once by a
-block-causal prefill; a denoising step writes its block's (noisy) K/V and attends over keys
-< (b+1)B, so stale entries beyond the current block are never read; a finished block's clean
-K/V come either from its last denoising forward (when that step changed nothing, as at the
-normal end of an LLaDA2.1 block) or from a COMMIT forward. Rows sitting out a forward with MBE
-on write into a scratch tail of the cache that no query attends. `use_cache=False` keeps the
-reference's algorithm: every step recomputes the whole canvas under the block-causal mask
-(logits of block b do not depend on later blocks, so this equals running the window
-x[:(b+1)B]); it is the oracle for the cached path.
+KV cache. The cache covers the whole canvas and lives in the loop carry, updated in place
+(`llada_jax.kvcache`: the layer scan returns only the chunk's new K/V, written with one
+dynamic-update-slice per row). The prompt's full blocks are written once by a block-causal,
+chunked prefill; a forward reads the cached keys of its prefix (`j <` the chunk's start) only up
+to a length bucket, plus the chunk's own fresh keys, so stale entries at or after the current
+block are never read; a finished block's clean K/V come either from its last denoising forward
+(when that step changed nothing, as at the normal end of an LLaDA2.1 block) or from a COMMIT
+forward. `use_cache=False` keeps the reference's algorithm: every step recomputes the whole
+canvas under the block-causal mask (logits of block b do not depend on later blocks, so this
+equals running the window x[:(b+1)B]); it is the oracle for the cached path.
+
+Multi-Block Editing attention (`mbe_attention`). "bidirectional" (default): the window's blocks
+attend to each other in both directions (up to the block just finished), so an earlier block
+is revised in light of the newer ones; its K/V are then not the block-causal ones later blocks
+must read, so the proposal writes nothing, an edit is followed by a REWRITE of the window and a
+stale last block by a COMMIT. "block_causal" (REFERENCE §5's first form): each block sees only
+itself and earlier ones, which is exactly what its last denoising step saw, so it rarely edits;
+its proposal forward doubles as the window's K/V write.
+
+Shapes and compiles. `generate` pads the canvas to a power of two of blocks and the prefill is
+a loop of fixed-size chunks, so varied prompt lengths share a few compiled programs; per-row
+knobs (`Knobs` fields may be scalars or [N]) and `step` as a public pure function let
+`llada_jax.engine` drive the same loop with continuous batching.
 
 Deviations from the reference, all in degenerate cases: the mask token is never proposed (the
 reference would loop forever on a position that keeps predicting it), greedy decoding ignores
@@ -54,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from llada_jax import masks, model
+from llada_jax import kvcache, masks, model
 from llada_jax.config import ModelConfig
 
 # Mode presets (REFERENCE §5, model card). `no_edit` is LLaDA2.0-style thresholds on the 2.1
@@ -81,16 +95,23 @@ class DecodeSettings:
     filter_top: bool  # sampled decoding with top-k and/or top-p filtering
     use_cache: bool
     mbe_window: int
-    prefill_blocks: int  # floor(max prompt length / B): the prefill forward's length in blocks
+    mbe_attention: str = "bidirectional"  # or "block_causal" (see the module docstring)
+    prefill_chunk_blocks: int = 8  # blocks per prefill forward
     # Capacity of the per-position write record (0 = off): DiPO's exact trajectory. A position can
     # be written at most once per step of its block (B + max_post_steps steps) and once per MBE
     # proposal while in the window, so `trajectory_capacity` sets it to that bound.
     record_writes: int = 0
 
 
+MBE_ATTENTION = ("bidirectional", "block_causal")
+
+
 @flax.struct.dataclass
 class Knobs:
-    """The traced part of a decoding run: S, Q and no-edit share one compiled program."""
+    """The traced part of a decoding run: S, Q and no-edit share one compiled program.
+
+    Every field is a scalar (all rows) or an [N] array (one value per row, as the engine's slots).
+    """
 
     threshold: Float[Array, ""]
     editing_threshold: Float[Array, ""]
@@ -101,6 +122,7 @@ class Knobs:
     max_post_steps: Int[Array, ""]
     eos_early_stop: Bool[Array, ""]
     llada20: Bool[Array, ""]
+    mbe: Any = True  # this row uses Multi-Block Editing (when the program has a window)
 
 
 @flax.struct.dataclass
@@ -115,7 +137,8 @@ class DecodeState:
     cache_writes: Int[Array, "N"]  # prefill, COMMIT and REWRITE forwards
     mbe_forwards: Int[Array, "N"]  # PROPOSE forwards
     commit_step: Int[Array, "N L"]  # denoising step that last wrote each position, -1 if none
-    cache: Any  # model KV cache, or None on the uncached path
+    stale: Bool[Array, "N"]  # the finished block's cached K/V are not clean (read in PROPOSE)
+    cache: Any  # KV cache {"dense"|"moe": {"k", "v": [layers, N, L, K, H]}}, or None uncached
     # With `settings.record_writes = W`: every write of every position, in order. write_step
     # [N, L, W] is the row's denoising-step index of the write (-1 for an empty slot), write_token
     # the token written, write_count [N, L] the number of writes (it may exceed W only if the
@@ -174,6 +197,11 @@ class GenerateOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- token choice
+def _col(x, ndim: int):
+    """A scalar or per-row [N] knob shaped to broadcast against an [N, ...] array of `ndim` dims."""
+    return jnp.reshape(x, (-1,) + (1,) * (ndim - 1))
+
+
 def choose_tokens(logits: Float[Array, "N C V"], prev: Int[Array, "N C"], keys, knobs: Knobs,
                   settings: DecodeSettings) -> tuple[Int[Array, "N C"], Float[Array, "N C"]]:
     """Proposed token and its confidence at each position (the reference's `x0, x0_p`).
@@ -181,29 +209,34 @@ def choose_tokens(logits: Float[Array, "N C V"], prev: Int[Array, "N C"], keys, 
     `prev` is the current token of the previous position (-1 for none): `penalty_lambda` is
     subtracted from its logit (anti-stutter). Greedy: argmax and its softmax probability.
     Sampled: temperature, then top-k, then top-p filtering; a draw from the filtered
-    distribution and its probability there. The mask id is never proposed.
+    distribution and its probability there. The mask id is never proposed. With sampling
+    compiled in (`settings.greedy` False), rows whose temperature is 0 still decode greedily.
     """
     vocab = logits.shape[-1]
-    logits = logits - knobs.penalty_lambda * jax.nn.one_hot(prev, vocab, dtype=logits.dtype)
+    logits = logits - _col(knobs.penalty_lambda, 3) * jax.nn.one_hot(prev, vocab, dtype=logits.dtype)
     never = jnp.arange(vocab) == settings.mask_id  # [V]
+    g_probs = jax.nn.softmax(logits, axis=-1)
+    g_tok = jnp.argmax(jnp.where(never, -jnp.inf, logits), axis=-1)
+    g_p = jnp.take_along_axis(g_probs, g_tok[..., None], axis=-1)[..., 0]
     if settings.greedy:
-        probs = jax.nn.softmax(logits, axis=-1)
-        tok = jnp.argmax(jnp.where(never, -jnp.inf, logits), axis=-1)
-    else:
-        logits = jnp.where(never, -jnp.inf, logits) / knobs.temperature
-        if settings.filter_top:
-            desc = -jnp.sort(-logits, axis=-1)  # [N, C, V], descending
-            kth = jnp.take(desc, knobs.top_k - 1, axis=-1)[..., None]  # [N, C, 1]
-            desc = jnp.where(desc < kth, -jnp.inf, desc)
-            # top-p: keep the sorted prefix whose mass before each token is <= top_p.
-            p_desc = jax.nn.softmax(desc, axis=-1)
-            keep = (jnp.cumsum(p_desc, axis=-1) - p_desc) <= knobs.top_p
-            cutoff = jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
-            logits = jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
-        probs = jax.nn.softmax(logits, axis=-1)
-        tok = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, logits)
+        return g_tok.astype(jnp.int32), g_p
+    temperature = _col(knobs.temperature, 3)
+    logits = jnp.where(never, -jnp.inf, logits) / jnp.where(temperature > 0, temperature, 1.0)
+    if settings.filter_top:
+        desc = -jnp.sort(-logits, axis=-1)  # [N, C, V], descending
+        k_idx = jnp.broadcast_to(_col(knobs.top_k, 3) - 1, desc.shape[:-1] + (1,))
+        kth = jnp.take_along_axis(desc, k_idx, axis=-1)  # [N, C, 1]
+        desc = jnp.where(desc < kth, -jnp.inf, desc)
+        # top-p: keep the sorted prefix whose mass before each token is <= top_p.
+        p_desc = jax.nn.softmax(desc, axis=-1)
+        keep = (jnp.cumsum(p_desc, axis=-1) - p_desc) <= _col(knobs.top_p, 3)
+        cutoff = jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
+        logits = jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    tok = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, logits)
     p = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
-    return tok.astype(jnp.int32), p
+    greedy_row = _col(knobs.temperature, 2) == 0
+    return jnp.where(greedy_row, g_tok, tok).astype(jnp.int32), jnp.where(greedy_row, g_p, p)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -226,28 +259,27 @@ def _record(state: DecodeState, start, size: int, write: Bool[Array, "N C"], tok
                          write_count=_update(state.write_count, count + write, start))
 
 
-def _model_chunk(params, config, settings, state: DecodeState, start, size, participate,
-                 block_mask: Bool[Array, "L L"] | None):
-    """Logits [N, size, V] for canvas[:, start:start+size] (per-row `start`).
+def _model_chunk(params, config, settings, state: DecodeState, start, size, reading, writing,
+                 chunk_mask: Bool[Array, "N C C"], full_mask: Bool[Array, "N L L"] | None):
+    """Logits [N, size, V] for canvas[:, start:start+size] (per-row `start`), and the cache.
 
-    Cached: the chunk runs against the cache; keys are limited to the chunk's own blocks and
-    earlier ones (block-causal), and rows not taking part write into the scratch tail.
-    Uncached: the whole canvas under `block_mask` (block-causal), sliced.
+    Cached: the chunk sees the cached prefix `j < start` and its own keys under `chunk_mask`;
+    the prefix read is bounded by the longest prefix among `reading` rows; `writing` rows store
+    the chunk's K/V. Uncached: the whole canvas under `full_mask`, sliced.
     """
     canvas = state.canvas
-    length = canvas.shape[1]
     b = settings.block_length
     if not settings.use_cache:
-        logits = model.forward(params, config, canvas, mask=block_mask)  # [N, L, V]
+        logits = model.forward(params, config, canvas, mask=full_mask)  # [N, L, V]
         return _slice(logits, start, size), state.cache
     tokens = _slice(canvas, start, size)  # [N, C]
     positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
-    s = jax.tree.leaves(state.cache)[0].shape[2]
-    key_block = jnp.arange(s, dtype=jnp.int32) // b  # [S]; the scratch tail lies past every block
-    mask = key_block[None, None, :] <= (positions // b)[:, :, None]  # [N, C, S]
-    scratch = s > length
-    index = jnp.where(participate, start, length) if scratch else start
-    return model.forward_cached(params, config, tokens, positions, mask, state.cache, index)
+    buckets = kvcache.buckets(canvas.shape[1] // b)
+    needed = jnp.where(reading, start // b, 0).max()
+    logits, kv = kvcache.forward_chunk(params, config, tokens, positions, start, chunk_mask, state.cache,
+                                       kvcache.bucket_index(buckets, needed), prefix_buckets=buckets,
+                                       block_length=b)
+    return logits, kvcache.write(state.cache, kv, start, writing)
 
 
 def _prev_tokens(canvas, positions):
@@ -255,9 +287,7 @@ def _prev_tokens(canvas, positions):
     return jnp.where(positions > 0, prev, -1)
 
 
-def _step_keys(rng, state: DecodeState):
-    n = state.canvas.shape[0]
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n))
+def _step_keys(row_keys, state: DecodeState):
     return jax.vmap(jax.random.fold_in)(row_keys, state.forwards)
 
 
@@ -285,28 +315,30 @@ def _finish_block(state: DecodeState, ended, stale, prompt_lens, num_blocks, kno
         post_steps=jnp.where(ended, 0, state.post_steps))
 
 
-def _block_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings,
-              block_mask):
+def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings):
     """One B-token forward: a denoising step for DENOISE rows, a K/V commit for COMMIT rows."""
     b = settings.block_length
+    length = state.canvas.shape[1]
     denoising = state.phase == DENOISE
     committing = state.phase == COMMIT
     start = state.block * b
+    full_mask = None if settings.use_cache else masks.block_causal(length, b)[None]
     logits, cache = _model_chunk(params, config, settings, state, start, b, denoising | committing,
-                                 block_mask)
+                                 denoising | committing, jnp.ones((1, b, b), bool), full_mask)
     positions = start[:, None] + jnp.arange(b, dtype=jnp.int32)  # [N, B]
     tokens = _slice(state.canvas, start, b)  # [N, B]
-    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(rng, state),
+    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(row_keys, state),
                            knobs, settings)
+    llada20 = _col(knobs.llada20, 2)
 
     masked = tokens == settings.mask_id
     any_masked = masked.any(-1)
-    fill = masked & (p > knobs.threshold)  # M2T, Gamma
+    fill = masked & (p > _col(knobs.threshold, 2))  # M2T, Gamma
     best = jnp.argmax(jnp.where(masked, p, -jnp.inf), axis=-1)  # most confident masked position
     fallback = any_masked & ~fill.any(-1)
     fill |= fallback[:, None] & (jnp.arange(b) == best[:, None])
     edit = (~masked & (positions >= prompt_lens[:, None]) & (tok != tokens)  # T2T, Delta
-            & (p > knobs.editing_threshold) & ~knobs.llada20)
+            & (p > _col(knobs.editing_threshold, 2)) & ~llada20)
     write = (fill | edit) & denoising[:, None]
     new_tokens = jnp.where(write, tok, tokens)
     stamp = jnp.where(write, state.steps[:, None], _slice(state.commit_step, start, b))
@@ -332,31 +364,46 @@ def _block_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *
         # COMMIT rows move on to the next block.
         phase=jnp.where(committing, DENOISE, state.phase),
         block=state.block + committing)
-    if settings.mbe_window:
-        return state.replace(phase=jnp.where(ended, PROPOSE, state.phase))
-    return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
+    if not settings.mbe_window:
+        return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
+    propose = ended & knobs.mbe
+    state = _finish_block(state, ended & ~propose, stale, prompt_lens, num_blocks, knobs, settings)
+    return state.replace(phase=jnp.where(propose, PROPOSE, state.phase), stale=jnp.where(ended, stale, state.stale))
 
 
-def _window_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings,
-               block_mask):
+def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings):
     """One window forward (Multi-Block Editing): edit proposals for PROPOSE rows over the last
-    `mbe_window` finished blocks, a K/V rewrite for REWRITE rows."""
+    `mbe_window` finished blocks, a block-causal K/V rewrite for REWRITE rows."""
     b = settings.block_length
-    w = min(settings.mbe_window, state.canvas.shape[1] // b)
+    length = state.canvas.shape[1]
+    w = min(settings.mbe_window, length // b)
     size = w * b
+    bidirectional = settings.mbe_attention == "bidirectional"
     proposing = state.phase == PROPOSE
     rewriting = state.phase == REWRITE
     first = jnp.maximum(state.block - w + 1, 0)  # first window block; the window may run past the
     start = first * b  # current block near the canvas start, and edits stop at the current block
+    # Which keys a window query sees: block-causal, or (proposals, bidirectional) every block of
+    # the window up to the one just finished. Only the window's rows of `full_mask` are used.
+    qblk = jnp.arange(length, dtype=jnp.int32) // b  # [L]
+    in_window = (qblk[None, :] >= first[:, None]) & (qblk[None, :] <= state.block[:, None])  # [N, L]
+    open_up = (proposing & bidirectional)[:, None] & in_window
+    limit = jnp.where(open_up, state.block[:, None], qblk[None, :])  # [N, L]: last key block per query
+    chunk_limit = _slice(limit, start, size)  # [N, C]
+    chunk_mask = (jnp.arange(size) // b + first[:, None])[:, None, :] <= chunk_limit[:, :, None]  # [N, C, C]
+    full_mask = None if settings.use_cache else qblk[None, None, :] <= limit[:, :, None]  # [N, L, L]
+    writing = rewriting | (proposing & (not bidirectional))
     logits, cache = _model_chunk(params, config, settings, state, start, size, proposing | rewriting,
-                                 block_mask)
+                                 writing, chunk_mask, full_mask)
     positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
     tokens = _slice(state.canvas, start, size)
-    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(rng, state),
+    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(row_keys, state),
                            knobs, settings)
     editable = ((positions >= prompt_lens[:, None]) & (positions < (state.block[:, None] + 1) * b)
                 & (tokens != settings.mask_id))
-    write = editable & (tok != tokens) & (p > knobs.editing_threshold) & proposing[:, None]
+    write = (editable & (tok != tokens) & (p > _col(knobs.editing_threshold, 2))
+             & proposing[:, None])
+    edited = write.any(-1)
     stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
     state = _record(state, start, size, write, tok, state.steps - 1)
     state = state.replace(
@@ -367,9 +414,58 @@ def _window_op(params, rng, prompt_lens, num_blocks, knobs, state: DecodeState, 
         cache=cache,
         phase=jnp.where(rewriting, DENOISE, state.phase),
         block=state.block + rewriting)
-    # The proposal forward wrote the window's K/V for the pre-edit tokens: clean unless edited.
-    after = _finish_block(state, proposing, write.any(-1), prompt_lens, num_blocks, knobs, settings)
-    return after.replace(phase=jnp.where(proposing & (after.phase == COMMIT), REWRITE, after.phase))
+    # A block-causal proposal wrote the window's K/V for the pre-edit tokens: clean unless edited.
+    # A bidirectional one wrote nothing: the last block still needs a commit if it was stale.
+    dirty = edited | (state.stale & bidirectional)
+    after = _finish_block(state, proposing, dirty, prompt_lens, num_blocks, knobs, settings)
+    return after.replace(phase=jnp.where(proposing & edited & (after.phase == COMMIT), REWRITE, after.phase))
+
+
+def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], *, config: ModelConfig,
+               settings: DecodeSettings) -> DecodeState:
+    """The loop state before the first step: each row at its prompt's last block, the prompt's
+    full blocks prefilled into a fresh cache (cached path)."""
+    n, length = canvas.shape
+    b = settings.block_length
+    zeros = jnp.zeros((n,), jnp.int32)
+    cache = None
+    cache_writes = zeros
+    if settings.use_cache:
+        cache = kvcache.prefill(params, config, canvas, prompt_lens // b, kvcache.init_cache(config, n, length),
+                                block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
+                                prefix_buckets=kvcache.buckets(length // b))
+        cache_writes = (prompt_lens >= b).astype(jnp.int32)
+    record = {}
+    if settings.record_writes:
+        w = settings.record_writes
+        record = dict(write_step=jnp.full((n, length, w), -1, jnp.int32),
+                      write_token=jnp.full((n, length, w), settings.mask_id, jnp.int32),
+                      write_count=jnp.zeros((n, length), jnp.int32))
+    return DecodeState(
+        canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
+        cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
+        stale=jnp.zeros((n,), bool), cache=cache, **record)
+
+
+def step(params, state: DecodeState, prompt_lens: Int[Array, "N"], num_blocks: Int[Array, "N"], knobs: Knobs,
+         row_keys: jax.Array, *, config: ModelConfig, settings: DecodeSettings) -> DecodeState:
+    """One loop iteration, exactly one model forward for the batch (pure; `decode` loops over it).
+
+    Row r decodes blocks floor(P_r/B) .. num_blocks[r] - 1; DONE rows never change. `row_keys`
+    [N] are the rows' sampling keys (step keys fold in the row's forward count).
+    """
+    ops = dict(config=config, settings=settings)
+    block_op = functools.partial(_block_op, params, row_keys, prompt_lens, num_blocks, knobs, **ops)
+    if not settings.mbe_window:
+        return block_op(state)
+    window_op = functools.partial(_window_op, params, row_keys, prompt_lens, num_blocks, knobs, **ops)
+    in_window = (state.phase == PROPOSE) | (state.phase == REWRITE)
+    return jax.lax.cond(in_window.any(), window_op, block_op, state)
+
+
+def row_keys_for(rng: jax.Array, n: int) -> jax.Array:
+    """The per-row sampling keys `generate` uses: fold_in(rng, row)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "on_block"))
@@ -386,50 +482,17 @@ def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canv
     every forward through `jax.debug.callback`; rows with `finished` just completed `block`
     (streaming). It is a static argument: pass the same function to reuse the compiled loop.
     """
-    n, length = canvas.shape
-    b = settings.block_length
-    num_blocks = canvas_lens // b
-    block_mask = None if settings.use_cache else masks.block_causal(length, b)
-    cache = None
-    cache_writes = jnp.zeros((n,), jnp.int32)
-    if settings.use_cache:
-        scratch = min(settings.mbe_window, length // b) * b if settings.mbe_window else 0
-        cache = model.init_cache(config, n, length + scratch)
-        if settings.prefill_blocks:
-            t = settings.prefill_blocks * b
-            key_block = jnp.arange(length + scratch) // b  # [S]
-            mask = key_block[None, None, :] <= (jnp.arange(t) // b)[None, :, None]  # [1, T, S]
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-            _, cache = model.forward_cached(params, config, canvas[:, :t], positions, mask, cache,
-                                            jnp.zeros((n,), jnp.int32))
-            cache_writes = (prompt_lens >= b).astype(jnp.int32)
-    zeros = jnp.zeros((n,), jnp.int32)
-    record = {}
-    if settings.record_writes:
-        w = settings.record_writes
-        record = dict(write_step=jnp.full((n, length, w), -1, jnp.int32),
-                      write_token=jnp.full((n, length, w), settings.mask_id, jnp.int32),
-                      write_count=jnp.zeros((n, length), jnp.int32))
-    state = DecodeState(
-        canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
-        cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
-        cache=cache, **record)
-
-    ops = dict(config=config, settings=settings, block_mask=block_mask)
-    block_op = functools.partial(_block_op, params, rng, prompt_lens, num_blocks, knobs, **ops)
-    if settings.mbe_window:
-        window_op = functools.partial(_window_op, params, rng, prompt_lens, num_blocks, knobs, **ops)
-
-        def body(st):
-            in_window = (st.phase == PROPOSE) | (st.phase == REWRITE)
-            return jax.lax.cond(in_window.any(), window_op, block_op, st)
-    else:
-        body = block_op
+    n, _ = canvas.shape
+    num_blocks = canvas_lens // settings.block_length
+    row_keys = row_keys_for(rng, n)
+    state = init_state(params, canvas, prompt_lens, config=config, settings=settings)
+    body = functools.partial(step, params, prompt_lens=prompt_lens, num_blocks=num_blocks, knobs=knobs,
+                             row_keys=row_keys, config=config, settings=settings)
     if on_block is not None:
-        step = body
+        one = body
 
         def body(st):  # noqa: F811 - streaming wraps the step
-            new = step(st)
+            new = one(st)
             advanced = new.block > st.block
             finished = advanced | ((new.phase == DONE) & (st.phase != DONE))
             jax.debug.callback(on_block, finished, jnp.where(advanced, st.block, new.block), new.canvas)
@@ -437,9 +500,23 @@ def decode(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], canv
     return jax.lax.while_loop(lambda st: (st.phase != DONE).any(), body, state)
 
 
+def canvas_bucket(num_blocks: int, max_blocks: int) -> int:
+    """Blocks of the compiled canvas: the next power of two (at most `max_blocks`, at least
+    `num_blocks`), so prompts of many lengths share a few programs."""
+    return max(num_blocks, min(1 << max(num_blocks - 1, 0).bit_length(), max_blocks))
+
+
 # --------------------------------------------------------------------------- host API
+class OptionError(ValueError):
+    """A bad decoding option or prompt; `field` names it (the server answers HTTP 400 with it)."""
+
+    def __init__(self, field: str, expected: str, found):
+        super().__init__(f"generate: {field}: expected {expected}, found {found!r}")
+        self.field = field
+
+
 def _fail(field, expected, found):
-    raise ValueError(f"generate: {field}: expected {expected}, found {found!r}")
+    raise OptionError(field, expected, found)
 
 
 def _as_prompt_list(prompts) -> list[list[int]]:
@@ -462,33 +539,15 @@ def _as_prompt_list(prompts) -> list[list[int]]:
     return out
 
 
-def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_length: int = 32,
-             threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
-             max_post_steps: int = 16, eos_early_stop: bool = False, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
-             mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
-             use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
-             llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
-             record_trajectory: bool = False, mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
-    """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
-
-    `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
-    `llada20`; explicit arguments override it. `threshold` is in [0, 1]; `editing_threshold`
-    is >= 0 and any value >= 1 disables editing (p > 1 never holds). `llada20=True` runs the
-    LLaDA2.0 loop: no editing, a block ends as soon as it has no masks, and decoding stops after
-    a block whose generated part holds an EOS. Prompts may have different lengths; greedy
-    decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
-    Editing over that many finished blocks. Sampling (temperature > 0) needs `rng`; step keys
-    are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
-    host function (see `decode`). `record_trajectory` also returns every write of every position
-    with its step (`GenerateOutput.trajectory`, what DiPO needs).
-
-    `mesh`: decode on a device mesh, rows split over its batch axes (`hosts.global_batch`; a
-    row count those axes do not divide is an error) and `params` as sharded there. With several
-    processes, `prompts` are this process's rows of the global batch, the canvas width is agreed
-    across processes, rows are numbered globally (so sampling keys match a one-process run) and
-    the output holds this process's rows.
-    """
+def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 32,
+                  threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
+                  max_post_steps: int = 16, eos_early_stop: bool = False, temperature: float = 0.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
+                  mask_id: Optional[int] = None, eos_id: Optional[int] = None, mbe_window: int = 0,
+                  preset: Optional[str] = None, llada20: Optional[bool] = None,
+                  mbe_attention: str = "bidirectional") -> dict[str, Any]:
+    """The decoding options of `generate` checked and resolved (preset applied, ids defaulted);
+    raises `OptionError` naming the field, the expected and the found value."""
     if preset is not None:
         if preset not in PRESETS:
             _fail("preset", f"one of {sorted(PRESETS)}", preset)
@@ -508,10 +567,20 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
                 or (hi is not None and value >= hi):
             _fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
 
+    for field, value in (("threshold", threshold), ("editing_threshold", editing_threshold),
+                         ("temperature", temperature), ("penalty_lambda", penalty_lambda), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                                      np.floating))):
+            _fail(field, "a number", value)
+    for field, value in (("eos_early_stop", eos_early_stop), ("llada20", llada20)):
+        if not isinstance(value, (bool, np.bool_)):
+            _fail(field, "true or false", value)
     check_int("gen_length", gen_length, 1)
     check_int("block_length", block_length, 1)
     check_int("max_post_steps", max_post_steps, 0)
     check_int("mbe_window", mbe_window, 0)
+    if mbe_attention not in MBE_ATTENTION:
+        _fail("mbe_attention", f"one of {MBE_ATTENTION}", mbe_attention)
     check_int("mask_id", mask_id, 0, vocab)
     check_int("eos_id", eos_id, 0, vocab)
     if mask_id == eos_id:
@@ -528,27 +597,77 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         _fail("top_p", "a value in (0, 1]", top_p)
     if not penalty_lambda >= 0.0:
         _fail("penalty_lambda", "a value >= 0", penalty_lambda)
-    greedy = temperature == 0.0
-    if not greedy and rng is None:
-        _fail("rng", "a PRNG key when temperature > 0", rng)
+    return dict(gen_length=gen_length, block_length=block_length, threshold=float(threshold),
+                editing_threshold=float(editing_threshold), max_post_steps=int(max_post_steps),
+                eos_early_stop=bool(eos_early_stop), temperature=float(temperature), top_k=top_k, top_p=top_p,
+                penalty_lambda=float(penalty_lambda), mask_id=int(mask_id), eos_id=int(eos_id),
+                mbe_window=int(mbe_window), llada20=llada20, mbe_attention=mbe_attention)
 
+
+def check_prompts(prompts, vocab: int, mask_id: int) -> list[list[int]]:
+    """Prompts as lists of ids, each non-empty and free of out-of-range ids and the mask id."""
     rows = _as_prompt_list(prompts)
     for i, row in enumerate(rows):
         bad = [t for t in row if not 0 <= t < vocab or t == mask_id]
         if bad:
             _fail(f"prompts[{i}]", f"token ids in [0, {vocab}) other than mask_id={mask_id}", bad[:5])
+    return rows
+
+
+
+def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_length: int = 32,
+             threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
+             max_post_steps: int = 16, eos_early_stop: bool = False, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
+             mask_id: Optional[int] = None, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
+             use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
+             llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
+             record_trajectory: bool = False, mbe_attention: str = "bidirectional",
+             mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
+    """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
+
+    `preset` ("S", "Q", "no_edit", "llada20") fills `threshold`, `editing_threshold` and
+    `llada20`; explicit arguments override it. `threshold` is in [0, 1]; `editing_threshold`
+    is >= 0 and any value >= 1 disables editing (p > 1 never holds). `llada20=True` runs the
+    LLaDA2.0 loop: no editing, a block ends as soon as it has no masks, and decoding stops after
+    a block whose generated part holds an EOS. Prompts may have different lengths; greedy
+    decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
+    Editing over that many finished blocks, whose blocks attend to each other as `mbe_attention`
+    says ("bidirectional" or "block_causal", see the module docstring). Sampling (temperature > 0) needs `rng`; step keys
+    are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
+    host function (see `decode`). `record_trajectory` also returns every write of every position
+    with its step (`GenerateOutput.trajectory`, what DiPO needs).
+
+    `mesh`: decode on a device mesh, rows split over its batch axes (`hosts.global_batch`; a
+    row count those axes do not divide is an error) and `params` as sharded there. With several
+    processes, `prompts` are this process's rows of the global batch, the canvas width is agreed
+    across processes, rows are numbered globally (so sampling keys match a one-process run) and
+    the output holds this process's rows.
+    """
+    opts = check_options(
+        config, gen_length=gen_length, block_length=block_length, threshold=threshold,
+        editing_threshold=editing_threshold, max_post_steps=max_post_steps, eos_early_stop=eos_early_stop,
+        temperature=temperature, top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, mask_id=mask_id,
+        eos_id=eos_id, mbe_window=mbe_window, preset=preset, llada20=llada20, mbe_attention=mbe_attention)
+    mask_id, eos_id, vocab = opts["mask_id"], opts["eos_id"], config.vocab_size
+    threshold, editing_threshold, llada20 = opts["threshold"], opts["editing_threshold"], opts["llada20"]
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        _fail("rng", "a PRNG key when temperature > 0", rng)
+    rows = check_prompts(prompts, vocab, mask_id)
     prompt_lens = np.array([len(r) for r in rows], np.int32)
     canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
                            np.int32)
-    length, longest_prompt = int(canvas_lens.max()), int(prompt_lens.max())
+    length = int(canvas_lens.max())
     if mesh is not None:  # static shapes and settings must agree on every process
         from llada_jax import hosts
 
-        length, longest_prompt = (int(v) for v in hosts.allgather(
-            np.array([length, longest_prompt], np.int64)).max(0))
+        length = int(hosts.allgather(np.array([length], np.int64)).max())
     if length > config.max_position_embeddings:
         _fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
               f"<= max_position_embeddings={config.max_position_embeddings}", length)
+    # The compiled canvas is a power of two of blocks; rows never read past their own length.
+    length = block_length * canvas_bucket(length // block_length, config.max_position_embeddings // block_length)
     canvas = np.full((len(rows), length), mask_id, np.int32)
     for i, row in enumerate(rows):
         canvas[i, :len(row)] = row
@@ -556,14 +675,11 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
-        use_cache=use_cache, mbe_window=mbe_window, prefill_blocks=longest_prompt // block_length if use_cache else 0,
+        use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention,
         record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window) if record_trajectory else 0)
-    knobs = Knobs(
-        threshold=jnp.float32(threshold), editing_threshold=jnp.float32(editing_threshold),
-        temperature=jnp.float32(temperature), top_k=jnp.int32(vocab if top_k is None else top_k),
-        top_p=jnp.float32(1.0 if top_p is None else top_p),
-        penalty_lambda=jnp.float32(penalty_lambda), max_post_steps=jnp.int32(max_post_steps),
-        eos_early_stop=jnp.bool_(eos_early_stop), llada20=jnp.bool_(llada20))
+    knobs = make_knobs(vocab, threshold=threshold, editing_threshold=editing_threshold, temperature=temperature,
+                       top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, max_post_steps=max_post_steps,
+                       eos_early_stop=eos_early_stop, llada20=llada20)
     rng = jax.random.key(0) if rng is None else rng
     if mesh is None:
         state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,
@@ -595,24 +711,42 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
 _COMPILED_ON_MESH: dict = {}  # `generate(mesh=...)`'s programs, by static settings and argument layout
 
 
+
+
 def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int) -> int:
     """Most writes one position can receive: once per denoising step of its block (at most B steps
     that fill masks, then at most max_post_steps more) and once per MBE proposal over it."""
     return block_length + max_post_steps + 1 + mbe_window
 
 
+def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top_k=None, top_p=None,
+               penalty_lambda=0.0, max_post_steps=16, eos_early_stop=False, llada20=False, mbe=True) -> Knobs:
+    """Knobs from plain values (scalars, or one value per row); `None` top-k / top-p = off."""
+    def arr(x, dtype):
+        return jnp.asarray(np.asarray(x, dtype))
+    top_k = vocab if top_k is None else top_k
+    top_p = 1.0 if top_p is None else top_p
+    return Knobs(
+        threshold=arr(threshold, np.float32), editing_threshold=arr(editing_threshold, np.float32),
+        temperature=arr(temperature, np.float32), top_k=arr(top_k, np.int32), top_p=arr(top_p, np.float32),
+        penalty_lambda=arr(penalty_lambda, np.float32), max_post_steps=arr(max_post_steps, np.int32),
+        eos_early_stop=arr(eos_early_stop, np.bool_), llada20=arr(llada20, np.bool_), mbe=arr(mbe, np.bool_))
+
+
 def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
               settings: DecodeSettings) -> GenerateOutput:
     """Host-side result of `decode`: answers truncated after the first EOS, and statistics."""
+    width = int(np.max(canvas_lens))  # the compiled canvas may be longer (a bucket)
     trajectory = None
     if state.write_step is not None:
-        count = np.asarray(state.write_count)
+        count = np.asarray(state.write_count)[:, :width]
         if count.max(initial=0) > settings.record_writes:
             raise RuntimeError(f"decode: a position was written {int(count.max())} times, more than the "
                                f"trajectory capacity {settings.record_writes}")
-        trajectory = Trajectory(write_step=np.asarray(state.write_step), write_token=np.asarray(state.write_token),
+        trajectory = Trajectory(write_step=np.asarray(state.write_step)[:, :width],
+                                write_token=np.asarray(state.write_token)[:, :width],
                                 write_count=count, prompt_lengths=np.asarray(prompt_lens))
-    canvas, commit = np.asarray(state.canvas), np.asarray(state.commit_step)
+    canvas, commit = np.asarray(state.canvas)[:, :width], np.asarray(state.commit_step)[:, :width]
     forwards = np.asarray(state.forwards)
     tokens, commit_steps, generated = [], [], []
     for r, p in enumerate(np.asarray(prompt_lens)):

@@ -175,7 +175,7 @@ def test_mbe_window_op_edits_only_editable_positions(tiny_hf, fixture_runs):
     canvas[:, :64] = rng.integers(0, 510, size=(2, 64))
     prompt_lens = jnp.array([21, 21])
     settings = decoding.DecodeSettings(block_length=B, mask_id=511, eos_id=510, pad_id=510, greedy=True,
-                                       filter_top=False, use_cache=False, mbe_window=2, prefill_blocks=0)
+                                       filter_top=False, use_cache=False, mbe_window=2)
     knobs = decoding.Knobs(threshold=jnp.float32(0.5), editing_threshold=jnp.float32(0.0),
                            temperature=jnp.float32(0), top_k=jnp.int32(512), top_p=jnp.float32(1),
                            penalty_lambda=jnp.float32(0), max_post_steps=jnp.int32(16),
@@ -184,10 +184,9 @@ def test_mbe_window_op_edits_only_editable_positions(tiny_hf, fixture_runs):
     state = decoding.DecodeState(
         canvas=jnp.asarray(canvas), block=jnp.array([3, 3]), phase=jnp.array([decoding.PROPOSE, decoding.DENOISE]),
         post_steps=zeros, steps=jnp.array([40, 40]), cache_writes=zeros, mbe_forwards=zeros,
-        commit_step=jnp.full(canvas.shape, -1, jnp.int32), cache=None)
-    op = jax.jit(lambda st: decoding._window_op(params, jax.random.key(0), prompt_lens, jnp.array([5, 5]), knobs,
-                                                st, config=config, settings=settings,
-                                                block_mask=masks.block_causal(80, B)))
+        commit_step=jnp.full(canvas.shape, -1, jnp.int32), stale=jnp.zeros((2,), bool), cache=None)
+    op = jax.jit(lambda st: decoding._window_op(params, decoding.row_keys_for(jax.random.key(0), 2), prompt_lens,
+                                                jnp.array([5, 5]), knobs, st, config=config, settings=settings))
     after = op(state)
     changed = np.flatnonzero(np.asarray(after.canvas[0]) != canvas[0])
     assert changed.size > 0 and changed.min() >= 32 and changed.max() < 64, changed
@@ -221,7 +220,7 @@ def test_sampling_is_keyed(tiny_hf):
 
 def test_choose_tokens_penalty_and_filters():
     settings = decoding.DecodeSettings(block_length=2, mask_id=3, eos_id=2, pad_id=2, greedy=True,
-                                       filter_top=False, use_cache=True, mbe_window=0, prefill_blocks=0)
+                                       filter_top=False, use_cache=True, mbe_window=0)
     knobs = decoding.Knobs(threshold=jnp.float32(0.5), editing_threshold=jnp.float32(0.0),
                            temperature=jnp.float32(0), top_k=jnp.int32(4), top_p=jnp.float32(1),
                            penalty_lambda=jnp.float32(2.0), max_post_steps=jnp.int32(16),
@@ -275,3 +274,41 @@ def test_invalid_settings_raise(tiny_hf, kwargs, field):
     kwargs = {"prompts": [[1, 2, 3]], "preset": "Q", **kwargs}
     with pytest.raises(ValueError, match=field):
         _run(tiny_hf, **kwargs)
+
+
+def test_varied_prompt_lengths_compile_few_programs(tiny_hf):
+    """20 prompts of random lengths in [1, 200], one `generate` call each: the canvas is bucketed
+    to a power of two of blocks and the prefill is chunked, so at most 3 programs are compiled
+    (canvases of 3..15 blocks fall in the buckets 4, 8, 16)."""
+    lengths = np.random.default_rng(7).integers(1, 201, size=20)
+    before = decoding.decode._cache_size()
+    for i, n in enumerate(lengths):
+        out = _run(tiny_hf, _random_prompts([int(n)], seed=100 + i), preset="S", gen_length=32)
+        assert len(out.tokens[0]) <= 32 and out.canvas.shape[1] == out.canvas_lengths[0]
+    assert decoding.decode._cache_size() - before <= 3
+
+
+def test_trajectory_cached_matches_uncached(tiny_hf, fixture_runs):
+    """The write record (DiPO's trajectory) is the same on both paths, and replaying each
+    position's last write gives the final canvas."""
+    prompts = [r["prompt"] for r in sorted(fixture_runs, key=lambda r: r["prompt_index"])[::5]]
+    cached = _run(tiny_hf, prompts, preset="Q", record_trajectory=True)
+    uncached = _run(tiny_hf, prompts, preset="Q", record_trajectory=True, use_cache=False)
+    for field in ("write_step", "write_token", "write_count"):
+        np.testing.assert_array_equal(getattr(cached.trajectory, field), getattr(uncached.trajectory, field))
+    t = cached.trajectory
+    last = np.take_along_axis(t.write_token, np.maximum(t.write_count - 1, 0)[..., None], axis=-1)[..., 0]
+    written = t.write_count > 0
+    np.testing.assert_array_equal(last[written], cached.canvas[written])
+
+
+@pytest.mark.parametrize("preset", ["S", "Q"])
+def test_mbe_block_causal_variant_cached_matches_uncached(tiny_hf, fixture_runs, preset):
+    """REFERENCE §5's block-causal window (kept as an option): cached == uncached, with the same
+    denoising and MBE forwards."""
+    prompts = [r["prompt"] for r in sorted(fixture_runs, key=lambda r: r["prompt_index"])[::5]]
+    kw = dict(preset=preset, mbe_window=2, mbe_attention="block_causal")
+    cached, uncached = _run(tiny_hf, prompts, **kw), _run(tiny_hf, prompts, **kw, use_cache=False)
+    assert cached.tokens == uncached.tokens
+    np.testing.assert_array_equal(cached.canvas, uncached.canvas)
+    np.testing.assert_array_equal(cached.forwards - cached.cache_writes, uncached.forwards)

@@ -1,0 +1,75 @@
+r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.server` over `llada_jax.engine`).
+
+  pip install -e '.[serve]'
+  python launch/serve.py --checkpoint=/ckpt/LLaDA2.1-mini --port=8000 --max_length=2048
+  python launch/serve.py --checkpoint=/tmp/llada_quickstart/checkpoints \
+      --tokenizer=/tmp/llada_quickstart/tokenizer.json --block_length=32 --max_length=128
+
+  curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
+      "mode": "S", "max_tokens": 128}'
+  # plain-text models (the quickstart's): {"messages": [...], "raw": true} or /v1/completions
+
+--checkpoint is an Orbax directory (training or converted) or a Hugging Face directory, as in
+launch/generate.py. The engine's shapes are flags (slots, canvas length, block length, MBE
+window); requests choose everything else (mode, thresholds, max_post_steps, ...).
+"""
+
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
+flags.DEFINE_string("tokenizer", None, "tokenizer.json (file or directory); default: the HF checkpoint's.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_string("model_name", None, "Model id reported by /v1/models (default: the checkpoint's name).")
+flags.DEFINE_integer("slots", 8, "Requests decoded at once (continuous batching).")
+flags.DEFINE_integer("max_length", 1024, "Canvas tokens per slot: prompt + max_tokens, rounded up to blocks.")
+flags.DEFINE_integer("block_length", 32, "Block size B (requests may only ask for this one).")
+flags.DEFINE_integer("mbe_window", 0, "Multi-Block Editing window in blocks (requests may turn it off).")
+flags.DEFINE_enum("mbe_attention", "bidirectional", ["bidirectional", "block_causal"], "MBE window attention.")
+flags.DEFINE_bool("sampling", False, "Compile in sampling (temperature/top_k/top_p); greedy otherwise.")
+flags.DEFINE_integer("steps_per_call", 8, "Loop iterations per engine call (streaming granularity).")
+flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives none.")
+flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
+
+
+def load_model(path, tokenizer=None, moe_impl=None):
+    """(config, params, tokenizer) from an HF directory or an Orbax checkpoint."""
+    from llada_jax import checkpoint, hf
+    from llada_jax.tokenizer import Tokenizer
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        config, params = hf.load_hf_checkpoint(path)
+        tok_path = tokenizer or path
+    else:
+        config, params = checkpoint.load_params(path)
+        tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
+    if moe_impl:
+        config = config.replace(moe_impl=moe_impl)
+    return config, params, Tokenizer.from_file(tok_path)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import uvicorn
+
+    from llada_jax import engine, server
+    from llada_jax.train import enable_compilation_cache
+
+    enable_compilation_cache()
+    config, params, tok = load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
+    eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=FLAGS.max_length,
+                        block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
+                        mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
+                        steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id)
+    name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
+    api = server.App(eng, tok, model_name=name, default_max_tokens=FLAGS.default_max_tokens)
+    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
+    uvicorn.run(api.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    app.run(main)

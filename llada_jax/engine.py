@@ -1,0 +1,289 @@
+"""A decoding engine with continuous batching over the Draft-and-Edit loop (REFERENCE §5).
+
+`generate` decodes a batch until its slowest row is done: rows that finish early keep taking
+part in every forward. The engine keeps a fixed number of *slots* (rows of one device state:
+canvas, KV cache, counters, per-slot knobs and sampling keys) and refills a slot as soon as its
+row is DONE: the next waiting request is written into that slot and its prompt prefilled into
+the slot's cache rows, while the other slots carry on. Each call of the compiled `run` does up
+to `steps_per_call` loop iterations of `decoding.step` (one model forward each) and returns
+early when a row finishes, so a freed slot waits at most one call.
+
+Compiled programs: `admit` (one request into one slot, its chunked prefill) and `run`, both
+with the slot state donated (updated in place), at fixed shapes (slots x `max_length`), so any
+mix of prompt lengths runs on these two programs. Greedy results equal `generate` one request
+at a time, token for token: rows never read each other, and a row's step keys are
+`fold_in(fold_in(key(seed), 0), forwards)`, those of a one-prompt `generate(rng=key(seed))`.
+
+Streaming: `Request.on_block(tokens)` gets each block's generated tokens once they can no
+longer change (after the block, or with Multi-Block Editing once it has left the window), up to
+`gen_length` and through the first EOS. The engine is single-threaded; `launch/serve.py` runs it
+in a worker thread and only calls `submit` and `poll` from there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from llada_jax import decoding, kvcache
+from llada_jax.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Request:
+    """One decoding request: prompt ids and `decoding.check_options` values (per-slot knobs)."""
+
+    prompt: list[int]
+    options: dict[str, Any]
+    seed: int = 0
+    on_block: Optional[Callable[[list[int]], None]] = None
+    id: int = -1
+
+
+@dataclasses.dataclass
+class Result:
+    """What a finished request gets: the fields of one `GenerateOutput` row."""
+
+    id: int
+    tokens: list[int]
+    commit_steps: list[int]
+    canvas: np.ndarray
+    forwards: int
+    steps: int
+    cache_writes: int
+    mbe_forwards: int
+    num_generated: int
+    tpf: float
+
+
+@flax.struct.dataclass
+class Slots:
+    """The device state of all slots (donated to every compiled call)."""
+
+    state: decoding.DecodeState
+    prompt_lens: Int[Array, "S"]
+    num_blocks: Int[Array, "S"]
+    knobs: decoding.Knobs
+    row_keys: jax.Array
+
+
+def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_row, key_row, *, config, settings):
+    b = settings.block_length
+    st = slots.state
+
+    def put(a, v):
+        return a.at[slot].set(v)
+
+    row_cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), st.cache)
+    row_cache = kvcache.prefill(params, config, canvas_row[None], (prompt_len // b)[None], row_cache,
+                                block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
+                                prefix_buckets=kvcache.buckets(canvas_row.shape[0] // b))
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), st.cache, row_cache)
+    st = st.replace(
+        canvas=put(st.canvas, canvas_row), block=put(st.block, prompt_len // b),
+        phase=put(st.phase, decoding.DENOISE), post_steps=put(st.post_steps, 0), steps=put(st.steps, 0),
+        cache_writes=put(st.cache_writes, (prompt_len >= b).astype(jnp.int32)), mbe_forwards=put(st.mbe_forwards, 0),
+        commit_step=put(st.commit_step, -1), stale=put(st.stale, False), cache=cache)
+    return Slots(state=st, prompt_lens=put(slots.prompt_lens, prompt_len), num_blocks=put(slots.num_blocks, num_blocks),
+                 knobs=jax.tree.map(put, slots.knobs, knob_row), row_keys=put(slots.row_keys, key_row))
+
+
+def _run(params, slots: Slots, max_steps, *, config, settings):
+    """Up to `max_steps` loop iterations; stops early once a row that was running is DONE."""
+    running = slots.state.phase != decoding.DONE
+    step = functools.partial(decoding.step, params, prompt_lens=slots.prompt_lens, num_blocks=slots.num_blocks,
+                             knobs=slots.knobs, row_keys=slots.row_keys, config=config, settings=settings)
+
+    def cond(carry):
+        i, st = carry
+        done = st.phase == decoding.DONE
+        return (i < max_steps) & ~(running & done).any() & ~done.all()
+
+    def body(carry):
+        i, st = carry
+        return i + 1, step(st)
+
+    n, state = jax.lax.while_loop(cond, body, (jnp.int32(0), slots.state))
+    return slots.replace(state=state), n
+
+
+class Engine:
+    """Continuous batching: `submit` requests, call `poll` until `idle`; see the module docstring.
+
+    Static per engine (they shape the compiled programs): `slots`, `max_length` (canvas tokens per
+    slot, a multiple of `block_length`), `block_length`, `mbe_window` / `mbe_attention` (a request
+    may turn MBE off, not change the window), `sampling` (compile in temperature / top-k / top-p;
+    greedy rows stay exact either way). Everything else is a per-request knob.
+    """
+
+    def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_length: int = 512,
+                 block_length: int = 32, mbe_window: int = 0, mbe_attention: str = "bidirectional",
+                 sampling: bool = False, steps_per_call: int = 8, mask_id: Optional[int] = None,
+                 eos_id: Optional[int] = None):
+        if max_length % block_length or max_length > config.max_position_embeddings:
+            decoding._fail("max_length", f"a multiple of block_length={block_length} <= "
+                           f"max_position_embeddings={config.max_position_embeddings}", max_length)
+        self.params, self.config = params, config
+        self.num_slots, self.max_length, self.steps_per_call = slots, max_length, steps_per_call
+        self.mask_id = config.mask_token_id if mask_id is None else mask_id
+        self.eos_id = config.eos_token_id if eos_id is None else eos_id
+        self.settings = decoding.DecodeSettings(
+            block_length=block_length, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=config.pad_token_id,
+            greedy=not sampling, filter_top=sampling, use_cache=True, mbe_window=mbe_window,
+            mbe_attention=mbe_attention)
+        statics = dict(config=config, settings=self.settings)
+        self._admit_fn = jax.jit(functools.partial(_admit, **statics), donate_argnums=(1,))
+        self._run_fn = jax.jit(functools.partial(_run, **statics), donate_argnums=(1,))
+        self._slots = self._empty_slots()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, Request] = {}  # slot -> request
+        self._emitted: dict[int, int] = {}  # slot -> blocks already streamed
+        self._next_id = 0
+        self.forwards = 0  # engine-level loop iterations (one batched forward each)
+
+    def _empty_slots(self) -> Slots:
+        n, length = self.num_slots, self.max_length
+        state = decoding.DecodeState(
+            canvas=jnp.full((n, length), self.mask_id, jnp.int32), block=jnp.zeros((n,), jnp.int32),
+            phase=jnp.full((n,), decoding.DONE, jnp.int32), post_steps=jnp.zeros((n,), jnp.int32),
+            steps=jnp.zeros((n,), jnp.int32), cache_writes=jnp.zeros((n,), jnp.int32),
+            mbe_forwards=jnp.zeros((n,), jnp.int32), commit_step=jnp.full((n, length), -1, jnp.int32),
+            stale=jnp.zeros((n,), bool), cache=kvcache.init_cache(self.config, n, length))
+        knobs = decoding.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
+                                    temperature=np.zeros(n), top_k=np.full(n, self.config.vocab_size),
+                                    top_p=np.ones(n), penalty_lambda=np.zeros(n), max_post_steps=np.zeros(n),
+                                    eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool))
+        keys = jax.vmap(jax.random.key)(jnp.arange(n))
+        return Slots(state=state, prompt_lens=jnp.zeros((n,), jnp.int32), num_blocks=jnp.ones((n,), jnp.int32),
+                     knobs=knobs, row_keys=keys)
+
+    # ------------------------------------------------------------------ requests
+    def check(self, prompt, options: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        """Validates one request against `decoding.check_options` and this engine's shapes;
+        raises `decoding.OptionError` naming the field."""
+        opts = {k: v for k, v in options.items() if k not in ("mask_id", "eos_id")}  # the engine's own
+        opts.setdefault("block_length", self.settings.block_length)
+        mbe = opts.pop("mbe_window", None)
+        opts = decoding.check_options(self.config, **opts, mbe_window=0 if mbe is None else mbe,
+                                      mask_id=self.mask_id, eos_id=self.eos_id)
+        if opts["block_length"] != self.settings.block_length:
+            decoding._fail("block_length", f"{self.settings.block_length} (this engine's)", opts["block_length"])
+        if opts["mbe_window"] not in (0, self.settings.mbe_window):
+            decoding._fail("mbe_window", f"0 or {self.settings.mbe_window} (this engine's)", opts["mbe_window"])
+        if opts["temperature"] > 0 and self.settings.greedy:
+            decoding._fail("temperature", "0 (this engine decodes greedily; start it with sampling)",
+                           opts["temperature"])
+        if opts["mbe_attention"] != self.settings.mbe_attention:
+            decoding._fail("mbe_attention", f"{self.settings.mbe_attention!r} (this engine's)", opts["mbe_attention"])
+        [row] = decoding.check_prompts([prompt], self.config.vocab_size, self.mask_id)
+        need = math.ceil((len(row) + opts["gen_length"]) / self.settings.block_length) * self.settings.block_length
+        if need > self.max_length:
+            decoding._fail("prompt + gen_length", f"a canvas of at most max_length={self.max_length} tokens", need)
+        return row, opts
+
+    def submit(self, prompt, options: dict[str, Any], *, seed: int = 0,
+               on_block: Optional[Callable[[list[int]], None]] = None) -> int:
+        """Queues a request (ids, options as `generate`'s keywords); returns its id."""
+        row, opts = self.check(prompt, options)
+        req = Request(prompt=row, options=opts, seed=seed, on_block=on_block, id=self._next_id)
+        self._next_id += 1
+        self._waiting.append(req)
+        return req.id
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._active
+
+    def _admit(self, slot: int, req: Request):
+        b, o = self.settings.block_length, req.options
+        p = len(req.prompt)
+        canvas = np.full((self.max_length,), self.mask_id, np.int32)
+        canvas[:p] = req.prompt
+        knobs = decoding.make_knobs(
+            self.config.vocab_size, threshold=o["threshold"], editing_threshold=o["editing_threshold"],
+            temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"], penalty_lambda=o["penalty_lambda"],
+            max_post_steps=o["max_post_steps"], eos_early_stop=o["eos_early_stop"], llada20=o["llada20"],
+            mbe=o["mbe_window"] > 0)
+        key = jax.random.fold_in(jax.random.key(req.seed), 0)
+        canvas_len = math.ceil((p + o["gen_length"]) / b) * b
+        self._slots = self._admit_fn(self.params, self._slots, jnp.int32(slot), jnp.asarray(canvas), jnp.int32(p),
+                                     jnp.int32(canvas_len // b), knobs, key)
+        self._active[slot] = req
+        self._emitted[slot] = p // b
+
+    def poll(self) -> list[Result]:
+        """Fills free slots, runs one compiled call, streams final blocks; returns finished requests."""
+        free = [s for s in range(self.num_slots) if s not in self._active]
+        while free and self._waiting:
+            self._admit(free.pop(0), self._waiting.popleft())
+        if not self._active:
+            return []
+        self._slots, n = self._run_fn(self.params, self._slots, jnp.int32(self.steps_per_call))
+        self.forwards += int(n)
+        st = self._slots.state
+        phase, block = np.asarray(st.phase), np.asarray(st.block)
+        canvas = None
+        results = []
+        w = self.settings.mbe_window
+        for slot, req in list(self._active.items()):
+            done = phase[slot] == decoding.DONE
+            final = block[slot] + 1 if done else block[slot] - (w - 1 if w and req.options["mbe_window"] else 0)
+            if req.on_block is not None and final > self._emitted[slot]:
+                canvas = np.asarray(st.canvas) if canvas is None else canvas
+                self._stream(slot, req, canvas[slot], final)
+            if done:
+                canvas = np.asarray(st.canvas) if canvas is None else canvas
+                results.append(self._result(slot, req, canvas[slot]))
+                del self._active[slot], self._emitted[slot]
+        return results
+
+    def _answer(self, req: Request, row: np.ndarray) -> list[int]:
+        p = len(req.prompt)
+        gen = row[p:p + req.options["gen_length"]]
+        eos = np.flatnonzero(gen == self.eos_id)
+        return gen[:int(eos[0]) + 1 if eos.size else len(gen)].tolist()
+
+    def _stream(self, slot: int, req: Request, row: np.ndarray, final_blocks: int):
+        b, p = self.settings.block_length, len(req.prompt)
+        answer = self._answer(req, row)
+        lo = max(self._emitted[slot] * b - p, 0)
+        hi = min(final_blocks * b - p, len(answer))
+        if hi > lo:
+            req.on_block(answer[lo:hi])
+        self._emitted[slot] = max(final_blocks, self._emitted[slot])
+
+    def _result(self, slot: int, req: Request, row: np.ndarray) -> Result:
+        st = self._slots.state
+        tokens = self._answer(req, row)
+        p = len(req.prompt)
+        b = self.settings.block_length
+        canvas_len = math.ceil((p + req.options["gen_length"]) / b) * b
+        commit = np.asarray(st.commit_step[slot])
+        forwards = int(st.forwards[slot])
+        generated = int(np.isin(tokens, [self.eos_id, self.config.pad_token_id, self.mask_id], invert=True).sum())
+        return Result(id=req.id, tokens=tokens, commit_steps=commit[p:p + len(tokens)].tolist(),
+                      canvas=row[:canvas_len].copy(), forwards=forwards, steps=int(st.steps[slot]),
+                      cache_writes=int(st.cache_writes[slot]), mbe_forwards=int(st.mbe_forwards[slot]),
+                      num_generated=generated, tpf=generated / max(forwards, 1))
+
+    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Result]:
+        """Convenience: submit all, poll until idle, results in submission order."""
+        ids = [self.submit(p, o) for p, o in requests]
+        out = {}
+        while not self.idle:
+            for r in self.poll():
+                out[r.id] = r
+        return [out[i] for i in ids]
+
+    def compiled_programs(self) -> int:
+        """Programs compiled so far by this engine's two jitted functions (for tests)."""
+        return self._admit_fn._cache_size() + self._run_fn._cache_size()
