@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax import model
 from llada_jax.config import ModelConfig
+from llada_jax.kernels.attention import _NEG
 from llada_jax.sharding import constrain
 
 _GROUPS = (("dense", False), ("moe", True))
@@ -81,7 +82,7 @@ def _attention(config, p, x, positions, start, chunk_mask, cache_k, cache_v, lay
     qg = q.reshape(n, t, k_heads, n_heads // k_heads, h)  # [N, C, K, G, H]
     scale = jnp.sqrt(jnp.float32(h))
     s_chunk = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / scale  # [N, K, G, C, C]
-    s_chunk = jnp.where(chunk_mask[:, None, None], s_chunk, model._NEG)
+    s_chunk = jnp.where(chunk_mask[:, None, None], s_chunk, _NEG)
 
     def with_prefix(kb):
         def attend(_):
@@ -93,7 +94,7 @@ def _attention(config, p, x, positions, start, chunk_mask, cache_k, cache_v, lay
             vp = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, 0, 0), (1, n, size, k_heads, h))[0].astype(dt)
             s_pre = jnp.einsum("btkgh,bskh->bkgts", qg, kp).astype(jnp.float32) / scale  # [N, K, G, C, kb*B]
             visible = jnp.arange(size, dtype=jnp.int32)[None, :] < start[:, None]  # [N, kb*B]
-            s_pre = jnp.where(visible[:, None, None, None, :], s_pre, model._NEG)
+            s_pre = jnp.where(visible[:, None, None, None, :], s_pre, _NEG)
             probs = jax.nn.softmax(jnp.concatenate([s_pre, s_chunk], axis=-1), axis=-1).astype(dt)
             return (jnp.einsum("bkgts,bskh->btkgh", probs[..., :size], vp)
                     + jnp.einsum("bkgts,bskh->btkgh", probs[..., size:], v))
