@@ -84,7 +84,7 @@ def _sft(workdir, data_dir, *, processes, devices, extra=()):
                   processes=processes, devices=devices, log_dir=os.path.join(str(workdir) + "_logs"))
 
 
-def _metrics(workdir, drop=("tokens_per_s",)):
+def _metrics(workdir, drop=("tokens_per_s", "flops_per_s_per_device", "mfu")):  # timings
     return [{k: v for k, v in r.items() if k not in drop and not k.startswith("time_")}
             for r in train.read_metrics(str(workdir))]
 
