@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs launch/compile.py once per line of rows.txt, one at a time; appends {"args", "rc", report} lines to $1.
-# usage: plans/run_rows.sh OUT.jsonl [ROWS_FILE]   (from the repository root, PYTHONPATH set)
-out=$1; rows=${2:-plans/rows.txt}
+# usage: launch/plans/run_rows.sh OUT.jsonl [ROWS_FILE]   (from the repository root, PYTHONPATH set)
+out=$1; rows=${2:-launch/plans/rows.txt}
 tmp=$(mktemp)
 while IFS= read -r args; do
   [ -z "$args" ] && continue

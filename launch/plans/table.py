@@ -1,4 +1,4 @@
-"""Markdown table of plans/*.jsonl rows (from plans/run_rows.sh): python plans/table.py plans/before.jsonl"""
+"""Markdown table of launch/plans/*.jsonl rows (from launch/plans/run_rows.sh): python launch/plans/table.py launch/plans/before.jsonl"""
 import json
 import sys
 
