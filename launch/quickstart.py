@@ -168,7 +168,7 @@ def main(argv):
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
-    plots.training_curves(workdir)
+    plots.training_curves(workdir, rl_dir=f"rl_{rl_cfg.rl.algorithm}" if "rl" in report else None)
     print(f"training curves: {workdir}/training_curves.png")
 
 

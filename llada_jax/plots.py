@@ -64,15 +64,20 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training_curves(workdir: str, path: str | None = None) -> "plt.Figure":
+def training_curves(workdir: str, path: str | None = None, rl_dir: str | None = None) -> "plt.Figure":
     """The SFT loss (`<workdir>/sft/metrics.jsonl`) and the RL rollout reward and accuracy
-    (`<workdir>/rl/metrics.jsonl`) per step, as a PNG (default `<workdir>/training_curves.png`).
-    A stage without metrics is left out; none at all is an error naming the files."""
+    (`<workdir>/<rl_dir>/metrics.jsonl`; by default the quickstart's most recent `rl_<algorithm>`
+    run, or `rl`) per step, as a PNG (default `<workdir>/training_curves.png`). A stage without
+    metrics is left out; none at all is an error naming the files."""
+    if rl_dir is None:
+        runs = [d for d in os.listdir(workdir) if d.startswith("rl") and
+                os.path.exists(os.path.join(workdir, d, "metrics.jsonl"))] if os.path.isdir(workdir) else []
+        rl_dir = max(runs, key=lambda d: os.path.getmtime(os.path.join(workdir, d, "metrics.jsonl"))) if runs else "rl"
     sft = [r for r in _rows(os.path.join(workdir, "sft", "metrics.jsonl")) if "loss" in r]
-    rl = [r for r in _rows(os.path.join(workdir, "rl", "metrics.jsonl")) if "reward_mean" in r]
+    rl = [r for r in _rows(os.path.join(workdir, rl_dir, "metrics.jsonl")) if "reward_mean" in r]
     if not sft and not rl:
         raise FileNotFoundError(f"training_curves: expected metrics in {workdir}/sft/metrics.jsonl or "
-                                f"{workdir}/rl/metrics.jsonl, found none")
+                                f"{workdir}/{rl_dir}/metrics.jsonl, found none")
     panels = [p for p in ("sft", "rl") if {"sft": sft, "rl": rl}[p]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), dpi=120, squeeze=False)
     for ax, panel in zip(axes[0], panels):

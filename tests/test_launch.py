@@ -89,7 +89,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     from llada_jax.metrics import read_events
 
     assert [s for s, _ in read_events(str(tmp_path / "sft" / "tb"))["loss"]] == [3, 6]  # TensorBoard by default
-    assert [s for s, _ in read_events(str(tmp_path / "rl" / "tb"))["reward_mean"]] == [1, 2]
+    assert [s for s, _ in read_events(str(tmp_path / "rl_ebpo" / "tb"))["reward_mean"]] == [1, 2]
     for row in ("SFT    S", "SFT    Q", "RL     S", "RL     Q"):
         assert row in out.stdout
     cost = report["likelihood_cost"]  # the vectorized terms equal the per-block loop's on the run's batch
