@@ -2,7 +2,7 @@ r"""Evaluate a checkpoint on benchmark files in their public formats, in several
 
   python launch/eval.py --checkpoint=/ckpt/LLaDA2.1-mini --benchmark=gsm8k_test.jsonl \
       --modes=S,Q,Q+mbe --gen_length=512 --block_length=32 --out_dir=/tmp/eval_gsm8k
-  python launch/eval.py --checkpoint=/tmp/llada_quickstart/rl/checkpoints \
+  python launch/eval.py --checkpoint=/tmp/llada_quickstart/rl_ebpo/checkpoints \
       --benchmark=/tmp/llada_quickstart/data/addition_test.jsonl --template=plain --modes=S,Q,no_edit
 
 Formats (detected from the first record, or --format): GSM8K question/answer, MATH
