@@ -35,32 +35,16 @@ flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives
 flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
 
 
-def load_model(path, tokenizer=None, moe_impl=None):
-    """(config, params, tokenizer) from an HF directory or an Orbax checkpoint."""
-    from llada_jax import checkpoint, hf
-    from llada_jax.tokenizer import Tokenizer
-
-    if os.path.exists(os.path.join(path, "config.json")):
-        config, params = hf.load_hf_checkpoint(path)
-        tok_path = tokenizer or path
-    else:
-        config, params = checkpoint.load_params(path)
-        tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
-    if moe_impl:
-        config = config.replace(moe_impl=moe_impl)
-    return config, params, Tokenizer.from_file(tok_path)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     import uvicorn
 
-    from llada_jax import engine, server
+    from llada_jax import benchmarks, engine, server
     from llada_jax.train import enable_compilation_cache
 
     enable_compilation_cache()
-    config, params, tok = load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
+    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
     eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=FLAGS.max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
                         mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
