@@ -74,7 +74,10 @@ def test_parse_hbm_oom_reads_xla_numbers():
 
 
 _TINY = {  # the tiny model's jobs at small shapes; rl: 2 prompts x 4 completions, N = 2
-    "sft": ["--config=configs/quickstart.py", "--config.data.batch_size=8"],
+    # sft with splash attention (2L = 128, one tile): the Pallas kernel must compile for the
+    # topology, which needs it inside shard_map (XLA cannot partition a Mosaic kernel)
+    "sft": ["--config=configs/quickstart.py", "--config.data.batch_size=8", "--config.data.seq_len=64",
+            "--config.model.overrides.attention_impl=splash"],
     "rl": ["--config=configs/rl.py", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
            "--config.rl.num_timesteps=2"],
     "decode": ["--config=configs/quickstart.py", "--config.data.batch_size=8", "--prompt_length=16",
@@ -97,6 +100,8 @@ def test_tiny_jobs_compile_for_a_tpu_slice(job):
                                      + report["temporary_bytes"] + report["generated_code_bytes"])
     if job in ("sft", "rl"):  # the train state is donated: its outputs reuse the argument buffers
         assert report["alias_bytes"] > 0
+    if job == "sft":
+        assert report["attention"] == "splash" and report["seq_len"] == 64
     if job == "rl":
         assert (report["rollouts"], report["num_timesteps"], report["grad_mode"]) == (8, 2, "direct")
     if job == "decode":

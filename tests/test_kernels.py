@@ -13,7 +13,7 @@ import pytest
 
 from llada_jax import masks
 from llada_jax.kernels import AttentionMask, attention, blocked_tiles, resolve
-from llada_jax.kernels.attention import TileSizes, blocked_flops_fraction
+from llada_jax.kernels.attention import TileSizes, blocked_flops_fraction, splash_attention
 
 B, T, N, K, H = 2, 128, 4, 2, 16
 BS = 16
@@ -35,12 +35,12 @@ def _masks():
     }
 
 
-def _qkv(seed=0):
+def _qkv(seed=0, t=T):
     ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, N, H))
-    k = jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    w = jax.random.normal(ks[3], (B, T, N, H))  # a random cotangent
+    q = jax.random.normal(ks[0], (B, t, N, H))
+    k = jax.random.normal(ks[1], (B, t, K, H))
+    v = jax.random.normal(ks[2], (B, t, K, H))
+    w = jax.random.normal(ks[3], (B, t, N, H))  # a random cotangent
     return q, k, v, w
 
 
@@ -82,6 +82,54 @@ def test_splash_interpret_equals_dense(name):
     _assert_same("splash", _masks()[name], interpret=True)
 
 
+def test_splash_pads_lengths_that_are_not_whole_tiles():
+    """T = 2 * 80 = 160: padded to 256 inside the kernel, padding rows invisible (values and grads)."""
+    t = 160
+    mask = AttentionMask.composite(BS, segment_ids=jnp.asarray(np.stack([np.arange(t) % 80 >= 30] * B), jnp.int32))
+    q, k, v, w = _qkv(1, t)
+
+    def run(impl):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, mask, impl=impl, interpret=True) * w)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    (want, want_g), (got, got_g) = run("xla"), run("splash")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, wg in zip(got_g, want_g):
+        np.testing.assert_allclose(g, wg, atol=1e-5, rtol=0)
+
+
+def test_splash_below_one_tile_runs_the_dense_oracle():
+    """The documented rule: T < 128 (the model's 8-token init trace, toy shapes) runs xla."""
+    q, k, v, _ = _qkv()
+    mask = AttentionMask.composite(BS)
+    got = attention(q[:, :96], k[:, :96], v[:, :96], mask, impl="splash")
+    np.testing.assert_array_equal(got, attention(q[:, :96], k[:, :96], v[:, :96], mask, impl="xla"))
+
+
+def test_splash_under_a_mesh_runs_in_shard_map():
+    """Under `jax.set_mesh` (4 fake CPU devices: batch over fsdp, heads over tensor) splash runs
+    inside shard_map; a Pallas kernel outside one cannot be partitioned (the AOT failure)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llada_jax import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=1, devices=jax.devices()[:4])
+    mask = _masks()["packed_documents"]
+    q, k, v, w = _qkv()
+    want, want_g = _value_and_grads("xla", mask)
+    with jax.set_mesh(mesh):
+        spec = NamedSharding(mesh, P("fsdp", None, "tensor", None))
+        q, k, v, w = (jax.device_put(a, spec) for a in (q, k, v, w))
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, mask, impl="splash", interpret=True) * w)  # noqa: E731
+        fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v))
+        _, got_g = fn(q, k, v)
+        got = jax.jit(lambda q, k, v: attention(q, k, v, mask, impl="splash", interpret=True))(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for g, wg, name in zip(got_g, want_g, "qkv"):
+        np.testing.assert_allclose(g, wg, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("impl", ["blocked", "splash", "cudnn"])
 def test_key_padding_equals_dense_on_real_rows(impl):
     valid = jnp.asarray(np.stack([np.arange(T) < 100, np.arange(T) < T]))  # row 0 padded at the end
@@ -119,7 +167,7 @@ def test_bad_descriptions_name_the_field():
         AttentionMask.composite(0)
     with pytest.raises(ValueError, match="segment_ids"):
         attention(q, k, v, AttentionMask.composite(BS, segment_ids=jnp.zeros((B, T - 1), jnp.int32)))
-    with pytest.raises(ValueError, match="multiple of 128"):
-        attention(q[:, :96], k[:, :96], v[:, :96], AttentionMask.block_causal(BS), impl="splash")
+    with pytest.raises(ValueError, match=">= 128"):
+        splash_attention(q[:, :96], k[:, :96], v[:, :96], AttentionMask.block_causal(BS), interpret=True)
     # An explicit boolean mask has no structure to exploit: every impl runs the dense oracle.
     assert resolve("blocked", AttentionMask.from_dense(jnp.ones((1, T, T), bool)), T) == "xla"

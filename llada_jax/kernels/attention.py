@@ -13,8 +13,13 @@ Scores are fp32 (`preferred_element_type`), scaled by 1/sqrt(H), softmax in fp32
            causal: the prefix), so FLOPs and score memory drop to the allowed area plus the
            diagonal tiles (about 1/4 of dense for the composite mask at L = 2048).
   splash   Pallas splash attention (TPU; `interpret=True` elsewhere): the static structure as a
-           `NumpyMask`, so fully masked tiles are skipped; packed documents and key padding go
-           in as segment ids. T must be a multiple of 128.
+           computable splash mask, so fully masked tiles are skipped; packed documents and key
+           padding go in as segment ids. Under a mesh it runs inside `jax.shard_map` over the
+           batch and head axes (XLA cannot partition a Pallas kernel; MaxText does the same).
+           A T that is not a multiple of 128 is padded to whole tiles (exact). The one rule
+           for short sequences: T < 128 (less than one tile: the model's 8-token init trace,
+           toy shapes) runs `xla` instead, at most 128 x 128 scores per head; T >= 128
+           always runs the kernel.
   cudnn    `jax.nn.dot_product_attention` with `implementation="cudnn"` on GPU for bf16/fp16
            (dense mask, fused kernel, no `[B, N, T, S]` scores in HBM); elsewhere, or for fp32
            inputs, which cuDNN does not take, the same call with `implementation="xla"`.
@@ -89,6 +94,8 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     mask.check(b, t, s)
     # Queries against a longer key set (a KV cache) without a structure: nothing to skip.
     name = "xla" if s != t else resolve(impl, mask, t)
+    if name == "splash" and t < SPLASH_MIN_LENGTH:
+        name = "xla"  # below one splash tile: the dense oracle, at most 128 x 128 scores per head
     if name == "xla":
         return xla_attention(q, k, v, mask)
     if name == "blocked":
@@ -194,47 +201,147 @@ def blocked_flops_fraction(kind: str, block_size: int, length: int, q_tile: int 
 
 
 # ------------------------------------------------------------------------------------------ splash
-@functools.lru_cache(maxsize=32)
-def _splash_kernel(kind: str, block_size: int, length: int, heads: int, block_q: int, block_kv: int,
-                   interpret: bool):
+SPLASH_MIN_LENGTH = 128  # splash's smallest tile; shorter sequences run the dense oracle (see `attention`)
+
+
+def _splash_rule(kind: str, block_size: int, length: int):
+    """The structure as a function of query / key index arrays, for a sequence padded past `length`.
+
+    Operators only (no `xp`), so that splash evaluates it both in numpy (which tiles to skip) and
+    inside the kernel (the partial tiles). Real rows see what `allowed` says; a padding row (index
+    >= length) sees only itself, so that its softmax is defined and no real row sees it.
+    """
+
+    def rule(q, k):
+        if kind == "bidirectional":
+            real = (q >= 0) & (k >= 0)
+        else:
+            real = allowed(np, kind, block_size, length, q, k)
+        return ((q < length) & (k < length) & real) | ((q >= length) & (q == k))
+
+    return rule
+
+
+def _structure_mask(kind: str, block_size: int, length: int, padded: int):
+    """A splash `_ComputableMask` for the structure (hashable, so splash's mask processing caches it).
+
+    Computable rather than a `NumpyMask`: at 2L = 16384 a dense numpy structure is 256 MiB per
+    copy, and the kernel would load partial tiles from memory instead of computing them.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    class StructureMask(sm._ComputableMask):  # noqa: SLF001 (the documented way to define a lazy mask)
+        def __init__(self):
+            self.key = (kind, block_size, length, padded)
+            super().__init__(shape=(padded, padded), mask_function=_splash_rule(kind, block_size, length))
+
+        def __eq__(self, other):
+            return type(other).__name__ == "StructureMask" and getattr(other, "key", None) == self.key
+
+        def __hash__(self):
+            return hash(("StructureMask",) + self.key)
+
+    return StructureMask()
+
+
+def _splash_kernel(kind: str, block_size: int, length: int, padded: int, heads: int, block_q: int,
+                   block_kv: int, interpret: bool):
+    """An MQA splash kernel over `heads` query heads. Built per trace: its mask tables become that
+    trace's constants (a kernel cached across traces leaks one trace's tables into the next);
+    splash caches the expensive part, the numpy mask processing, itself."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    i = np.arange(length)
-    structure = np.asarray(allowed(np, kind, block_size, length, i[:, None], i[None, :]))
     sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                           block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                           block_q_dq=block_q, block_kv_dq=block_kv)
-    mh = sm.MultiHeadMask([sm.NumpyMask(structure)] * heads)
-    # Cached across traces, so its mask tables must be concrete arrays, never a trace's constants.
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mqa_single_device(mh, block_sizes=sizes, interpret=interpret)
+    mh = sm.MultiHeadMask([_structure_mask(kind, block_size, length, padded)] * heads)
+    return sk.make_splash_mqa_single_device(mh, block_sizes=sizes, interpret=interpret)
 
 
 def _splash_block(size: int, length: int) -> int:
-    b = min(size, length)
+    """The largest multiple of 128 that is <= `size` and divides `length` (a multiple of 128)."""
+    b = max(128, min(size, length) // 128 * 128)
     while length % b:
         b -= 128
     return b
 
 
-def splash_attention(q, k, v, mask: AttentionMask, *, tiles: TileSizes = DEFAULT_TILES, interpret: bool = False):
-    """Pallas splash attention, one MQA kernel per (example, kv head) over its G query heads."""
+def _splash_local(q, k, v, q_seg, kv_seg, *, kind: str, block_size: int, tiles: TileSizes, interpret: bool):
+    """Splash on one device's shard: `[b, T, n, H]` queries, `[b, T, k, H]` keys / values, whole
+    sequences; one MQA kernel per (example, kv head) over its n / k query heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
-    if t % 128:
-        raise ValueError(f"splash attention: expected a sequence length that is a multiple of 128, found {t}")
-    kernel = _splash_kernel(mask.kind, mask.block_size, t, g, _splash_block(tiles.splash_q, t),
-                            _splash_block(tiles.splash_kv, t), interpret)
+    padded = -(-t // 128) * 128
+    kernel = _splash_kernel(kind, block_size, t, padded, g, _splash_block(tiles.splash_q, padded),
+                            _splash_block(tiles.splash_kv, padded), interpret)
     # The kernel does not scale: fold 1/sqrt(H) into q (fp32, then back to q's dtype).
     qs = (q.astype(jnp.float32) / jnp.sqrt(jnp.float32(h))).astype(q.dtype)
     qs = qs.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    if padded != t:  # whole tiles; padding rows see only themselves (`_splash_rule`)
+        pad = padded - t
+        qs = jnp.pad(qs, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+        ks, vs = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (ks, vs))
+        if q_seg is not None:
+            q_seg, kv_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (q_seg, kv_seg))
 
-    seg = None
+    def one(qb, kb, vb, sq, skv):  # [G, T, H], [T, H], [T, H]
+        ids = None if sq is None else sk.SegmentIds(q=sq, kv=skv)
+        return kernel(qb, kb, vb, segment_ids=ids)
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over kv heads
+    if q_seg is None:
+        out = jax.vmap(lambda qb, kb, vb: per_head(qb, kb, vb, None, None))(qs, ks, vs)
+    else:
+        out = jax.vmap(per_head)(qs, ks, vs, q_seg, kv_seg)
+    out = out[:, :, :, :t]
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _splash_specs(q_shape, k_shape):
+    """shard_map specs for q / k, v / segment ids under the mesh in context, or None without one.
+
+    The batch and head axes are those the logical rules give the model's activations
+    (`act_batch`, `act_heads`, `act_kv_heads`; the rules of `nn.logical_axis_rules`, else
+    `sharding.DEFAULT_RULES`), so nothing is resharded on the way in. Sequences stay whole
+    (splash shards neither queries nor keys here). Heads are split only when query and kv heads
+    split over the same axes, so that each device holds whole GQA groups; otherwise they are
+    replicated inside the map.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    import flax.linen as nn
+
+    from llada_jax.sharding import DEFAULT_RULES, logical_to_spec
+
+    rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+    shape = dict(mesh.shape)
+    qs = logical_to_spec(("act_batch", "act_length", "act_heads", None), q_shape, shape, rules)
+    ks = logical_to_spec(("act_batch", "act_length", "act_kv_heads", None), k_shape, shape, rules)
+    batch, heads = qs[0], qs[2]
+    if ks[0] != batch or ks[2] != heads:
+        heads = None
+    P = jax.sharding.PartitionSpec
+    return mesh, P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
+
+
+def splash_attention(q, k, v, mask: AttentionMask, *, tiles: TileSizes = DEFAULT_TILES, interpret: bool = False):
+    """Pallas splash attention; under a mesh (`jax.set_mesh`) inside `jax.shard_map` over the batch
+    and head axes, as MaxText's attention op does (a Pallas kernel cannot be partitioned by XLA).
+
+    T >= 128 (shorter sequences run `xla`, see `attention`); a T that is not a multiple of 128 is
+    padded to whole tiles, the padding invisible to real rows (exact).
+    """
+    b, t, n, h = q.shape
+    if t < SPLASH_MIN_LENGTH:
+        raise ValueError(f"splash attention: expected a sequence length >= {SPLASH_MIN_LENGTH} (one tile), "
+                         f"found {t}; attention() runs xla below that")
+    q_seg = kv_seg = None
     if mask.segment_ids is not None or mask.key_valid is not None:
         q_seg = jnp.zeros((b, t), jnp.int32) if mask.segment_ids is None else \
             jnp.broadcast_to(mask.segment_ids, (b, t)).astype(jnp.int32)
@@ -242,18 +349,17 @@ def splash_attention(q, k, v, mask: AttentionMask, *, tiles: TileSizes = DEFAULT
         if mask.key_valid is not None:
             # A padding key gets an id no query has, so no query attends it.
             kv_seg = jnp.where(jnp.broadcast_to(mask.key_valid, (b, t)), q_seg, jnp.iinfo(jnp.int32).min)
-        seg = (q_seg, kv_seg)
-
-    def one(qb, kb, vb, sq, skv):  # [G, T, H], [T, H], [T, H]
-        ids = None if sq is None else sk.SegmentIds(q=sq, kv=skv)
-        return kernel(qb, kb, vb, segment_ids=ids)
-
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over kv heads
-    if seg is None:
-        out = jax.vmap(lambda qb, kb, vb: per_head(qb, kb, vb, None, None))(qs, ks, vs)
-    else:
-        out = jax.vmap(per_head)(qs, ks, vs, *seg)
-    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    local = functools.partial(_splash_local, kind=mask.kind, block_size=mask.block_size, tiles=tiles,
+                              interpret=interpret)
+    specs = _splash_specs(q.shape, k.shape)
+    if specs is None:
+        return local(q, k, v, q_seg, kv_seg)
+    mesh, q_spec, kv_spec, seg_spec = specs
+    if q_seg is None:
+        return jax.shard_map(lambda q, k, v: local(q, k, v, None, None), mesh=mesh,
+                             in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg)
 
 
 # ------------------------------------------------------------------------------------------ cudnn
