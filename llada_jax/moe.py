@@ -302,7 +302,7 @@ def expert_parallel(x: Float[Array, "B T D"], router, bias, wi_gate, wi_up, wo, 
     p = math.prod(shape[a] for a in ep_axes)
     t_local = b * t // math.prod(shape[a] for a in batch_axes)
     kind = exchange or _default_exchange(mesh)
-    if kind == "padded":
+    if kind == "padded" or p == 1:  # no expert axis: nothing to exchange, the padded one is the identity
         ex = PaddedExchange(ep_axes, p, slot_capacity(t_local, c, p))
     elif kind == "ragged":
         ex = RaggedExchange(ep_axes, p, receive_capacity(t_local, c, p), ragged_all_to_all)

@@ -223,6 +223,19 @@ def test_collectives_follow_the_per_device_batch():
     assert max(n for _, n in rg8) >= global_dispatch
 
 
+def test_no_expert_axis_needs_no_exchange():
+    """FSDP only (no `expert` axis, P = 1): each device routes its own tokens through every expert
+    and nothing is exchanged, whichever exchange is asked for (the ragged one on TPU: an AOT plan)."""
+    args, _ = skewed_inputs()
+    y_ref = loop_oracle(*args, CFG)
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        fn = jax.jit(lambda *a: moe.expert_parallel(*a, CFG, exchange="ragged")[0])
+        assert "ragged_all_to_all" not in fn.lower(*args).as_text()
+        y = fn(*args)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_ragged_exchange_gradient_lowers_with_the_real_primitive():
     """XLA:CPU cannot run `ragged_all_to_all`, but the program (forward and backward) must lower with
     it: two exchanges forward, their two transposes backward."""
