@@ -18,7 +18,6 @@ writes the results.
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llada_jax import checkpoint, decoding, hf, hosts, model, sharding
+from llada_jax import checkpoint, decoding, evaluate, hf, hosts, model, sharding
 from llada_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
@@ -102,23 +101,6 @@ def load(path, mesh):
     return config, params, Tokenizer.from_file(tok_path)
 
 
-def gather_rows(out, index: int, count: int, n: int):
-    """Every process's rows of a `GenerateOutput` in global order (the first `n`: padding dropped)."""
-    if jax.process_count() == 1:
-        return out._replace(tokens=out.tokens[:n], forwards=out.forwards[:n], steps=out.steps[:n],
-                            tpf=out.tpf[:n], num_generated=out.num_generated[:n])
-    tokens = np.full((len(out.tokens), FLAGS.gen_length), -1, np.int32)
-    for i, t in enumerate(out.tokens):
-        tokens[i, :len(t)] = t
-    every = hosts.allgather(dict(index=np.int32(index), tokens=tokens, forwards=np.asarray(out.forwards),
-                                 steps=np.asarray(out.steps), tpf=np.asarray(out.tpf, np.float32),
-                                 num_generated=np.asarray(out.num_generated)))
-    first = [int(np.flatnonzero(every["index"] == i)[0]) for i in range(count)]  # one process per row slice
-    rows = {k: np.concatenate([every[k][p] for p in first])[:n] for k in every if k != "index"}
-    return out._replace(tokens=[[int(t) for t in row if t >= 0] for row in rows["tokens"]], forwards=rows["forwards"],
-                        steps=rows["steps"], tpf=rows["tpf"], num_generated=rows["num_generated"])
-
-
 def main(argv):
     del argv
     hosts.initialize_from_flags()  # before anything touches a device
@@ -129,7 +111,7 @@ def main(argv):
     items = read_prompts()
     mesh = make_mesh()
     config, params, tok = load(FLAGS.checkpoint, mesh)
-    ways = math.prod(mesh.shape[a] for a in hosts.batch_axes(mesh))
+    ways = hosts.batch_ways(mesh)
 
     def encode(item):
         if FLAGS.raw:
@@ -166,7 +148,7 @@ def main(argv):
         out = decoding.generate(params, config, padded[index * per:(index + 1) * per], mesh=mesh,
                                 on_block=on_block if FLAGS.stream and jax.process_count() == 1 else None, **kw)
         run_s += time.perf_counter() - t0
-        out = gather_rows(out, index, count, len(chunk))
+        out = evaluate.gather_rows(out, index, count, len(chunk), FLAGS.gen_length)
         if not hosts.is_primary():
             continue
         for i, tokens in enumerate(out.tokens):
