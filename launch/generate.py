@@ -18,7 +18,6 @@ writes the results.
 """
 
 import json
-import os
 import sys
 import time
 
@@ -26,8 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llada_jax import checkpoint, decoding, evaluate, hf, hosts, model, sharding
-from llada_jax.tokenizer import Tokenizer
+from llada_jax import benchmarks, decoding, evaluate, hosts, sharding
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -82,25 +80,6 @@ def make_mesh():
     return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
 
 
-def load(path, mesh):
-    """Config, params in their shards on `mesh` (HF: as stored; Orbax: as saved) and tokenizer."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        config = hf.ModelConfig.from_hf_config(path)
-        dtype = hf.hf_param_dtype(path)
-        config = config.replace(param_dtype=dtype) if dtype else config
-        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
-        config, params = hf.load_hf_checkpoint(path, config=config, shardings=shardings)
-        tok_path = FLAGS.tokenizer or path
-    else:
-        config = checkpoint.read_config(path)
-        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
-        config, params = checkpoint.load_params(path, config=config, shardings=shardings)
-        tok_path = FLAGS.tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
-    if FLAGS.moe_impl:
-        config = config.replace(moe_impl=FLAGS.moe_impl)
-    return config, params, Tokenizer.from_file(tok_path)
-
-
 def main(argv):
     del argv
     hosts.initialize_from_flags()  # before anything touches a device
@@ -110,7 +89,7 @@ def main(argv):
     enable_compilation_cache()
     items = read_prompts()
     mesh = make_mesh()
-    config, params, tok = load(FLAGS.checkpoint, mesh)
+    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
     ways = hosts.batch_ways(mesh)
 
     def encode(item):

@@ -241,6 +241,25 @@ def test_sharded_load_on_two_hosts_equals_the_one_process_load(tmp_path, fixture
     assert all(c.all() for c in covered.values())
 
 
+
+@pytest.mark.multihost
+def test_convert_on_two_hosts_round_trips(tmp_path, fixture_dir):
+    """launch/convert.py on 2 processes: HF -> Orbax in shards (FSDP over all 8 devices, each
+    process writing its part), then Orbax -> HF gathered tensor by tensor and written by process 0:
+    the reference file, bit for bit."""
+    from safetensors.numpy import load_file
+
+    convert = os.path.join("launch", "convert.py")
+    _wait(_spawn([convert, f"--hf_dir={fixture_dir}", f"--orbax_dir={tmp_path / 'orbax'}"],
+                 processes=2, devices=4, log_dir=tmp_path / "logs_to_orbax"))
+    _wait(_spawn([convert, "--to_hf", f"--orbax_dir={tmp_path / 'orbax'}", f"--hf_dir={tmp_path / 'hf'}"],
+                 processes=2, devices=4, log_dir=tmp_path / "logs_to_hf"))
+    ref, got = load_file(os.path.join(fixture_dir, "model.safetensors")), load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
 def test_data_state_of_n_processes_maps_onto_m():
     from llada_jax import checkpoint
 
