@@ -15,6 +15,16 @@ Stages (configs/quickstart.py):
 Prints a table and writes <workdir>/report.json. Rerunning resumes each stage from its last
 checkpoint; rerunning with another `--config.rl.algorithm` reuses the SFT stage and adds that
 algorithm's results to the report's `rl_by_algorithm`. `--rl_steps=0` stops after stage 2.
+
+On several processes (the hosts flags, or none on a TPU pod / under SLURM; README "Many
+hosts") every stage runs across them: each process trains on and decodes its share, the
+held-out evaluation gathers every process's rows, and process 0 alone prints and writes the
+report and the curves. The likelihood cost (stage 3's timing) is measured on one process only
+(launch/bench_rl.py measures it on its own).
+
+  for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+    python launch/quickstart.py --workdir=/tmp/qs_two_hosts \
+      --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=$i & done; wait
 """
 
 import json
@@ -48,13 +58,14 @@ def rl_stage_config(cfg, workdir: str):
     return out
 
 
-def held_out(params, model_config, tokenizer, cfg, examples) -> dict:
+def held_out(params, model_config, tokenizer, cfg, examples, mesh) -> dict:
+    """Accuracy, mean reward and TPF per mode; every process decodes its share on `mesh`."""
     gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer,
                                                                                      cfg.data.template)[0])
     out = {}
     for mode in FLAGS.modes:
         r = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
-                              block_length=cfg.objective.block_size, template=cfg.data.template)
+                              block_length=cfg.objective.block_size, template=cfg.data.template, mesh=mesh)
         out[mode] = {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]}
     return out
 
@@ -105,41 +116,55 @@ def main(argv):
     obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
     rl_cfg = rl_stage_config(cfg, workdir)
     stages = 4 if rl_cfg.total_steps > 0 else 2
+    mesh = train.mesh_from_config(cfg)
+    say = print if hosts.is_primary() else (lambda *args, **kw: None)  # process 0 alone reports
+    # Params stay global arrays on several processes (no process holds them all); one process
+    # brings them to the host, as before, to free the device for the next stage.
+    to_host = jax.device_get if jax.process_count() == 1 else (lambda params: params)
 
-    print(f"[1/{stages}] SFT: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) on "
-          f"'{cfg.data.task}', {cfg.total_steps} steps, batch {cfg.data.batch_size}, block {cfg.objective.block_size}",
-          flush=True)
+    say(f"[1/{stages}] SFT: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) on "
+        f"'{cfg.data.task}', {cfg.total_steps} steps, batch {cfg.data.batch_size}, block {cfg.objective.block_size}",
+        flush=True)
     sft_dir = os.path.join(workdir, "sft")
     state = train.run_training(cfg, sft_dir, model_config, obj, train.train_iterator(cfg, workdir, tokenizer))
-    sft_params = jax.device_get(state.params)
+    sft_params = to_host(state.params)
     del state
-    last = train.read_metrics(sft_dir)[-1]
 
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
-    print(f"[2/{stages}] evaluation of the SFT model on {len(examples)} held-out examples", flush=True)
+    say(f"[2/{stages}] evaluation of the SFT model on {len(examples)} held-out examples", flush=True)
     t_eval = time.perf_counter()
-    results = {"SFT": held_out(sft_params, model_config, tokenizer, cfg, examples)}
+    results = {"SFT": held_out(sft_params, model_config, tokenizer, cfg, examples, mesh)}
     eval_seconds = time.perf_counter() - t_eval
 
-    report = {"task": cfg.data.task, "sft": results["SFT"],
-              "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
+    cost = None
     if rl_cfg.total_steps > 0:
         r = rl_cfg.rl
-        print(f"[3/{stages}] RL: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
-              f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature {r.temperature}), "
-              f"{rl_loop.inner_updates(rl_cfg)} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
+        say(f"[3/{stages}] RL: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
+            f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature {r.temperature}), "
+            f"{rl_loop.inner_updates(rl_cfg)} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
         rl_dir = os.path.join(workdir, f"rl_{r.algorithm}")  # each algorithm resumes its own run
         state = rl_loop.run_rl(rl_cfg, rl_dir, model_config, tokenizer, init_params=sft_params)
-        rl_params = jax.device_get(state.params)
+        rl_params = to_host(state.params)
+        del state
+        say(f"[4/{stages}] evaluation of the RL model", flush=True)
+        results["RL"] = held_out(rl_params, model_config, tokenizer, cfg, examples, mesh)
+        if jax.process_count() == 1:  # a timing of one process's programs
+            cost = likelihood_cost(rl_params, model_config, tokenizer, rl_cfg, examples)
+    if not hosts.is_primary():
+        return
+
+    last = train.read_metrics(sft_dir)[-1]
+    report = {"task": cfg.data.task, "sft": results["SFT"],
+              "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
+    if "RL" in results:
         rows = train.read_metrics(rl_dir)
-        print(f"[4/{stages}] evaluation of the RL model", flush=True)
-        results["RL"] = held_out(rl_params, model_config, tokenizer, cfg, examples)
         report["rl"] = results["RL"]
         report["rl_run"] = {"algorithm": r.algorithm, "steps": rl_cfg.total_steps,
                             "inner_updates": rl_loop.inner_updates(rl_cfg),
                             "rollout_reward_first": rows[0].get("reward_mean"),
                             "rollout_reward_last": rows[-1].get("reward_mean")}
-        report["likelihood_cost"] = likelihood_cost(rl_params, model_config, tokenizer, rl_cfg, examples)
+        if cost is not None:
+            report["likelihood_cost"] = cost
     report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
                   seconds=round(time.perf_counter() - t0, 1))
     path = os.path.join(workdir, "report.json")
