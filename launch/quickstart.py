@@ -73,7 +73,7 @@ def rl_stage_config(cfg, workdir: str):
 
 
 def held_out(params, model_config, tokenizer, cfg, examples, mesh) -> dict:
-    """Accuracy, mean reward and TPF per mode; every process decodes its share on `mesh`."""
+    """Accuracy, mean reward and TPF per mode; with `mesh`, every process decodes its share."""
     gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer,
                                                                                      cfg.data.template)[0])
     out = {}
@@ -176,11 +176,13 @@ def main(argv):
     obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
     rl_steps = rl_stage_config(cfg, workdir).total_steps
     stages = 4 if rl_steps > 0 else 2
-    mesh = train.mesh_from_config(cfg)
     say = print if hosts.is_primary() else (lambda *args, **kw: None)  # process 0 alone reports
-    # Params stay global arrays on several processes (no process holds them all); one process
-    # brings them to the host, as before, to free the device for the next stage.
-    to_host = jax.device_get if jax.process_count() == 1 else (lambda params: params)
+    # On several processes the params stay global arrays (no process holds them all) and the
+    # evaluation decodes across the run's mesh; one process brings them to the host, as
+    # before, to free the device for the next stage, and decodes them on its default device.
+    several = jax.process_count() > 1
+    mesh = train.mesh_from_config(cfg) if several else None
+    to_host = (lambda params: params) if several else jax.device_get
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
 
     by_seed, runs, cost, eval_seconds = {}, {}, None, None
