@@ -3,6 +3,11 @@ r"""Draft-and-Edit decoding benchmark, printed as one JSON object (not a test).
   python launch/bench_decode.py                                  # hidden 256, 4 layers, 16 experts, block 32
   python launch/bench_decode.py --baseline_rev=main~5            # 'before' = the package at that git revision
   python launch/bench_decode.py --parts=forward,modes            # skip the engine comparison
+  # side by side with the official PyTorch generate(): torch + transformers 4.57 in a venv made with
+  # --system-site-packages (not a dependency of llada_jax), the official code from ZHZisZZ/dllm @ ca176752
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+      /tmp/torchenv/bin/python launch/bench_decode.py --parts=official --torch_threads=1 \
+      --torch_reference=/path/to/dllm/dllm/pipelines/llada21/models --official_prompts=2
 
 Parts, all on one random-weight model in one process (ratios are side by side):
 
