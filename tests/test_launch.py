@@ -100,7 +100,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
                "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
-               "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2")
+               "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2", "--modes=S")
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["rl_by_algorithm"]) == {"ebpo", "dipo"} and report["rl_run"]["algorithm"] == "dipo"
     assert report["seeds"] == [0, 1] and set(report["by_seed"]["0"]) == {"sft", "sft_longer", "ebpo", "dipo"}
