@@ -9,6 +9,8 @@ r"""Draft-and-Edit decoding benchmark, printed as one JSON object (not a test).
       /tmp/torchenv/bin/python launch/bench_decode.py --parts=official --torch_threads=1 \
       --torch_reference=/path/to/dllm/dllm/pipelines/llada21/models --official_prompts=2
 
+One process on this machine's devices (a single-host benchmark: no distributed runtime).
+
 Parts, all on one random-weight model in one process (ratios are side by side):
 
   forward  per-forward time of one cached decoding step (32 tokens against the cache at block
