@@ -6,6 +6,8 @@ r"""Model benchmarks, printed as one JSON object (performance claims live here, 
 Times exclude compilation (one warm-up call) and are medians over --repeats calls.
 On CPU only ratios measured side by side in one run are meaningful; absolute numbers
 are reported for completeness.
+
+One process on this machine's devices (a single-host benchmark: no distributed runtime).
 """
 
 import json

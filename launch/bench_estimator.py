@@ -9,6 +9,8 @@ noise keys is the estimator's, not the policy change's. For one rollout batch of
 on held-out prompts (P x G samples, the run's shape), this prints one JSON object: per setting
 (`t_floor` x `weighting`), the standard deviation of log rho across `--keys` noise keys,
 averaged over samples, next to the mean |log rho| (the signal it measures).
+
+One process on this machine's devices (a single-host measurement: no distributed runtime).
 """
 
 import json

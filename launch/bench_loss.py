@@ -14,6 +14,8 @@ scores, `blocked` only the tiles the composite mask allows), side by side in one
 
 Times exclude compilation (one warm-up call) and are medians over --repeats calls. On CPU only
 ratios measured side by side in one run are meaningful; absolute numbers are for completeness.
+
+One process on this machine's devices (a single-host benchmark: no distributed runtime).
 """
 
 import json

@@ -9,6 +9,9 @@ For each mode (S, Q) it decodes the config's held-out split without MBE and with
 "block_causal"), and reports accuracy, mean reward, TPF (every forward counted, MBE ones too) and
 how many answers MBE changed. MBE needs several finished blocks per answer: the quickstart's
 four sums per prompt in blocks of 4 give four.
+
+One process on this machine's devices (a single-host measurement: no distributed runtime;
+launch/eval.py evaluates across hosts).
 """
 
 import json

@@ -16,6 +16,8 @@ Reported per back end and device count: per-device temporary bytes of the compil
 (`moe.collective_buffers` over the compiled HLO), the compile time, and the median step time.
 All devices share this machine's cores, so step times are for comparison within one run only;
 the bytes are what a real device of that mesh would hold.
+
+One process (a single-host benchmark: no distributed runtime).
 """
 
 import os

@@ -18,6 +18,8 @@ r"""RL likelihood and update benchmarks, printed as one JSON object (REFERENCE Â
 
 Times exclude compilation (one warm-up call) and are medians over --repeats calls. On CPU only
 ratios measured side by side in one run are meaningful.
+
+One process on this machine's devices (a single-host benchmark: no distributed runtime).
 """
 
 import json

@@ -5,8 +5,16 @@ r"""Converts checkpoints: Hugging Face directory <-> Orbax params checkpoint.
 
 HF -> Orbax streams one parameter at a time (the host never holds two copies of the model).
 With --mesh, leaves are placed in their shards as they are read.
+
+On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
+--coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") the
+parameters live in shards on a mesh of every process's devices (--mesh, default FSDP over all
+of them): HF -> Orbax reads on each process only its slices and every process writes its part
+of the Orbax checkpoint; Orbax -> HF restores in shards, gathers one tensor at a time, and
+process 0 writes the safetensors. Both directories must be ones every host sees.
 """
 
+import jax
 from absl import app, flags, logging
 from tqdm import tqdm
 
@@ -18,14 +26,19 @@ flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.j
 flags.DEFINE_string("orbax_dir", None, "Orbax checkpoint directory.", required=True)
 flags.DEFINE_bool("to_hf", False, "Convert Orbax -> HF instead of HF -> Orbax.")
 flags.DEFINE_string("dtype", None, "Parameter dtype to convert to (float32, bfloat16). Default: as stored.")
-flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes (e.g. '1,8,1,1'); default: one device.")
+flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes (e.g. '1,8,1,1'; -1: the remaining "
+                    "devices); default: one device, or FSDP over every device on several processes.")
 flags.DEFINE_integer("max_shard_gb", 5, "HF shard size limit in GB (Orbax -> HF).")
 
 
 def _mesh_shardings(config):
-    if not FLAGS.mesh:
+    spec = FLAGS.mesh or ("1,-1,1,1" if jax.process_count() > 1 else None)  # no process holds the whole model
+    if not spec:
         return None
-    d, f, t, e = (int(x) for x in FLAGS.mesh.split(","))
+    try:
+        d, f, t, e = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise app.UsageError(f"--mesh: expected four integers data,fsdp,tensor,expert, found {spec!r}")
     mesh = sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
     return sharding.param_shardings(model.abstract_params(config), mesh)
 
@@ -39,20 +52,23 @@ def main(argv):
         if FLAGS.dtype:
             config = config.replace(param_dtype=FLAGS.dtype)
         n_leaves = len(hf._leaf_shapes(config))
-        with tqdm(total=n_leaves, desc="HF -> Orbax", unit="param") as bar:
+        with tqdm(total=n_leaves, desc="HF -> Orbax", unit="param", disable=not hosts.is_primary()) as bar:
             config, params = hf.load_hf_checkpoint(FLAGS.hf_dir, dtype=FLAGS.dtype, config=config,
                                                    shardings=_mesh_shardings(config),
                                                    progress=lambda name: bar.update(1))
         checkpoint.save_params(FLAGS.orbax_dir, config, params)
         counts = config.param_counts()
-        print(f"wrote {FLAGS.orbax_dir}: {counts['total']:,} parameters ({counts['active']:,} active)")
+        if hosts.is_primary():
+            print(f"wrote {FLAGS.orbax_dir}: {counts['total']:,} parameters ({counts['active']:,} active)")
     else:
-        config, params = checkpoint.load_params(FLAGS.orbax_dir)
-        with tqdm(desc="Orbax -> HF", unit="shard") as bar:
+        config = checkpoint.read_config(FLAGS.orbax_dir)
+        config, params = checkpoint.load_params(FLAGS.orbax_dir, config=config, shardings=_mesh_shardings(config))
+        with tqdm(desc="Orbax -> HF", unit="shard", disable=not hosts.is_primary()) as bar:
             files = hf.save_hf_checkpoint(FLAGS.hf_dir, config, params, dtype=FLAGS.dtype,
                                           max_shard_bytes=FLAGS.max_shard_gb * 2**30,
                                           progress=lambda name: bar.update(1))
-        print(f"wrote {FLAGS.hf_dir}: {', '.join(files)}")
+        if hosts.is_primary():
+            print(f"wrote {FLAGS.hf_dir}: {', '.join(files)}")
 
 
 if __name__ == "__main__":

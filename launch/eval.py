@@ -14,7 +14,12 @@ Writes to --out_dir: samples/<mode>.jsonl (every sample: prompt, completion, rew
 failed, tokens, forwards), summary.json (per mode: accuracy, reward, TPF, TPS with compilation
 excluded, tokens) and table.md, printed at the end. A rerun with the same --out_dir skips the
 samples already written (an interrupted run resumes). Decodes on a mesh of all devices, the
-batch split over the data axis.
+batch split over the data axis, parameters loaded straight into their shards.
+
+On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
+--coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") each
+process decodes its rows of every batch, the completions are gathered, and process 0 alone
+scores them and writes --out_dir (which it alone needs to see).
 
 Speed-accuracy sweep: --sweep_thresholds and --sweep_editing add the grid of modes
 `Q:threshold=t,editing_threshold=e` to --modes, and the Pareto plot of accuracy vs TPF is
@@ -27,12 +32,12 @@ written as <out_dir>/speed_accuracy.png beside summary.json (also with --plot al
 import json
 import sys
 
-import jax
 from absl import app, flags, logging
 
-from llada_jax import benchmarks, plots, sandbox, sharding
+from llada_jax import benchmarks, hosts, plots, sandbox, sharding
 
 FLAGS = flags.FLAGS
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
 flags.DEFINE_string("tokenizer", None, "tokenizer.json (file or directory); default: the checkpoint's.")
 flags.DEFINE_string("benchmark", None, "JSONL benchmark file.", required=True)
@@ -59,6 +64,7 @@ flags.DEFINE_bool("plot", False, "Write speed_accuracy.png (always on with a swe
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     from llada_jax.train import enable_compilation_cache
 
@@ -73,9 +79,8 @@ def main(argv):
         raise app.UsageError("--sweep_thresholds and --sweep_editing go together")
     grid = [f"Q:threshold={t},editing_threshold={e}" for t in FLAGS.sweep_thresholds for e in FLAGS.sweep_editing]
     modes = [benchmarks.parse_mode(m, FLAGS.mbe_window) for m in [*FLAGS.modes, *grid]]
-    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
     mesh = sharding.make_mesh(data=-1)
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
     prompts = benchmarks.render_prompts(examples, tok, FLAGS.template)
     complete = benchmarks.decoder(params, config, tok, gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
                                   batch_size=FLAGS.batch_size, mesh=mesh, max_post_steps=FLAGS.max_post_steps)
@@ -86,6 +91,8 @@ def main(argv):
     summary = benchmarks.run_eval(examples, prompts, complete, modes, FLAGS.out_dir, batch_size=FLAGS.batch_size,
                                   workers=FLAGS.workers, code_config=code_config, settings=settings,
                                   progress=FLAGS.progress)
+    if not hosts.is_primary():
+        return
     print(benchmarks.format_table(summary))
     print(json.dumps(summary))
     print(f"wrote {FLAGS.out_dir}/summary.json, table.md and samples/", file=sys.stderr)

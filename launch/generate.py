@@ -18,8 +18,6 @@ writes the results.
 """
 
 import json
-import math
-import os
 import sys
 import time
 
@@ -27,8 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llada_jax import checkpoint, decoding, hf, hosts, model, sharding
-from llada_jax.tokenizer import Tokenizer
+from llada_jax import benchmarks, decoding, evaluate, hosts, sharding
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -83,42 +80,6 @@ def make_mesh():
     return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
 
 
-def load(path, mesh):
-    """Config, params in their shards on `mesh` (HF: as stored; Orbax: as saved) and tokenizer."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        config = hf.ModelConfig.from_hf_config(path)
-        dtype = hf.hf_param_dtype(path)
-        config = config.replace(param_dtype=dtype) if dtype else config
-        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
-        config, params = hf.load_hf_checkpoint(path, config=config, shardings=shardings)
-        tok_path = FLAGS.tokenizer or path
-    else:
-        config = checkpoint.read_config(path)
-        shardings = sharding.param_shardings(model.abstract_params(config), mesh)
-        config, params = checkpoint.load_params(path, config=config, shardings=shardings)
-        tok_path = FLAGS.tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
-    if FLAGS.moe_impl:
-        config = config.replace(moe_impl=FLAGS.moe_impl)
-    return config, params, Tokenizer.from_file(tok_path)
-
-
-def gather_rows(out, index: int, count: int, n: int):
-    """Every process's rows of a `GenerateOutput` in global order (the first `n`: padding dropped)."""
-    if jax.process_count() == 1:
-        return out._replace(tokens=out.tokens[:n], forwards=out.forwards[:n], steps=out.steps[:n],
-                            tpf=out.tpf[:n], num_generated=out.num_generated[:n])
-    tokens = np.full((len(out.tokens), FLAGS.gen_length), -1, np.int32)
-    for i, t in enumerate(out.tokens):
-        tokens[i, :len(t)] = t
-    every = hosts.allgather(dict(index=np.int32(index), tokens=tokens, forwards=np.asarray(out.forwards),
-                                 steps=np.asarray(out.steps), tpf=np.asarray(out.tpf, np.float32),
-                                 num_generated=np.asarray(out.num_generated)))
-    first = [int(np.flatnonzero(every["index"] == i)[0]) for i in range(count)]  # one process per row slice
-    rows = {k: np.concatenate([every[k][p] for p in first])[:n] for k in every if k != "index"}
-    return out._replace(tokens=[[int(t) for t in row if t >= 0] for row in rows["tokens"]], forwards=rows["forwards"],
-                        steps=rows["steps"], tpf=rows["tpf"], num_generated=rows["num_generated"])
-
-
 def main(argv):
     del argv
     hosts.initialize_from_flags()  # before anything touches a device
@@ -128,8 +89,8 @@ def main(argv):
     enable_compilation_cache()
     items = read_prompts()
     mesh = make_mesh()
-    config, params, tok = load(FLAGS.checkpoint, mesh)
-    ways = math.prod(mesh.shape[a] for a in hosts.batch_axes(mesh))
+    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
+    ways = hosts.batch_ways(mesh)
 
     def encode(item):
         if FLAGS.raw:
@@ -166,7 +127,7 @@ def main(argv):
         out = decoding.generate(params, config, padded[index * per:(index + 1) * per], mesh=mesh,
                                 on_block=on_block if FLAGS.stream and jax.process_count() == 1 else None, **kw)
         run_s += time.perf_counter() - t0
-        out = gather_rows(out, index, count, len(chunk))
+        out = evaluate.gather_rows(out, index, count, len(chunk), FLAGS.gen_length)
         if not hosts.is_primary():
             continue
         for i, tokens in enumerate(out.tokens):

@@ -4,6 +4,8 @@ r"""Parameter counts (total / active per token) and bytes, without allocating th
   python launch/info.py --hf_dir=/path/LLaDA2.1-mini        # reads config.json only
   python launch/info.py --preset=mini --by_module
 Prints one JSON object.
+
+It touches no device (shapes only), so it needs no distributed runtime on any number of hosts.
 """
 
 import json

@@ -8,6 +8,10 @@
 
 Results: `<data_dir>/<task>/<name>/1.0.0/` and `<data_dir>/chat_jsonl/<jsonl_name>/1.0.0/`
 (array_record, read with `llada_jax.data.open_split`), and `<data_dir>/tokenizer.json`.
+
+On several hosts (the same command on every one, e.g. before launch/train.py in a TPU pod's
+`--worker=all` command; the hosts flags elsewhere, see README "Many hosts") process 0 alone
+writes into --data_dir, which every host must see, and the others wait until it has finished.
 """
 
 import dataclasses
@@ -15,7 +19,7 @@ import os
 
 from absl import app, flags, logging
 
-from llada_jax import data
+from llada_jax import data, hosts
 from llada_jax.data import tasks
 from llada_jax.tokenizer import build_task_tokenizer
 
@@ -31,6 +35,7 @@ _JSONL_TRAIN = flags.DEFINE_list("jsonl_train", [], "JSONL files of the train sp
 _JSONL_TEST = flags.DEFINE_list("jsonl_test", [], "JSONL files of the test split.")
 _TOKENIZER = flags.DEFINE_bool("tokenizer", True, "Write the task tokenizer to <data_dir>/tokenizer.json.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate datasets that already exist.")
+hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 
 def task_configs(settings: list[str]) -> dict[str, object]:
@@ -55,7 +60,14 @@ def task_configs(settings: list[str]) -> dict[str, object]:
 
 def main(argv):
     del argv
+    hosts.initialize_from_flags()  # before anything touches a device (here: to know who writes)
     configs = task_configs(_TASK_SET.value)
+    if hosts.is_primary():
+        write(configs)
+    hosts.barrier("make_data")  # the others return once the data is there
+
+
+def write(configs):
     for task in _TASKS.value:
         path = data.prepare_task(task, _DATA_DIR.value, name=_NAME.value, num_train=_NUM_TRAIN.value,
                                  num_test=_NUM_TEST.value, seed=_SEED.value, task_config=configs.get(task),

@@ -4,6 +4,7 @@ Minutes on a CPU, nothing downloaded.
 
   python launch/quickstart.py --workdir=/tmp/llada_quickstart
   python launch/quickstart.py --config.rl.algorithm=espo   # or dipo: same task, same stages
+  python launch/quickstart.py --seeds=0,1,2 --algorithms=ebpo,espo,dipo --sft_longer_steps=2500
 
 Stages (configs/quickstart.py):
   1. SFT: block-diffusion M2T + T2T training from scratch (<workdir>/sft).
@@ -15,8 +16,26 @@ Stages (configs/quickstart.py):
 Prints a table and writes <workdir>/report.json. Rerunning resumes each stage from its last
 checkpoint; rerunning with another `--config.rl.algorithm` reuses the SFT stage and adds that
 algorithm's results to the report's `rl_by_algorithm`. `--rl_steps=0` stops after stage 2.
+
+The study behind the README's table: `--seeds` repeats the pipeline per training seed (the
+config's seed in <workdir>, the others in <workdir>/seed_<s>), `--algorithms` runs several RL
+algorithms from each seed's SFT model, and `--sft_longer_steps` adds the longer-SFT control
+(<dir>/sft_longer: imitation given more steps instead of a verifier). The report keeps every
+seed's results (`by_seed`, merged across commands) and their mean, std, min and max
+(`summary`); the table prints them.
+
+On several processes (the hosts flags, or none on a TPU pod / under SLURM; README "Many
+hosts") every stage runs across them: each process trains on and decodes its share, the
+held-out evaluation gathers every process's rows, and process 0 alone prints and writes the
+report and the curves. The likelihood cost (stage 3's timing) is measured on one process only
+(launch/bench_rl.py measures it on its own).
+
+  for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+    python launch/quickstart.py --workdir=/tmp/qs_two_hosts \
+      --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=$i & done; wait
 """
 
+import copy
 import json
 import os
 import time
@@ -37,6 +56,11 @@ flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, t
 flags.DEFINE_integer("eval_examples", 256, "Held-out examples decoded per mode.")
 flags.DEFINE_list("modes", ["S", "Q"], "Decoding presets to evaluate.")
 flags.DEFINE_integer("rl_steps", None, "RL steps (default: the config's rl_stage.steps; 0 skips RL).")
+flags.DEFINE_list("seeds", [], "Training seeds, each a whole SFT -> RL pipeline (default: the config's seed); "
+                  "the report gives the mean, std, min and max over them.")
+flags.DEFINE_list("algorithms", [], "RL algorithms run from each seed's SFT model (default: config.rl.algorithm).")
+flags.DEFINE_integer("sft_longer_steps", 0, "The longer-SFT control: also train SFT for total_steps + this "
+                     "many steps (per seed, its own schedule) and evaluate it beside RL (0: off).")
 
 
 def rl_stage_config(cfg, workdir: str):
@@ -48,13 +72,14 @@ def rl_stage_config(cfg, workdir: str):
     return out
 
 
-def held_out(params, model_config, tokenizer, cfg, examples) -> dict:
+def held_out(params, model_config, tokenizer, cfg, examples, mesh) -> dict:
+    """Accuracy, mean reward and TPF per mode; with `mesh`, every process decodes its share."""
     gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer,
                                                                                      cfg.data.template)[0])
     out = {}
     for mode in FLAGS.modes:
         r = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
-                              block_length=cfg.objective.block_size, template=cfg.data.template)
+                              block_length=cfg.objective.block_size, template=cfg.data.template, mesh=mesh)
         out[mode] = {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]}
     return out
 
@@ -92,74 +117,162 @@ def dict_to_ebpo(cfg):
     return out
 
 
+ROW_NAMES = {"sft": "SFT", "sft_longer": "SFT+", "ebpo": "EBPO", "espo": "ESPO", "dipo": "DiPO"}
+
+
+def seed_dir(workdir: str, seed: int, first: int) -> str:
+    """Where one training seed's runs live: the workdir itself for the config's seed (so the
+    default run's checkpoints are reused), `<workdir>/seed_<s>` for the others."""
+    return workdir if seed == first else os.path.join(workdir, f"seed_{seed}")
+
+
+def with_seed(cfg, seed: int, **fields):
+    """A copy of the run config with another seed and `section__name=value` fields."""
+    out = copy.deepcopy(cfg)  # typed placeholders stay typed (rl_loop.stage_config)
+    with out.unlocked():
+        out.seed = seed
+        for k, v in fields.items():
+            section, name = k.split("__") if "__" in k else (None, k)
+            (out[section] if section else out)[name] = v
+    return out
+
+
+def spread(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def summarize(by_seed: dict) -> dict:
+    """Per row (SFT, SFT+, each RL algorithm) and mode: mean, std, min and max over the seeds
+    that have it."""
+    rows: dict = {}
+    for seed_result in by_seed.values():
+        for row, by_mode in seed_result.items():
+            for mode, m in by_mode.items():
+                if isinstance(m, dict) and "accuracy" in m:
+                    cell = rows.setdefault(row, {}).setdefault(mode, {})
+                    for k in ("accuracy", "reward", "tpf"):
+                        cell.setdefault(k, []).append(m[k])
+    return {row: {mode: {k: spread(v) for k, v in cell.items()} for mode, cell in by_mode.items()}
+            for row, by_mode in rows.items()}
+
+
 def main(argv):
     del argv
     hosts.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     cfg, workdir = FLAGS.config, FLAGS.workdir
+    seeds = [int(s) for s in FLAGS.seeds] or [cfg.seed]
+    algorithms = FLAGS.algorithms or [cfg.rl.algorithm]
+    for a in algorithms:
+        if a not in rl_loop.INNER_UPDATES:
+            raise app.UsageError(f"--algorithms: expected names in {sorted(rl_loop.INNER_UPDATES)}, found {a!r}")
     train.enable_compilation_cache()
     model_config = train.build_model_config(cfg)
     tokenizer = train.load_tokenizer(cfg, workdir)
     train.check_tokenizer(model_config, tokenizer)
     obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
-    rl_cfg = rl_stage_config(cfg, workdir)
-    stages = 4 if rl_cfg.total_steps > 0 else 2
-
-    print(f"[1/{stages}] SFT: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) on "
-          f"'{cfg.data.task}', {cfg.total_steps} steps, batch {cfg.data.batch_size}, block {cfg.objective.block_size}",
-          flush=True)
-    sft_dir = os.path.join(workdir, "sft")
-    state = train.run_training(cfg, sft_dir, model_config, obj, train.train_iterator(cfg, workdir, tokenizer))
-    sft_params = jax.device_get(state.params)
-    del state
-    last = train.read_metrics(sft_dir)[-1]
-
+    rl_steps = rl_stage_config(cfg, workdir).total_steps
+    stages = 4 if rl_steps > 0 else 2
+    say = print if hosts.is_primary() else (lambda *args, **kw: None)  # process 0 alone reports
+    # On several processes the params stay global arrays (no process holds them all) and the
+    # evaluation decodes across the run's mesh; one process brings them to the host, as
+    # before, to free the device for the next stage, and decodes them on its default device.
+    several = jax.process_count() > 1
+    mesh = train.mesh_from_config(cfg) if several else None
+    to_host = (lambda params: params) if several else jax.device_get
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
-    print(f"[2/{stages}] evaluation of the SFT model on {len(examples)} held-out examples", flush=True)
-    t_eval = time.perf_counter()
-    results = {"SFT": held_out(sft_params, model_config, tokenizer, cfg, examples)}
-    eval_seconds = time.perf_counter() - t_eval
 
-    report = {"task": cfg.data.task, "sft": results["SFT"],
-              "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
-    if rl_cfg.total_steps > 0:
-        r = rl_cfg.rl
-        print(f"[3/{stages}] RL: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
-              f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature {r.temperature}), "
-              f"{rl_loop.inner_updates(rl_cfg)} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
-        rl_dir = os.path.join(workdir, f"rl_{r.algorithm}")  # each algorithm resumes its own run
-        state = rl_loop.run_rl(rl_cfg, rl_dir, model_config, tokenizer, init_params=sft_params)
-        rl_params = jax.device_get(state.params)
-        rows = train.read_metrics(rl_dir)
-        print(f"[4/{stages}] evaluation of the RL model", flush=True)
-        results["RL"] = held_out(rl_params, model_config, tokenizer, cfg, examples)
-        report["rl"] = results["RL"]
-        report["rl_run"] = {"algorithm": r.algorithm, "steps": rl_cfg.total_steps,
-                            "inner_updates": rl_loop.inner_updates(rl_cfg),
-                            "rollout_reward_first": rows[0].get("reward_mean"),
-                            "rollout_reward_last": rows[-1].get("reward_mean")}
-        report["likelihood_cost"] = likelihood_cost(rl_params, model_config, tokenizer, rl_cfg, examples)
-    report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
-                  seconds=round(time.perf_counter() - t0, 1))
+    by_seed, runs, cost, eval_seconds = {}, {}, None, None
+    for seed in seeds:
+        base = seed_dir(workdir, seed, seeds[0])
+        scfg = with_seed(cfg, seed)
+        tag = f" (seed {seed})" if len(seeds) > 1 or seed != cfg.seed else ""
+        say(f"[1/{stages}] SFT{tag}: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) "
+            f"on '{cfg.data.task}', {cfg.total_steps} steps, batch {cfg.data.batch_size}, block "
+            f"{cfg.objective.block_size}", flush=True)
+        sft_dir = os.path.join(base, "sft")
+        state = train.run_training(scfg, sft_dir, model_config, obj, train.train_iterator(scfg, workdir, tokenizer))
+        sft_params = to_host(state.params)
+        del state
+        say(f"[2/{stages}] evaluation of the SFT model on {len(examples)} held-out examples", flush=True)
+        t_eval = time.perf_counter()
+        result = {"sft": held_out(sft_params, model_config, tokenizer, cfg, examples, mesh)}
+        eval_seconds = eval_seconds or time.perf_counter() - t_eval
+        runs[seed] = {"sft_dir": sft_dir}
+        if FLAGS.sft_longer_steps > 0:  # the control: the same SFT run, longer (its own schedule)
+            longer = with_seed(cfg, seed, total_steps=cfg.total_steps + FLAGS.sft_longer_steps)
+            say(f"      control: SFT for {longer.total_steps} steps{tag}", flush=True)
+            state = train.run_training(longer, os.path.join(base, "sft_longer"), model_config, obj,
+                                       train.train_iterator(longer, workdir, tokenizer))
+            result["sft_longer"] = held_out(to_host(state.params), model_config, tokenizer, cfg, examples, mesh)
+            del state
+        for algorithm in algorithms if rl_steps > 0 else []:
+            rl_cfg = rl_stage_config(with_seed(cfg, seed, rl__algorithm=algorithm), workdir)
+            r = rl_cfg.rl
+            say(f"[3/{stages}] RL{tag}: {r.algorithm.upper()} from the SFT model, {rl_cfg.total_steps} steps of "
+                f"{r.prompts_per_step} prompts x {r.group_size} rollouts ({r.preset} mode, temperature "
+                f"{r.temperature}), {rl_loop.inner_updates(rl_cfg)} updates each, lr {rl_cfg.optim.lr:g}", flush=True)
+            rl_dir = os.path.join(base, f"rl_{algorithm}")  # each algorithm resumes its own run
+            state = rl_loop.run_rl(rl_cfg, rl_dir, model_config, tokenizer, init_params=sft_params)
+            rl_params = to_host(state.params)
+            del state
+            say(f"[4/{stages}] evaluation of the {r.algorithm.upper()} model", flush=True)
+            result[algorithm] = dict(held_out(rl_params, model_config, tokenizer, cfg, examples, mesh),
+                                     steps=rl_cfg.total_steps)
+            runs[seed][algorithm] = rl_cfg, rl_dir
+            if cost is None and jax.process_count() == 1:  # a timing of one process's programs
+                cost = likelihood_cost(rl_params, model_config, tokenizer, rl_cfg, examples)
+        by_seed[str(seed)] = result
+    if not hosts.is_primary():
+        return
+
+    first, alg0 = seeds[0], algorithms[0]
     path = os.path.join(workdir, "report.json")
-    # Runs of other algorithms from the same SFT stage (--config.rl.algorithm=...) stay in the report.
+    # Earlier commands' seeds and algorithms (other --seeds, --algorithms, --config.rl.algorithm)
+    # stay in the report; this command's results replace theirs.
     previous = {}
     if os.path.exists(path):
         with open(path) as f:
-            previous = json.load(f).get("rl_by_algorithm", {})
-    if "rl" in report:
-        previous[report["rl_run"]["algorithm"]] = dict(report["rl"], steps=report["rl_run"]["steps"])
-    report["rl_by_algorithm"] = previous
+            previous = json.load(f).get("by_seed", {})
+    merged = {s: dict(previous.get(s, {}), **res) for s, res in {**previous, **by_seed}.items()}
+    last = train.read_metrics(runs[first]["sft_dir"])[-1]
+    report = {"task": cfg.data.task, "seeds": sorted(int(s) for s in merged),
+              "sft": by_seed[str(first)]["sft"],
+              "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
+    if alg0 in runs[first]:
+        rl_cfg, rl_dir = runs[first][alg0]
+        rows = train.read_metrics(rl_dir)
+        report["rl"] = {m: v for m, v in by_seed[str(first)][alg0].items() if m != "steps"}
+        report["rl_run"] = {"algorithm": alg0, "steps": rl_cfg.total_steps,
+                            "inner_updates": rl_loop.inner_updates(rl_cfg),
+                            "rollout_reward_first": rows[0].get("reward_mean"),
+                            "rollout_reward_last": rows[-1].get("reward_mean")}
+    report["rl_by_algorithm"] = {a: m for a, m in merged.get(str(first), {}).items() if a in rl_loop.INNER_UPDATES}
+    if cost is not None:
+        report["likelihood_cost"] = cost
+    report["by_seed"] = merged
+    report["summary"] = summarize(merged)
+    report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
+                  seconds=round(time.perf_counter() - t0, 1))
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)
 
-    print(f"\nheld-out {cfg.data.task}, {len(examples)} examples, greedy decoding")
-    print(f"{'stage':<6} {'mode':<5} {'accuracy':>9} {'reward':>8} {'TPF':>6}")
-    for stage, by_mode in results.items():
-        for mode, m in by_mode.items():
-            print(f"{stage:<6} {mode:<5} {m['accuracy']:>9.3f} {m['reward']:>8.3f} {m['tpf']:>6.2f}")
+    n = len(merged)
+    print(f"\nheld-out {cfg.data.task}, {len(examples)} examples, greedy decoding"
+          + (f"; mean over {n} training seeds {report['seeds']}, ± the std, [min, max]" if n > 1 else ""))
+    print(f"{'stage':<6} {'mode':<5} {'accuracy':>9} {'reward':>8} {'TPF':>6}" + ("  accuracy spread" if n > 1 else ""))
+    order = ["sft", "sft_longer", *rl_loop.INNER_UPDATES]
+    for row in sorted(report["summary"], key=order.index):
+        for mode, m in report["summary"][row].items():
+            acc = m["accuracy"]
+            extra = f"  ±{acc['std']:.3f} [{acc['min']:.3f}, {acc['max']:.3f}] n={acc['n']}" if n > 1 else ""
+            name = "RL" if n == 1 and len(report["rl_by_algorithm"]) <= 1 and row in rl_loop.INNER_UPDATES \
+                else ROW_NAMES[row]
+            print(f"{name:<6} {mode:<5} {acc['mean']:>9.3f} {m['reward']['mean']:>8.3f} {m['tpf']['mean']:>6.2f}{extra}")
     if "likelihood_cost" in report:
         c = report["likelihood_cost"]
         print(f"likelihood terms on a rollout batch ({c['rollouts']} x {c['length']} tokens, {c['completion_blocks']:.1f} "
@@ -168,7 +281,7 @@ def main(argv):
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
-    plots.training_curves(workdir, rl_dir=f"rl_{rl_cfg.rl.algorithm}" if "rl" in report else None)
+    plots.training_curves(workdir, rl_dir=f"rl_{alg0}" if "rl" in report else None)
     print(f"training curves: {workdir}/training_curves.png")
 
 

@@ -53,6 +53,8 @@ def main(argv):
     tokenizer = train.load_tokenizer(cfg, FLAGS.workdir)
     train.check_tokenizer(model_config, tokenizer)
     state = rl_loop.run_rl(cfg, FLAGS.workdir, model_config, tokenizer, init_params=init_params)
+    if not hosts.is_primary():  # process 0 wrote the metrics and reports them
+        return
     rows = train.read_metrics(FLAGS.workdir)
     modes = cfg.rl.eval_modes if cfg.rl.eval_every > 0 else ()
     for row in (row for row in rows if modes and f"eval_{modes[0]}_accuracy" in row):

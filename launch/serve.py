@@ -12,6 +12,9 @@ r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.server` ove
 --checkpoint is an Orbax directory (training or converted) or a Hugging Face directory, as in
 launch/generate.py. The engine's shapes are flags (slots, canvas length, block length, MBE
 window); requests choose everything else (mode, thresholds, max_post_steps, ...).
+
+One process on one host: the engine decodes on this process's devices (no distributed
+runtime; for batch decoding across hosts use launch/generate.py or launch/eval.py).
 """
 
 import os

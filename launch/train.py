@@ -38,8 +38,9 @@ def main(argv):
     obj_config = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
     it = train.train_iterator(cfg, FLAGS.workdir, tokenizer)
     state = train.run_training(cfg, FLAGS.workdir, model_config, obj_config, it, init_params=init_params)
-    print(f"finished at step {int(state.step)}; metrics in {FLAGS.workdir}/metrics.jsonl, "
-          f"checkpoints in {FLAGS.workdir}/checkpoints")
+    if hosts.is_primary():  # the others have nothing of their own to report
+        print(f"finished at step {int(state.step)}; metrics in {FLAGS.workdir}/metrics.jsonl, "
+              f"checkpoints in {FLAGS.workdir}/checkpoints")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ with and without Multi-Block Editing. `run_eval` produces that table for any che
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -224,7 +225,9 @@ CompleteFn = Callable[[Sequence[Prompt], Mode], Batch]
 
 def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: int, batch_size: int,
             mesh=None, max_post_steps: int = 16, eos_early_stop: bool = True) -> CompleteFn:
-    """A `CompleteFn` running `decoding.generate` (greedy) on the model; see the module docstring."""
+    """A `CompleteFn` running `decoding.generate` (greedy) on the model; see the module docstring.
+    With `mesh` (`params` as sharded there), on one process or several, every process calls it
+    with the same prompts and gets every completion."""
     import jax
     import flax.linen as nn
 
@@ -244,7 +247,8 @@ def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: i
         if mesh is None:
             return decoding.generate(params, model_config, ids, **kw)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-            return decoding.generate(params, model_config, ids, **kw)
+            # Each process decodes its rows of the batch; every process gets every row back.
+            return evaluate.generate_everywhere(params, model_config, ids, mesh=mesh, **kw)
 
     def complete(prompts: Sequence[Prompt], mode: Mode) -> Batch:
         ids = [p.ids for p in prompts]
@@ -342,29 +346,39 @@ def run_eval(examples: Sequence[Example], prompts: Sequence[Prompt], complete: C
     """Decodes and scores every example in every mode (skipping samples already written),
     then writes `summary.json`, `table.md` and the summary's scalars (metrics.jsonl and
     TensorBoard events under `tb/`, at `step`) in `out_dir`; returns the summary {mode: stats}.
+    On several processes every process calls it alike (`complete` decodes across them) and
+    process 0 alone scores, writes and returns the summary (the others return {}).
     `settings` (what decoding depends on: checkpoint, lengths, template, ...) must match the
     ones of a run being resumed. `on_batch(mode, samples_done)` is called after each batch."""
     from tqdm import tqdm
 
     if len(examples) != len(prompts):
         raise BenchmarkError(f"prompts: expected one per example ({len(examples)}), found {len(prompts)}")
+    from llada_jax import hosts
+
+    primary = hosts.is_primary()
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    _settings_check(out_dir, {**(settings or {}), "reward": reward, "ids": [e.id for e in examples]})
+    # Process 0 writes (or checks) the settings and cuts a torn last sample line; then the
+    # others read the same files, so every process decodes the same missing samples.
+    hosts.on_primary_then_all("eval/settings", _settings_check, out_dir,
+                              {**(settings or {}), "reward": reward, "ids": [e.id for e in examples]})
     summary = {}
     with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
         for mode in modes:
             path = os.path.join(out_dir, "samples", _slug(mode.name) + ".jsonl")
-            done = _read_samples(path)
+            done = hosts.on_primary_then_all(f"eval/samples/{_slug(mode.name)}", _read_samples, path)
             todo = [i for i, e in enumerate(examples) if e.id not in done]
             bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"eval {mode.name}",
-                       disable=not progress, dynamic_ncols=True)
-            with open(path, "a") as f:
+                       disable=not (progress and primary), dynamic_ncols=True)
+            with open(path, "a") if primary else contextlib.nullcontext() as f:
                 for start in range(0, len(todo), batch_size):
                     chunk = todo[start:start + batch_size]
                     batch = complete([prompts[i] for i in chunk], mode)
                     if len(batch.completions) != len(chunk):
                         raise BenchmarkError(f"completion source: expected {len(chunk)} completions, "
                                              f"found {len(batch.completions)}")
+                    if not primary:
+                        continue
                     judged = list(pool.map(lambda ic: _judge(ic[1].text, examples[ic[0]].meta, reward, code_config),
                                            zip(chunk, batch.completions)))
                     share, warm = batch.seconds / len(chunk), batch.warmup_seconds / len(chunk)
@@ -381,8 +395,12 @@ def run_eval(examples: Sequence[Example], prompts: Sequence[Prompt], complete: C
                     if on_batch is not None:
                         on_batch(mode.name, len(examples) - len(todo) + start + len(chunk))
             bar.close()
+            if not primary:
+                continue
             summary[mode.name] = {**summarize([done[e.id] for e in examples]),
                                   **{k: v for k, v in dataclasses.asdict(mode).items() if k != "name"}}
+    if not primary:
+        return {}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log = metrics.MetricsLog(out_dir, resume_step=-1)  # the summary replaces any earlier run's
@@ -411,18 +429,28 @@ def iter_jsonl(path: str) -> Iterable[dict]:
                 yield json.loads(line)
 
 
-def load_model(path: str, tokenizer_path: Optional[str] = None, moe_impl: Optional[str] = None):
+def load_model(path: str, tokenizer_path: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None):
     """(model config, params, tokenizer) from an Orbax directory (training or converted; the
     tokenizer defaults to `tokenizer.json` beside it) or a Hugging Face directory (with
-    config.json; its own tokenizer.json by default), as launch/generate.py loads them."""
-    from llada_jax import checkpoint, hf
+    config.json; its own tokenizer.json by default; parameters in its stored dtype). With
+    `mesh`, the parameters are read straight into their shards on it (`sharding.param_shardings`:
+    each process reads only the slices its devices hold); without, whole onto one device."""
+    from llada_jax import checkpoint, hf, model, sharding
     from llada_jax.tokenizer import Tokenizer
 
+    def shardings(config):
+        return None if mesh is None else sharding.param_shardings(model.abstract_params(config), mesh)
+
     if os.path.exists(os.path.join(path, "config.json")):
-        config, params = hf.load_hf_checkpoint(path)
+        config = hf.ModelConfig.from_hf_config(path)
+        dtype = hf.hf_param_dtype(path)
+        config = config.replace(param_dtype=dtype) if dtype else config
+        config, params = hf.load_hf_checkpoint(path, config=config, shardings=shardings(config))
         tok_path = tokenizer_path or path
     else:
-        config, params = checkpoint.load_params(path)
+        config = checkpoint.read_config(path) if mesh is not None else None
+        config, params = checkpoint.load_params(path, config=config,
+                                                shardings=None if config is None else shardings(config))
         tok_path = tokenizer_path or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
     if moe_impl:
         config = config.replace(moe_impl=moe_impl)

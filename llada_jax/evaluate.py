@@ -3,6 +3,11 @@
 Accuracy is the fraction of completions with reward 1 (exact answers); `reward` is the mean
 reward (partial credit where the task gives it); TPF is generated tokens per model forward,
 every forward counted (REFERENCE §5 "Metrics").
+
+On a mesh (`mesh=`), with one process or several, every process passes the same examples:
+`generate_everywhere` pads each batch to a multiple of the mesh's batch axes, each process
+decodes its rows of the one global batch, and the rows come back to every process in order
+(padding dropped), so the metrics are those of the whole list on any number of processes.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
-from llada_jax import decoding, rewards
+from llada_jax import decoding, hosts, rewards
 from llada_jax.config import ModelConfig
 
 
@@ -33,16 +39,63 @@ def completion_text(tokens: Sequence[int], tokenizer) -> str:
     return tokenizer.decode(out)
 
 
+def gather_rows(out: decoding.GenerateOutput, index: int, count: int, n: int,
+                gen_length: int) -> decoding.GenerateOutput:
+    """Every process's rows of a `generate(mesh=...)` output in global order, the first `n` kept
+    (the padding dropped): `tokens`, `forwards`, `steps`, `tpf` and `num_generated`. This
+    process decoded row slice `index` of `count` (`hosts.batch_rows`); the other fields are
+    left as this process's."""
+    if jax.process_count() == 1:
+        return out._replace(tokens=out.tokens[:n], forwards=out.forwards[:n], steps=out.steps[:n],
+                            tpf=out.tpf[:n], num_generated=out.num_generated[:n])
+    tokens = np.full((len(out.tokens), gen_length), -1, np.int32)
+    for i, t in enumerate(out.tokens):
+        tokens[i, :len(t)] = t
+    every = hosts.allgather(dict(index=np.int32(index), tokens=tokens, forwards=np.asarray(out.forwards),
+                                 steps=np.asarray(out.steps), tpf=np.asarray(out.tpf, np.float32),
+                                 num_generated=np.asarray(out.num_generated)))
+    first = [int(np.flatnonzero(every["index"] == i)[0]) for i in range(count)]  # one process per row slice
+    rows = {k: np.concatenate([every[k][p] for p in first])[:n] for k in every if k != "index"}
+    return out._replace(tokens=[[int(t) for t in row if t >= 0] for row in rows["tokens"]], forwards=rows["forwards"],
+                        steps=rows["steps"], tpf=rows["tpf"], num_generated=rows["num_generated"])
+
+
+def generate_everywhere(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], *, mesh,
+                        gen_length: int, **generate_kw) -> decoding.GenerateOutput:
+    """`decoding.generate` of all `prompts` (the same list on every process) on `mesh`.
+
+    The list is padded with copies of its last prompt to a multiple of the mesh's batch axes,
+    each process decodes its rows of that global batch (`params` as sharded on `mesh`), and
+    every process gets every prompt's `tokens`, `forwards`, `steps`, `tpf` and `num_generated`
+    back in order (`gather_rows`). Sampling keys are per global row, as on one process."""
+    prompts = [list(p) for p in prompts]
+    ways = hosts.batch_ways(mesh)
+    padded = prompts + [prompts[-1]] * (-len(prompts) % ways)
+    index, count = hosts.batch_rows(mesh, len(padded), "prompts per batch (padded)")
+    per = len(padded) // count
+    out = decoding.generate(params, model_config, padded[index * per:(index + 1) * per], gen_length=gen_length,
+                            mesh=mesh, **generate_kw)
+    return gather_rows(out, index, count, len(prompts), gen_length)
+
+
 def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Mapping[str, Any]], *,
              mode: str = "S", gen_length: int = 16, block_length: int = 16, batch_size: int = 64,
-             reward: str = "by_task", template: str = "chat", rng: Optional[Any] = None, **generate_kw) -> dict:
-    """Decodes every example's prompt in `mode` and scores it. Returns accuracy, reward, TPF, counts."""
+             reward: str = "by_task", template: str = "chat", rng: Optional[Any] = None, mesh=None,
+             **generate_kw) -> dict:
+    """Decodes every example's prompt in `mode` and scores it. Returns accuracy, reward, TPF, counts.
+
+    With `mesh` (`params` as sharded there), batches are decoded across the mesh and its
+    processes (`generate_everywhere`); every process passes the same examples and gets the
+    same metrics back."""
     prompts, metas = prompts_and_metas(examples, tokenizer, template)
     scores, tpf, forwards, generated = [], [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        out = decoding.generate(params, model_config, prompts[i:i + batch_size], gen_length=gen_length,
-                                block_length=block_length, preset=mode, rng=rng, **generate_kw)
+        kw = dict(gen_length=gen_length, block_length=block_length, preset=mode, rng=rng, **generate_kw)
+        if mesh is None:
+            out = decoding.generate(params, model_config, prompts[i:i + batch_size], **kw)
+        else:
+            out = generate_everywhere(params, model_config, prompts[i:i + batch_size], mesh=mesh, **kw)
         texts = [completion_text(t, tokenizer) for t in out.tokens]
         r, _ = rewards.score(texts, metas[i:i + batch_size], reward)
         scores.append(r)

@@ -10,6 +10,11 @@ it needs, placed on device, and released before the next, so the host never hold
 copy of the model. With `shardings` (the run's mesh), each process reads only the slices its
 devices hold (`jax.make_array_from_callback` over safetensors `get_slice`): on a pod, no host
 reads or holds the whole model.
+
+Saving walks the HF tensors in checkpoint order and writes one safetensors shard at a time.
+Parameters split over several processes are brought to the host tensor by tensor (a
+replicated slice, one collective per tensor that every process runs in the same order) and
+process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -357,6 +362,30 @@ def _unflatten_paths(leaves: dict[tuple, object]) -> dict:
 
 
 # ---------------------------------------------------------------------------- writing
+_REPLICATED_SLICE: dict = {}  # one jitted slice-and-replicate per mesh
+
+
+def _host_slice(leaf, index: tuple) -> np.ndarray:
+    """`leaf[index]` (leading integer indices: layer, expert) as a numpy array on this process.
+
+    A global array that this process does not hold whole (split over several processes) is
+    sliced on device and the slice replicated, a collective: every process must ask for the
+    same slices in the same order."""
+    if getattr(leaf, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(leaf[index]))
+    mesh = leaf.sharding.mesh
+    if mesh not in _REPLICATED_SLICE:
+        def take(x, idx):
+            for k in range(idx.shape[0]):
+                x = jax.lax.dynamic_index_in_dim(x, idx[k], 0, keepdims=False)
+            return x
+
+        _REPLICATED_SLICE[mesh] = jax.jit(take, out_shardings=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+    out = _REPLICATED_SLICE[mesh](leaf, np.asarray(index, np.int32).reshape(len(index)))
+    return np.asarray(out.addressable_data(0))
+
+
 def _hf_tensors(config: ModelConfig, params, dtype) -> Iterable[tuple[str, Callable[[], np.ndarray], int]]:
     """(key, thunk producing the tensor, nbytes) in checkpoint order; fused QKV re-assembled."""
     flat = _flatten_paths(params)
@@ -368,7 +397,7 @@ def _hf_tensors(config: ModelConfig, params, dtype) -> Iterable[tuple[str, Calla
         out_dt = np.float32 if key.endswith("expert_bias") else dtype
 
         def make(group=group, out_dt=out_dt):
-            parts = [_from_flax(e, np.asarray(jax.device_get(flat[e.leaf][e.index]))) for e in group]
+            parts = [_from_flax(e, _host_slice(flat[e.leaf], e.index)) for e in group]
             return np.ascontiguousarray(np.concatenate(parts, 0) if len(parts) > 1 else parts[0]).astype(out_dt)
 
         yield key, make, int(np.prod(group[0].hf_shape)) * np.dtype(out_dt).itemsize
@@ -395,10 +424,16 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params, *, 
     Shards above `max_shard_bytes` (`model-0000k-of-0000n.safetensors` + index). Each file
     is written to a temporary name and renamed, so a killed save leaves no partial file.
     `dtype` defaults to the parameter dtype; `expert_bias` is always written fp32.
-    Returns the written file names.
+    `params` may be global arrays split over several processes: every process calls this
+    alike (the tensors are gathered), process 0 writes, and all return once the files are
+    there. Returns the written file names.
     """
+    from llada_jax import hosts
+
+    primary = hosts.is_primary()
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    if primary:
+        os.makedirs(path, exist_ok=True)
     dtype = np.dtype(jax.numpy.dtype(dtype or config.param_dtype))
     tensors = list(_hf_tensors(config, params, dtype))
     shards: list[list] = [[]]
@@ -414,7 +449,9 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params, *, 
     weight_map = {}
     for name, shard in zip(names, shards):
         data = {key: make() for key, make, _ in shard}
-        _atomic_write(os.path.join(path, name), lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
+        if primary:
+            _atomic_write(os.path.join(path, name),
+                          lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
         weight_map.update({key: name for key in data})
         del data
         if progress:
@@ -425,8 +462,11 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params, *, 
     def dump(obj):
         return lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n")
 
-    if n > 1:
-        total = sum(item[2] for item in tensors)
-        _atomic_write(os.path.join(path, INDEX_NAME), dump({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    _atomic_write(os.path.join(path, "config.json"), dump(hf_cfg))
+    if primary:
+        if n > 1:
+            total = sum(item[2] for item in tensors)
+            _atomic_write(os.path.join(path, INDEX_NAME),
+                          dump({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        _atomic_write(os.path.join(path, "config.json"), dump(hf_cfg))
+    hosts.barrier("save_hf_checkpoint")
     return names + ([INDEX_NAME] if n > 1 else []) + ["config.json"]

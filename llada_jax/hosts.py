@@ -151,6 +151,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the mesh's batch axes split a batch (their sizes' product)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_spec(mesh: Mesh, global_batch: int, ndim: int = 1, what: str = "data.batch_size") -> PartitionSpec:
     """The PartitionSpec of a `[global_batch, ...]` array: rows over every batch axis. A batch
     that those axes do not divide is an error naming the sizes (never a replication)."""

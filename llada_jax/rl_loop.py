@@ -202,12 +202,14 @@ def _check_lengths(cfg: ml_collections.ConfigDict, prompts: Sequence[Sequence[in
                           f"({cfg.rl.gen_length}), found {cfg.data.seq_len}")
 
 
-def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: ml_collections.ConfigDict) -> dict:
-    """`evaluate.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`."""
+def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: ml_collections.ConfigDict,
+                  mesh=None) -> dict:
+    """`evaluate.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`.
+    With `mesh`, every process decodes its share of the examples and gets every metric back."""
     out = {}
     for mode in cfg.rl.eval_modes:
         res = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=cfg.rl.gen_length,
-                                block_length=cfg.objective.block_size, template=cfg.data.template)
+                                block_length=cfg.objective.block_size, template=cfg.data.template, mesh=mesh)
         out.update({f"eval_{mode}_{k}": res[k] for k in ("accuracy", "reward", "tpf")})
         out[f"{TIME_PREFIX}eval_{mode}_s"] = res["seconds"]
     return out
@@ -310,7 +312,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             if start == 0 and r.eval_every > 0:
-                log.write(0, held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg))
+                log.write(0, held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg, mesh))
             for s in range(start, cfg.total_steps):
                 t0 = time.perf_counter()
                 rows = next(prompts_it)
@@ -349,7 +351,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
-                    metrics.update(held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg))
+                    metrics.update(held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg, mesh))
                 log.write(done, metrics)
                 if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
                     ckpt.save(done, state, extra=extra_json, data_state=prompts_it.get_state(), force=True)

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices and full-precision matmuls (the fixture's tolerance needs it)."""
 
+import fcntl
 import os
 import tempfile
 
@@ -34,3 +35,18 @@ def tiny_hf(fixture_dir):
     from llada_jax.hf import load_hf_checkpoint
 
     return load_hf_checkpoint(fixture_dir)
+
+
+@pytest.fixture
+def sandbox_lock(tmp_path_factory):
+    """One sandbox test at a time across the xdist workers of a run: those tests check the whole
+    machine for stray sandbox processes (and kill them), which would catch another worker's run in
+    progress. A lock rather than an xdist group: with `--dist loadgroup`, xdist 3.8 hangs when it
+    replaces a crashed worker (pytest-dev/pytest-xdist#1323, #1378), holding CI until its limit."""
+    path = tmp_path_factory.getbasetemp().parent / "sandbox-tests.lock"  # shared by the run's workers
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

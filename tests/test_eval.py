@@ -11,7 +11,7 @@ import pytest
 
 from llada_jax import benchmarks, metrics, rewards, sandbox
 
-pytestmark = pytest.mark.xdist_group("sandbox")  # runs sandboxed programs: see tests/test_rewards.py
+pytestmark = pytest.mark.usefixtures("sandbox_lock")  # runs sandboxed programs: see tests/test_rewards.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = sandbox.SandboxConfig(timeout_s=4.0, test_timeout_s=1.0, cpu_s=4)

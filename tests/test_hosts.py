@@ -166,8 +166,13 @@ def test_rl_on_two_hosts_logs_the_metrics_of_one(tmp_path, data_dir):
     two = _spawn([script, str(tmp_path / "two"), data_dir], processes=2, devices=4, log_dir=tmp_path / "two_logs")
     _wait(one + two)
     want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [r["step"] for r in want] == [1, 2, 3]
-    assert any(r["updated"] for r in want)  # the digit reward varies: updates ran on the global arrays
+    assert [r["step"] for r in want] == [0, 1, 2, 3]  # step 0: the held-out evaluation of the init
+    assert any(r.get("updated") for r in want)  # the digit reward varies: updates ran on the global arrays
+    # The held-out evaluation, each process decoding its share of the 12 examples, gives the
+    # metrics of one process (compared with the others below, to the same tolerance).
+    for step in (0, 3):
+        assert {"eval_S_accuracy", "eval_S_reward", "eval_S_tpf"} <= want[step].keys() == got[step].keys()
+    assert want[0]["eval_S_tpf"] > 0  # the random init's completions: a mean over real rows, padding dropped
     # The RL loss is a small difference of large terms: the cross-process summation order shows
     # in its last digits (observed 2e-5 relative, 2e-6 absolute), rollouts and rewards are exact.
     _assert_rows_close(got, want, rtol=1e-4)
@@ -236,6 +241,25 @@ def test_sharded_load_on_two_hosts_equals_the_one_process_load(tmp_path, fixture
     assert all(c.all() for c in covered.values())
 
 
+
+@pytest.mark.multihost
+def test_convert_on_two_hosts_round_trips(tmp_path, fixture_dir):
+    """launch/convert.py on 2 processes: HF -> Orbax in shards (FSDP over all 8 devices, each
+    process writing its part), then Orbax -> HF gathered tensor by tensor and written by process 0:
+    the reference file, bit for bit."""
+    from safetensors.numpy import load_file
+
+    convert = os.path.join("launch", "convert.py")
+    _wait(_spawn([convert, f"--hf_dir={fixture_dir}", f"--orbax_dir={tmp_path / 'orbax'}"],
+                 processes=2, devices=4, log_dir=tmp_path / "logs_to_orbax"))
+    _wait(_spawn([convert, "--to_hf", f"--orbax_dir={tmp_path / 'orbax'}", f"--hf_dir={tmp_path / 'hf'}"],
+                 processes=2, devices=4, log_dir=tmp_path / "logs_to_hf"))
+    ref, got = load_file(os.path.join(fixture_dir, "model.safetensors")), load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
 def test_data_state_of_n_processes_maps_onto_m():
     from llada_jax import checkpoint
 
@@ -280,3 +304,25 @@ def test_generate_on_a_mesh_equals_one_device(tiny_hf):
     np.testing.assert_array_equal(got.forwards, want.forwards)
     with pytest.raises(hosts.BatchShardingError, match=r"prompts \(rows\): .* = 8\), found 4"):
         decoding.generate(sharded, config, prompts[:4], mesh=mesh, **kw)
+
+
+def test_evaluate_on_a_mesh_equals_one_device(tmp_path):
+    """Held-out evaluation across the mesh (batches padded to its 8 ways, rows gathered back in
+    order) gives the metrics of the plain one-device loop."""
+    from llada_jax import evaluate, model
+
+    cfg = load_config("quickstart.py", **{"data.num_train": 200, "data.num_test": 20,
+                                          "data.data_dir": str(tmp_path / "data")})
+    tokenizer = train.load_tokenizer(cfg, str(tmp_path))
+    model_config = train.build_model_config(cfg)
+    params = model.init_params(model_config, jax.random.key(0))
+    examples = list(train.open_examples(cfg, str(tmp_path), "test"))[:11]  # batches of 8 and 3 (padded to 8)
+    kw = dict(mode="S", gen_length=20, block_length=cfg.objective.block_size, template=cfg.data.template,
+              batch_size=8)
+    want = evaluate.evaluate(params, model_config, tokenizer, examples, **kw)
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    sharded = jax.device_put(params, sharding.param_shardings(model.abstract_params(model_config), mesh))
+    got = evaluate.evaluate(sharded, model_config, tokenizer, examples, mesh=mesh, **kw)
+    assert got["n"] == want["n"] == 11
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    assert want["forwards_per_sample"] > 0

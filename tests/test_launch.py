@@ -95,13 +95,24 @@ def test_quickstart_runs_end_to_end(tmp_path):
     cost = report["likelihood_cost"]  # the vectorized terms equal the per-block loop's on the run's batch
     assert cost["completion_blocks"] >= 4 and cost["forwards"]["per_block_loop"] == 8
     assert cost["max_abs_term_diff"] < 1e-3 and cost["vectorized_s"] > 0
-    # Another algorithm from the same command reuses the SFT stage and joins the report.
-    _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
-         "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
-         "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
-         "--config.rl.algorithm=dipo")
+    # Another algorithm from the same command reuses the SFT stage and joins the report; so do a
+    # second training seed and the longer-SFT control, with the spread over seeds.
+    out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
+               "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
+               "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
+               "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2", "--modes=S")
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["rl_by_algorithm"]) == {"ebpo", "dipo"} and report["rl_run"]["algorithm"] == "dipo"
+    assert report["seeds"] == [0, 1] and set(report["by_seed"]["0"]) == {"sft", "sft_longer", "ebpo", "dipo"}
+    assert set(report["by_seed"]["1"]) == {"sft", "sft_longer", "dipo"}
+    assert _jsonl(tmp_path / "seed_1" / "sft_longer" / "metrics.jsonl")[-1]["step"] == 8
+    assert [r["step"] for r in _jsonl(tmp_path / "seed_1" / "rl_dipo" / "metrics.jsonl")] == [1]
+    for row, n in (("sft", 2), ("sft_longer", 2), ("dipo", 2), ("ebpo", 1)):
+        acc = report["summary"][row]["S"]["accuracy"]
+        values = [report["by_seed"][s][row]["S"]["accuracy"] for s in ("0", "1") if row in report["by_seed"][s]]
+        assert acc["n"] == n and acc["mean"] == pytest.approx(sum(values) / n)
+        assert acc["min"] == min(values) and acc["max"] == max(values)
+    assert "mean over 2 training seeds [0, 1]" in out.stdout and "SFT+   S" in out.stdout
 
 
 def _jsonl(path):
