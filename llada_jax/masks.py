@@ -7,6 +7,7 @@ masks are constants under `jit`.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
@@ -63,6 +64,18 @@ def document(doc_ids: Int[Array, "... T"]) -> Bool[Array, "... T T"]:
     For the composite input pass `concat([doc_ids, doc_ids], -1)`.
     """
     return doc_ids[..., :, None] == doc_ids[..., None, :]
+
+
+def document_positions(doc_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """RoPE positions of packed sequences: 0, 1, ... from each document's first token.
+
+    A document starts where the id changes (or at the row's start), so a document continued in
+    the next row under a new id, and the tail padding, also count from 0. With all ids equal (SFT:
+    one conversation per row) this is `arange(T)`.
+    """
+    idx = jnp.arange(doc_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(doc_ids[..., :1], bool), doc_ids[..., 1:] != doc_ids[..., :-1]], axis=-1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=doc_ids.ndim - 1)
 
 
 def key_padding(valid: Bool[Array, "B T"]) -> Bool[Array, "B 1 T"]:

@@ -331,11 +331,18 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def _default_exchange(mesh) -> str:
-    """The platform of the mesh in force (so an AOT compile for TPU on a CPU host picks "ragged")."""
-    try:
-        platform = jax.sharding.get_mesh().devices.flat[0].platform
-    except Exception:  # an abstract mesh only: the default backend decides
-        platform = jax.default_backend()
+    """The platform of the mesh in force (so an AOT compile for TPU on a CPU host picks "ragged").
+
+    Read from the abstract mesh's device kind, which is what a trace under `jit` sees (the
+    concrete mesh, `jax.sharding.get_mesh()`, is not available there); the default backend only
+    when the mesh does not say."""
+    dev = getattr(mesh, "abstract_device", None)
+    platform = getattr(dev, "platform", None)
+    if not platform:
+        try:
+            platform = jax.sharding.get_mesh().devices.flat[0].platform
+        except Exception:  # no concrete mesh either: the default backend decides
+            platform = jax.default_backend()
     return "padded" if platform == "cpu" else "ragged"
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from llada_jax import model
+from llada_jax import masks, model
 from llada_jax.config import ConfigError, ModelConfig
 from llada_jax.kernels import AttentionMask
 
@@ -249,17 +249,21 @@ def denoiser_hidden(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x
     what it forbids, and the first L positions are kept: the clean half never reaches the final
     norm or `lm_head`. With `mdlm` or `block_size >= L` the noisy half attends nothing of the
     clean half, so the forward runs bidirectionally over x_t alone (half the tokens). `doc_ids`
-    (packed data) additionally restricts attention to the same document (segment ids).
+    (packed data) additionally restricts attention to the same document (segment ids) and
+    restarts the RoPE positions at each document (`masks.document_positions`), so every packed
+    document is rotated as it would be alone (with one id per row these are `arange(L)`).
     With `with_load`, returns `(hidden, load)`: the rows each routed expert received in this
     forward, `[MoE layers, E]` float32 (every routed token of the forward counts).
     """
     length = x_t.shape[1]
+    positions = None if doc_ids is None else masks.document_positions(doc_ids)
     if mdlm or block_size >= length:
-        hidden, load = _hidden(params, model_config, x_t, None, AttentionMask.bidirectional(segment_ids=doc_ids),
-                               with_load)
+        hidden, load = _hidden(params, model_config, x_t, positions,
+                               AttentionMask.bidirectional(segment_ids=doc_ids), with_load)
         return (hidden, load) if with_load else hidden
     segments = None if doc_ids is None else jnp.concatenate([doc_ids, doc_ids], axis=1)
-    positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
+    positions = (jnp.concatenate([jnp.arange(length), jnp.arange(length)]) if positions is None
+                 else jnp.concatenate([positions, positions], axis=1))
     hidden, load = _hidden(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions,
                            AttentionMask.composite(block_size, segment_ids=segments), with_load)
     return (hidden[:, :length], load) if with_load else hidden[:, :length]

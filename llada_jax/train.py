@@ -4,6 +4,12 @@
 state (fresh or restored), update step, loop with metrics and checkpoints. Each piece is a
 function of its own so that tests and the RL loop reuse them.
 
+Continued pre-training (CPT): `data.packed` packs documents into rows (`data.cpt_dataset`; their
+RoPE positions restart per document and attention stays inside each) and `block_schedule` makes
+the block size a function of the step (the warm-up / stable / decay schedule of REFERENCE §4).
+The block size is a static shape of the attention mask, so the loop keeps one compiled step per
+size, compiled the first time the schedule reaches it and reused whenever it comes back.
+
 Exact resume: the noise key of step s is `fold_in(seed_key, s)` and each example's noise is
 folded with its row (objectives.noise), the data iterator state is checkpointed with the model,
 and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
@@ -16,6 +22,7 @@ part in checkpoints, each saving its own data-iterator state.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -170,7 +177,7 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
     `expert_load_metrics`; with `expert_bias_rate > 0` (CPT) it also drives `update_expert_bias`.
     """
 
-    def step(state: TrainState, batch: Batch, rng: jax.Array):
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
@@ -204,7 +211,7 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return step
+    return train_step
 
 
 def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch):
@@ -241,6 +248,42 @@ def build_objective(cfg: ml_collections.ConfigDict, model_config: ModelConfig,
     _check_fields("objective", fields, objectives.ObjectiveConfig)
     fields.setdefault("extra_special_ids", tuple(extra_special_ids))
     return objectives.ObjectiveConfig.for_model(model_config, **fields)
+
+
+def block_schedule(cfg: ml_collections.ConfigDict) -> Optional[objectives.BlockSizeSchedule]:
+    """The run's block-size schedule (CPT, REFERENCE §4), or None: `objective.block_size` throughout.
+
+    `cfg.block_schedule.stages`, explicit `((num_steps, block_size), ...)`, or else its
+    `warmup_steps` / `stable_steps` / `decay_steps` (and optionally `warmup_sizes`, `final_size`)
+    for `objectives.wsd_block_schedule` over `data.seq_len`. Every size must divide `data.seq_len`.
+    """
+    section = cfg.get("block_schedule")
+    fields = {k: v for k, v in (section.to_dict() if section is not None else {}).items() if v is not None}
+    if not fields:
+        return None
+    seq_len = cfg.data.seq_len
+    if fields.get("stages"):
+        unknown = sorted(set(fields) - {"stages"})
+        if unknown:
+            raise ValueError(f"config.block_schedule: expected either stages or the wsd fields, found stages and {unknown}")
+        schedule = objectives.BlockSizeSchedule(tuple(tuple(st) for st in fields["stages"]))
+    else:
+        fields.pop("stages", None)
+        wsd = ("warmup_steps", "stable_steps", "decay_steps", "warmup_sizes", "final_size")
+        unknown = sorted(set(fields) - set(wsd))
+        if unknown:
+            raise ValueError(f"config.block_schedule: unknown field {unknown[0]!r}; expected stages or {list(wsd)}")
+        missing = [k for k in wsd[:3] if k not in fields]
+        if missing:
+            raise ValueError(f"config.block_schedule.{missing[0]}: expected a number of steps, found none")
+        if "warmup_sizes" in fields:
+            fields["warmup_sizes"] = tuple(fields["warmup_sizes"])
+        schedule = objectives.wsd_block_schedule(seq_len, **fields)
+    bad = [b for b in schedule.sizes if seq_len % b]
+    if bad:
+        raise ValueError(f"config.block_schedule: expected block sizes that divide data.seq_len={seq_len}, "
+                         f"found {bad[0]} in {schedule.sizes}")
+    return schedule
 
 
 def mesh_from_config(cfg: ml_collections.ConfigDict):
@@ -327,6 +370,11 @@ def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
     from llada_jax import data
 
     index, count = hosts.batch_rows(mesh_from_config(cfg), cfg.data.batch_size)
+    if cfg.data.get("packed", False):  # CPT: documents packed back to back into rows of seq_len
+        return iter(data.cpt_dataset(open_examples(cfg, workdir, "train"), tokenizer,
+                                     batch_size=cfg.data.batch_size // count, shard_index=index, shard_count=count,
+                                     seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size,
+                                     seed=cfg.seed, shuffle=True, num_epochs=None))
     ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // count,
                           shard_index=index, shard_count=count,
                           seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, template=cfg.data.template,
@@ -342,7 +390,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     """The loop: restore or init, step, log, checkpoint, until `cfg.total_steps`.
 
     `train_iter` is an iterator of numpy batches with `get_state()` / `set_state()` (grain);
-    its state is saved with every checkpoint. Returns the final state.
+    its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
+    the step's block size comes from it (logged as `block_size`), with one compiled step per size.
     """
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_from_config(cfg)
@@ -352,6 +401,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     ckpt = make_checkpointer(cfg, workdir, init_state_abstract(model_config, tx))
     rng = jax.random.key(cfg.seed)
     local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
+    sizes = block_schedule(cfg)
 
     start = ckpt.latest_step()
     if start is not None:
@@ -366,9 +416,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     log = MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
 
-    step_fn = None
+    programs = {}  # block size -> (compiled step, its model FLOPs)
     bar = _progress(start, cfg.total_steps, progress)
-    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+    t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     profile = _profile_window(cfg, workdir)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
@@ -377,18 +427,21 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
                 tokens_since += int(np.asarray(batch["tokens"]).size) * (cfg.data.batch_size // local_rows)
                 batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
-                if step_fn is None:
-                    step_fn = hosts.compile_together(jit_train_step(make_train_step(
-                        model_config, obj_config, tx, schedule, cfg.optim.accum_steps, loss_fn,
-                        expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)), shardings, mesh, batch),
-                        state, batch, rng, name="train_step")
+                block_size = obj_config.block_size if sizes is None else objectives.block_size_at(step, sizes)
+                if block_size not in programs:
+                    obj = dataclasses.replace(obj_config, block_size=block_size)
                     b_global, length = np.shape(batch["tokens"])
-                    step_flops = flops.training_flops_per_step(
-                        model_config, b_global, length, obj_config.block_size, mdlm=obj_config.is_mdlm(length),
-                        complementary=obj_config.complementary, mtf=obj_config.mtf)
+                    programs[block_size] = (hosts.compile_together(jit_train_step(make_train_step(
+                        model_config, obj, tx, schedule, cfg.optim.accum_steps, loss_fn,
+                        expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)), shardings, mesh, batch),
+                        state, batch, rng, name=f"train_step/block_size={block_size}"),
+                        flops.training_flops_per_step(
+                            model_config, b_global, length, block_size, mdlm=obj.is_mdlm(length),
+                            complementary=obj.complementary, mtf=obj.mtf))
+                step_fn, step_flops = programs[block_size]
                 profile(step)
                 state, metrics = step_fn(state, batch, rng)
-                steps_since += 1
+                flops_since += step_flops
                 done = step + 1
                 profile(done, state)
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
@@ -401,8 +454,10 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                     # the global batch's FLOPs over every device of the run
                     metrics.update(model_flops_per_step=step_flops, **flops.mfu(
-                        step_flops * steps_since, now - t_last, jax.device_count(), jax.devices()[0].device_kind))
-                    t_last, tokens_since, steps_since = now, 0, 0
+                        flops_since, now - t_last, jax.device_count(), jax.devices()[0].device_kind))
+                    if sizes is not None:
+                        metrics["block_size"] = block_size
+                    t_last, tokens_since, flops_since = now, 0, 0.0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
                     if on_log:

@@ -255,3 +255,23 @@ def test_one_sequence_splits_its_tokens_over_the_expert_axis():
     with jax.set_mesh(sharding.make_mesh(**MESHES["expert8"])), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         y = jax.jit(lambda *a: moe.expert_parallel(*a, CFG)[0])(*args)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_exchange_follows_the_meshs_platform_under_jit():
+    """Under `jit` only the abstract mesh is known: its device's platform picks the exchange, so an
+    ahead-of-time compile for TPU on a CPU host uses ragged_all_to_all (it once fell back to the
+    host's backend and compiled the padded worst-case exchange for TPU)."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    def mesh(platform):
+        return AbstractMesh((4,), ("expert",), abstract_device=AbstractDevice(
+            device_kind=f"{platform} device", num_cores=1, platform=platform))
+
+    assert moe._default_exchange(mesh("tpu")) == "ragged"
+    assert moe._default_exchange(mesh("gpu")) == "ragged"
+    assert moe._default_exchange(mesh("cpu")) == "padded"
+    cpu_mesh = sharding.make_mesh(data=1, expert=4, devices=jax.devices()[:4])
+    seen = []
+    with jax.set_mesh(cpu_mesh):
+        jax.jit(lambda x: seen.append(moe._default_exchange(jax.sharding.get_abstract_mesh())) or x)(jnp.ones(4))
+    assert seen == ["padded"]

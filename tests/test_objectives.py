@@ -214,6 +214,46 @@ def test_document_mask_prevents_cross_document_attention(params):
             assert (np.abs(a - b).max() > 1e-3) == leaks, (mdlm, leaks)
 
 
+def test_document_positions_restart_at_each_document():
+    doc_ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8, [5, 5, 0, 0, 7, 7, 7, 7]])
+    oracle = []
+    for row in np.asarray(doc_ids):
+        pos, run = [], 0
+        for i, d in enumerate(row):
+            run = 0 if i == 0 or d != row[i - 1] else run + 1
+            pos.append(run)
+        oracle.append(pos)
+    np.testing.assert_array_equal(masks.document_positions(doc_ids), oracle)
+    np.testing.assert_array_equal(masks.document_positions(doc_ids)[1], np.arange(8))  # SFT: one id per row
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_documents_match_each_document_alone(params, dtype):
+    """Oracle: each packed document's logits equal those of the document run alone (positions from
+    0, no neighbours), under the bidirectional (MDLM) and the block-diffusion mask. Documents start
+    on block boundaries so that a document alone has the same blocks. RoPE is relative, so in fp32
+    the restart changes only rounding; in bf16 the rotations are rounded at their absolute
+    position, and only restarted positions make the packed row equal the documents alone."""
+    block, length = 8, 64
+    spans = [(0, 16), (16, 48), (48, 56)]  # three documents, then one block of padding (id 0)
+    doc_ids = np.zeros((1, length), np.int32)
+    for i, (a, b) in enumerate(spans):
+        doc_ids[0, a:b] = i + 1
+    rng = np.random.default_rng(3)
+    x_0 = rng.integers(0, 500, (1, length)).astype(np.int32)
+    x_t = np.where(rng.random((1, length)) < 0.5, MC.mask_token_id, x_0).astype(np.int32)
+    mc = MC.replace(dtype=dtype)
+    for mdlm in (True, False):
+        if dtype == "bfloat16" and not mdlm:
+            continue  # bf16 composite: the [x_t ; x_0] rows differ in length, so the matmuls round differently
+        packed = np.asarray(_logits(params, mc, x_t, x_0, block_size=block, doc_ids=doc_ids, mdlm=mdlm), np.float32)
+        for a, b in spans:
+            alone = _logits(params, mc, x_t[:, a:b], x_0[:, a:b], block_size=block, mdlm=mdlm)
+            tol = 0.0 if dtype == "bfloat16" else 1e-4
+            np.testing.assert_allclose(packed[:, a:b], np.asarray(alone, np.float32), atol=tol, rtol=0,
+                                       err_msg=f"document {a}:{b}, mdlm={mdlm}, {dtype}")
+
+
 # ------------------------------------------------------------------------- training
 def test_a_few_adam_steps_reduce_the_loss(params):
     cfg = ObjectiveConfig.for_model(MC, block_size=8)

@@ -214,12 +214,14 @@ def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
 
 @pytest.mark.parametrize("path,arg", [("quickstart.py", None), ("quickstart.py", "task=sudoku4x4"),
                                       ("sft.py", "size=mini"), ("sft.py", "size=flash"),
-                                      ("rl.py", None), ("rl.py", "algorithm=dipo")])
+                                      ("rl.py", None), ("rl.py", "algorithm=dipo"), ("cpt.py", None)])
 def test_every_config_builds(path, arg):
     cfg = load_config(path, arg)
     model_config = train.build_model_config(cfg)
     train.build_objective(cfg, model_config)
     assert cfg.data.seq_len % cfg.objective.block_size == 0
+    schedule = train.block_schedule(cfg)  # every size divides seq_len, or an error
+    assert (schedule is not None) == (path == "cpt.py")
     assert cfg.total_steps > 0 and cfg.checkpoint_every > 0
 
 
@@ -310,3 +312,71 @@ def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
                for r in rows)
     traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
     assert traces, "no profiler trace written"
+
+
+# ------------------------------------------------------------------------------ CPT: block schedule
+class _PackedBatches(_Batches):
+    """Packed rows: 1-4 documents per row (ids 1, 2, ...), the last one ending where the row does."""
+
+    def __next__(self):
+        rng = np.random.default_rng(1000 + self.i)
+        self.i += 1
+        cuts = np.sort(rng.choice(np.arange(1, 32), size=(8, 3)), axis=1)
+        doc_ids = 1 + (np.arange(32)[None, None, :] >= cuts[:, :, None]).sum(1).astype(np.int32)
+        return {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32), "loss_mask": np.ones((8, 32), bool),
+                "doc_ids": doc_ids}
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_cpt_block_schedule_compiles_each_size_once_and_resumes_exactly(tmp_path):
+    """Block sizes 8, 32 (MDLM), 8 over 6 steps: one compiled step per size however often the
+    schedule returns to it, the step's size logged, and a run killed after the first step of the
+    new size resumes from the checkpoint written before the change with the same metrics."""
+    cfg = quickstart_config(**{"objective.block_size": 8, "data.seq_len": 32, "total_steps": 6,
+                               "checkpoint_every": 2, "log_every": 1, "optim.lr": 1e-3})
+    cfg.block_schedule = {"stages": ((2, 8), (2, 32), (2, 8))}
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    compiled = []
+
+    def on_compile(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(train_step)":
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        train.run_training(cfg, str(tmp_path / "ref"), model_config, obj, _PackedBatches(), progress=False)
+        ref_compiles, compiled[:] = len(compiled), []
+
+        def kill(step, metrics):
+            if step == 3:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _PackedBatches(), progress=False,
+                               on_log=kill)
+        assert checkpoint.Checkpointer(str(tmp_path / "killed" / "checkpoints")).latest_step() == 2
+        compiled[:] = []
+        train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _PackedBatches(), progress=False)
+        resumed_compiles = len(compiled)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    assert ref_compiles == 2 and resumed_compiles == 2, (ref_compiles, resumed_compiles)
+    ref, got = _metrics(tmp_path / "ref"), _metrics(tmp_path / "killed")
+    assert [r["block_size"] for r in ref] == [8, 8, 32, 32, 8, 8]
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert got == ref  # every metric of every step, bit for bit
+
+
+def test_block_schedule_config_errors_name_the_field():
+    cfg = quickstart_config(**{"data.seq_len": 40})
+    cfg.block_schedule = {"warmup_steps": 10, "stable_steps": 10, "decay_steps": 10, "warmup_sizes": (1, 4),
+                          "final_size": 5}
+    with pytest.raises(ValueError, match=r"block_schedule: expected block sizes that divide data.seq_len=40, found 16"):
+        train.block_schedule(cfg)
+    cfg.block_schedule = {"warmup_steps": 10, "stable_steps": 10}
+    with pytest.raises(ValueError, match=r"block_schedule.decay_steps: expected a number of steps, found none"):
+        train.block_schedule(cfg)
