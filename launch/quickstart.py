@@ -120,10 +120,10 @@ def dict_to_ebpo(cfg):
 ROW_NAMES = {"sft": "SFT", "sft_longer": "SFT+", "ebpo": "EBPO", "espo": "ESPO", "dipo": "DiPO"}
 
 
-def seed_dir(workdir: str, seed: int, first: int) -> str:
+def seed_dir(workdir: str, seed: int, config_seed: int) -> str:
     """Where one training seed's runs live: the workdir itself for the config's seed (so the
     default run's checkpoints are reused), `<workdir>/seed_<s>` for the others."""
-    return workdir if seed == first else os.path.join(workdir, f"seed_{seed}")
+    return workdir if seed == config_seed else os.path.join(workdir, f"seed_{seed}")
 
 
 def with_seed(cfg, seed: int, **fields):
@@ -187,7 +187,7 @@ def main(argv):
 
     by_seed, runs, cost, eval_seconds = {}, {}, None, None
     for seed in seeds:
-        base = seed_dir(workdir, seed, seeds[0])
+        base = seed_dir(workdir, seed, cfg.seed)
         scfg = with_seed(cfg, seed)
         tag = f" (seed {seed})" if len(seeds) > 1 or seed != cfg.seed else ""
         say(f"[1/{stages}] SFT{tag}: {cfg.model.preset} model ({model_config.param_counts()['total']:,} parameters) "
@@ -229,7 +229,8 @@ def main(argv):
     if not hosts.is_primary():
         return
 
-    first, alg0 = seeds[0], algorithms[0]
+    # The report's single-run fields (and the curves) come from the config's seed when it ran.
+    first, alg0 = (cfg.seed if cfg.seed in seeds else seeds[0]), algorithms[0]
     path = os.path.join(workdir, "report.json")
     # Earlier commands' seeds and algorithms (other --seeds, --algorithms, --config.rl.algorithm)
     # stay in the report; this command's results replace theirs.
@@ -281,8 +282,9 @@ def main(argv):
     print(f"\nSFT: final train loss {last['loss']:.4f}, masked-token accuracy {last.get('masked_acc', float('nan')):.3f}; "
           f"{report['seconds']:.0f} s in all")
     print(f"report: {path}")
-    plots.training_curves(workdir, rl_dir=f"rl_{alg0}" if "rl" in report else None)
-    print(f"training curves: {workdir}/training_curves.png")
+    curves_dir = seed_dir(workdir, first, cfg.seed)
+    plots.training_curves(curves_dir, rl_dir=f"rl_{alg0}" if "rl" in report else None)
+    print(f"training curves: {curves_dir}/training_curves.png")
 
 
 if __name__ == "__main__":
