@@ -37,14 +37,17 @@ def _layer_configs():
 
 
 def _processes() -> list[dict]:
-    """`State` and `Uid` of every process, zombies included."""
+    """`pid`, `State`, `Uid` and `cmdline` (its arguments) of every process, zombies included."""
     out = []
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{name}/status") as f:
-                out.append(dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:"))))
+                p = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                p["cmdline"] = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except OSError:
-            pass  # exited meanwhile
+            continue  # exited meanwhile
+        out.append(dict(p, pid=int(name)))
     return out
 
 
@@ -59,19 +62,9 @@ def _live_sandbox_runners() -> list[int]:
     """Live (not zombie) processes running the sandbox's runner, whatever their uid: a forked child
     keeps its parent's command line. Other processes on the machine (a parallel test worker's
     subprocesses) do not count, so the check does not depend on what else runs."""
-    runner = os.path.abspath(sandbox.__file__).encode()
-    out = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue  # exited meanwhile
-        if runner in cmdline.split(b"\0") and state != "Z":
-            out.append(int(name))
-    return out
+    runner = os.path.abspath(sandbox.__file__)
+    return [p["pid"] for p in _processes()
+            if runner in p["cmdline"] and not p.get("State", "Z").strip().startswith("Z")]
 
 
 @pytest.fixture(autouse=True)
