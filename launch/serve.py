@@ -2,8 +2,8 @@ r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.server` ove
 
   pip install -e '.[serve]'
   python launch/serve.py --checkpoint=/ckpt/LLaDA2.1-mini --port=8000 --max_length=2048
-  python launch/serve.py --checkpoint=/tmp/llada_quickstart/checkpoints \
-      --tokenizer=/tmp/llada_quickstart/tokenizer.json --block_length=32 --max_length=128
+  python launch/serve.py --checkpoint=/tmp/llada_quickstart/rl_ebpo/checkpoints \
+      --tokenizer=/tmp/llada_quickstart/tokenizer.json --block_length=5 --max_length=64
 
   curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
       "mode": "S", "max_tokens": 128}'

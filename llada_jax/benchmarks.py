@@ -429,9 +429,22 @@ def iter_jsonl(path: str) -> Iterable[dict]:
                 yield json.loads(line)
 
 
+def _run_tokenizer(checkpoints: str) -> str:
+    """The tokenizer of the run that wrote `checkpoints`: `tokenizer.json` beside the directory
+    (launch/train.py's and launch/rl.py's workdir), else one level up (the quickstart's workdir,
+    whose sft/ and rl_<algorithm>/ runs share it). Neither: the error names both."""
+    run = os.path.dirname(os.path.abspath(checkpoints))
+    candidates = [os.path.join(run, "tokenizer.json"), os.path.join(os.path.dirname(run), "tokenizer.json")]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"tokenizer: expected a tokenizer.json at {' or '.join(candidates)} (or pass one), "
+                            f"found neither")
+
+
 def load_model(path: str, tokenizer_path: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None):
     """(model config, params, tokenizer) from an Orbax directory (training or converted; the
-    tokenizer defaults to `tokenizer.json` beside it) or a Hugging Face directory (with
+    tokenizer defaults to the run's, `_run_tokenizer`) or a Hugging Face directory (with
     config.json; its own tokenizer.json by default; parameters in its stored dtype). With
     `mesh`, the parameters are read straight into their shards on it (`sharding.param_shardings`:
     each process reads only the slices its devices hold); without, whole onto one device."""
@@ -451,7 +464,7 @@ def load_model(path: str, tokenizer_path: Optional[str] = None, moe_impl: Option
         config = checkpoint.read_config(path) if mesh is not None else None
         config, params = checkpoint.load_params(path, config=config,
                                                 shardings=None if config is None else shardings(config))
-        tok_path = tokenizer_path or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json")
+        tok_path = tokenizer_path or _run_tokenizer(path)
     if moe_impl:
         config = config.replace(moe_impl=moe_impl)
     return config, params, Tokenizer.from_file(tok_path)

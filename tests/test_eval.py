@@ -148,6 +148,20 @@ def test_interrupted_eval_resumes_without_redecoding(tmp_path, tokenizer):
                             **{**run, "settings": {"gen_length": 16}})
 
 
+def test_a_checkpoints_tokenizer_is_its_runs(tmp_path):
+    """Beside the checkpoints directory (launch/train.py's workdir) first, then one level up (the
+    quickstart's workdir, shared by its sft/ and rl_<algorithm>/ runs); neither is an error naming both."""
+    run = tmp_path / "quickstart"
+    ckpt = run / "rl_ebpo" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="rl_ebpo/tokenizer.json or .*quickstart/tokenizer.json"):
+        benchmarks._run_tokenizer(str(ckpt))
+    (run / "tokenizer.json").write_text("{}")
+    assert benchmarks._run_tokenizer(str(ckpt)) == str(run / "tokenizer.json")
+    (run / "rl_ebpo" / "tokenizer.json").write_text("{}")
+    assert benchmarks._run_tokenizer(str(ckpt)) == str(run / "rl_ebpo" / "tokenizer.json")
+
+
 def test_formats_and_modes_report_bad_input(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [{"q": 1}])
     with pytest.raises(benchmarks.BenchmarkError, match="record keys: expected"):
