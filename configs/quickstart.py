@@ -24,8 +24,11 @@ from common import base_config, parse_arg, rl_config  # noqa: E402
 def get_config(arg=None):
     a = parse_arg(arg, task="addition", noise=0.6, pairs=4)
     c = base_config()
-    c.total_steps = 2500
-    c.checkpoint_every = 500
+    # The whole default pipeline fits ~13 minutes on 2 CPU cores: SFT is most of it (~0.4 s a step).
+    # 2500 steps reach the teacher's ceiling more surely (10.5% / 56.1% of the sums held-out, seed
+    # 0, against 5.9% / 51.1% at 1000) and make RL's climb quicker: README *Measured*.
+    c.total_steps = 1000
+    c.checkpoint_every = 250
     c.log_every = 50
     c.model.preset = "tiny"
     # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here
@@ -72,11 +75,12 @@ def get_config(arg=None):
 
     # RL from the SFT model (stage 3 of launch/quickstart.py; configs/rl.py for launch/rl.py).
     c.rl = rl_config("ebpo")
-    c.rl.prompts_per_step = 16
+    # 8 prompts x 8 rollouts, N = 8 likelihood timesteps: ~7 s a step on 2 cores.
+    c.rl.prompts_per_step = 8
     c.rl.group_size = 8
     c.rl.gen_length = c.data.seq_len - prompt_len
     c.rl_stage = config_dict.ConfigDict()
-    c.rl_stage.steps = 100
+    c.rl_stage.steps = 30
     c.rl_stage.checkpoint_every = 10
     c.rl_stage.lr = 1e-4  # constant (rl_loop.make_rl_optimizer)
     c.rl_stage.weight_decay = 0.0
