@@ -24,9 +24,10 @@ from common import base_config, parse_arg, rl_config  # noqa: E402
 def get_config(arg=None):
     a = parse_arg(arg, task="addition", noise=0.6, pairs=4)
     c = base_config()
-    # The whole default pipeline fits ~13 minutes on 2 CPU cores: SFT is most of it (~0.4 s a step).
-    # 2500 steps reach the teacher's ceiling more surely (10.5% / 56.1% of the sums held-out, seed
-    # 0, against 5.9% / 51.1% at 1000) and make RL's climb quicker: README *Measured*.
+    # The default pipeline took 676 s alone on 2 CPU cores, SFT (~0.4 s a step) most of it.
+    # 2500 steps learn the task more surely (seed 0: 10.5% / 56.1% held-out against 5.9% / 51.1%
+    # at 1000; at 1000 steps seeds 1 and 2 had not finished learning it) and make RL's climb
+    # quicker: README *Measured*.
     c.total_steps = 1000
     c.checkpoint_every = 250
     c.log_every = 50
