@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 
 
 # ModelConfig field annotations (strings: `from __future__ import annotations`) -> placeholder types;

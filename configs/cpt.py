@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.checkpoint_every = 100
     c.log_every = 10
     c.model.preset = "tiny"
-    # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here (launch/bench.py).
+    # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here (bench/forward.py).
     c.model.overrides.moe_impl = "dense"
     c.model.overrides.rope_theta = 10000.0  # as the quickstart: full rotary at 1e4
     c.model.overrides.partial_rotary_factor = 1.0

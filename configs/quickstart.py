@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.log_every = 50
     c.model.preset = "tiny"
     # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here
-    # (launch/bench.py). Accelerator configs keep the default ragged_dot path.
+    # (bench/forward.py). Accelerator configs keep the default ragged_dot path.
     c.model.overrides.moe_impl = "dense"
     # The tiny preset copies the fixture's rope (theta 6e5 on 8 of 16 head dims): few frequencies
     # to tell nearby positions apart. Full rotary at 1e4 (not compared side by side here).

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import parse_arg  # noqa: E402
 
-from llada_jax import rl_loop  # noqa: E402
+from llada_jax.rl import loop as rl_loop  # noqa: E402
 
 
 def _quickstart_config(arg: str):

@@ -18,7 +18,10 @@ import jax
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from llada_jax import checkpoint, hf, hosts, model, sharding
+from llada_jax import model
+from llada_jax.model import hf
+from llada_jax.parallel import hosts, sharding
+from llada_jax.train import checkpoint
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id

@@ -32,9 +32,12 @@ written as <out_dir>/speed_accuracy.png beside summary.json (also with --plot al
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from llada_jax import benchmarks, hosts, plots, sandbox, sharding
+from llada_jax import launcher
+from llada_jax.evaluation import benchmarks, plots
+from llada_jax.parallel import hosts, sharding
+from llada_jax.rewards import sandbox
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -64,11 +67,6 @@ flags.DEFINE_bool("plot", False, "Write speed_accuracy.png (always on with a swe
 
 def main(argv):
     del argv
-    hosts.initialize_from_flags()  # before anything touches a device
-    logging.set_verbosity(logging.WARNING)
-    from llada_jax.train import enable_compilation_cache
-
-    enable_compilation_cache()
     examples = benchmarks.read_benchmark(FLAGS.benchmark, FLAGS.format, FLAGS.limit)
     if FLAGS.num_fewshot:
         if not FLAGS.fewshot_file:
@@ -79,8 +77,9 @@ def main(argv):
         raise app.UsageError("--sweep_thresholds and --sweep_editing go together")
     grid = [f"Q:threshold={t},editing_threshold={e}" for t in FLAGS.sweep_thresholds for e in FLAGS.sweep_editing]
     modes = [benchmarks.parse_mode(m, FLAGS.mbe_window) for m in [*FLAGS.modes, *grid]]
+    launcher.start_runtime()  # before the mesh touches a device
     mesh = sharding.make_mesh(data=-1)
-    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
     prompts = benchmarks.render_prompts(examples, tok, FLAGS.template)
     complete = benchmarks.decoder(params, config, tok, gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
                                   batch_size=FLAGS.batch_size, mesh=mesh, max_post_steps=FLAGS.max_post_steps)

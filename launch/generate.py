@@ -23,9 +23,11 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from llada_jax import benchmarks, decoding, evaluate, hosts, sharding
+from llada_jax import decode, launcher
+from llada_jax.evaluation import heldout
+from llada_jax.parallel import hosts, sharding
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -82,14 +84,10 @@ def make_mesh():
 
 def main(argv):
     del argv
-    hosts.initialize_from_flags()  # before anything touches a device
-    logging.set_verbosity(logging.WARNING)
-    from llada_jax.train import enable_compilation_cache
-
-    enable_compilation_cache()
+    launcher.start_runtime()  # before anything touches a device
     items = read_prompts()
     mesh = make_mesh()
-    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
     ways = hosts.batch_ways(mesh)
 
     def encode(item):
@@ -124,10 +122,10 @@ def main(argv):
         index, count = hosts.batch_rows(mesh, len(padded), "prompts per batch (padded)")
         per = len(padded) // count
         t0 = time.perf_counter()
-        out = decoding.generate(params, config, padded[index * per:(index + 1) * per], mesh=mesh,
+        out = decode.generate(params, config, padded[index * per:(index + 1) * per], mesh=mesh,
                                 on_block=on_block if FLAGS.stream and jax.process_count() == 1 else None, **kw)
         run_s += time.perf_counter() - t0
-        out = evaluate.gather_rows(out, index, count, len(chunk), FLAGS.gen_length)
+        out = heldout.gather_rows(out, index, count, len(chunk), FLAGS.gen_length)
         if not hosts.is_primary():
             continue
         for i, tokens in enumerate(out.tokens):

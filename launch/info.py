@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from llada_jax import model
-from llada_jax.config import ModelConfig, get_config
+from llada_jax.model.config import ModelConfig, get_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Preset name (tiny, small, mini, flash).")

@@ -19,9 +19,10 @@ import os
 
 from absl import app, flags, logging
 
-from llada_jax import data, hosts
+from llada_jax import data
+from llada_jax.parallel import hosts
 from llada_jax.data import tasks
-from llada_jax.tokenizer import build_task_tokenizer
+from llada_jax.data.tokenizer import build_task_tokenizer
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory that receives the datasets.", required=True)
 _TASKS = flags.DEFINE_list("tasks", list(tasks.TASKS), f"Offline tasks to generate, of {list(tasks.TASKS)}.")

@@ -28,7 +28,7 @@ On several processes (the hosts flags, or none on a TPU pod / under SLURM; READM
 hosts") every stage runs across them: each process trains on and decodes its share, the
 held-out evaluation gathers every process's rows, and process 0 alone prints and writes the
 report and the curves. The likelihood cost (stage 3's timing) is measured on one process only
-(launch/bench_rl.py measures it on its own).
+(bench/rl.py measures it on its own).
 
   for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
     python launch/quickstart.py --workdir=/tmp/qs_two_hosts \
@@ -42,10 +42,13 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from llada_jax import evaluate, hosts, plots, rl, rl_loop, train
+from llada_jax import launcher, rl, train
+from llada_jax.evaluation import heldout, plots
+from llada_jax.parallel import hosts
+from llada_jax.rl import loop as rl_loop
 from llada_jax.timing import time_call
 
 FLAGS = flags.FLAGS
@@ -74,11 +77,11 @@ def rl_stage_config(cfg, workdir: str):
 
 def held_out(params, model_config, tokenizer, cfg, examples, mesh) -> dict:
     """Accuracy, mean reward and TPF per mode; with `mesh`, every process decodes its share."""
-    gen_length = cfg.data.seq_len - max(len(p) for p in evaluate.prompts_and_metas(examples, tokenizer,
+    gen_length = cfg.data.seq_len - max(len(p) for p in heldout.prompts_and_metas(examples, tokenizer,
                                                                                      cfg.data.template)[0])
     out = {}
     for mode in FLAGS.modes:
-        r = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
+        r = heldout.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=max(gen_length, 1),
                               block_length=cfg.objective.block_size, template=cfg.data.template, mesh=mesh)
         out[mode] = {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"]}
     return out
@@ -88,7 +91,7 @@ def likelihood_cost(params, model_config, tokenizer, cfg, examples) -> dict:
     """EBPO's vectorized likelihood terms against the per-block loop they replace, timed side by
     side on one rollout batch of the run's shape (P prompts x G samples from `params`)."""
     r = cfg.rl
-    prompts = evaluate.prompts_and_metas(examples[:r.prompts_per_step], tokenizer, cfg.data.template)[0]
+    prompts = heldout.prompts_and_metas(examples[:r.prompts_per_step], tokenizer, cfg.data.template)[0]
     out = rl_loop.rollout(params, model_config, prompts, cfg, jax.random.key(cfg.seed))
     length = rl_loop.bucket(cfg.data.seq_len, cfg.objective.block_size)
     batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens, length,
@@ -160,8 +163,6 @@ def summarize(by_seed: dict) -> dict:
 
 def main(argv):
     del argv
-    hosts.initialize_from_flags()  # before anything touches a device
-    logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     cfg, workdir = FLAGS.config, FLAGS.workdir
     seeds = [int(s) for s in FLAGS.seeds] or [cfg.seed]
@@ -169,10 +170,8 @@ def main(argv):
     for a in algorithms:
         if a not in rl_loop.INNER_UPDATES:
             raise app.UsageError(f"--algorithms: expected names in {sorted(rl_loop.INNER_UPDATES)}, found {a!r}")
-    train.enable_compilation_cache()
-    model_config = train.build_model_config(cfg)
-    tokenizer = train.load_tokenizer(cfg, workdir)
-    train.check_tokenizer(model_config, tokenizer)
+    run = launcher.setup(cfg, workdir)
+    model_config, tokenizer = run.config, run.tokenizer
     obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
     rl_steps = rl_stage_config(cfg, workdir).total_steps
     stages = 4 if rl_steps > 0 else 2
@@ -181,7 +180,7 @@ def main(argv):
     # evaluation decodes across the run's mesh; one process brings them to the host, as
     # before, to free the device for the next stage, and decodes them on its default device.
     several = jax.process_count() > 1
-    mesh = train.mesh_from_config(cfg) if several else None
+    mesh = run.mesh if several else None
     to_host = (lambda params: params) if several else jax.device_get
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
 

@@ -11,12 +11,12 @@ is `<sft workdir>/checkpoints`, that run's tokenizer.json and prepared data are 
 resumes from the latest checkpoint in --workdir. Metrics: <workdir>/metrics.jsonl.
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import checkpoint, hf, hosts, model, rl_loop, sharding, train
+from llada_jax import launcher, train
+from llada_jax.parallel import hosts
+from llada_jax.rl import loop as rl_loop
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -28,31 +28,11 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
     del argv
-    hosts.initialize_from_flags()  # before anything touches a device
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     cfg = FLAGS.config
-    train.enable_compilation_cache()
-    model_config = train.build_model_config(cfg)
-    init_params = None
-    if FLAGS.init_from:
-        source = os.path.abspath(FLAGS.init_from)
-        parent = os.path.dirname(source)
-        if not cfg.data.tokenizer and os.path.exists(os.path.join(parent, "tokenizer.json")):
-            cfg.data.tokenizer = os.path.join(parent, "tokenizer.json")
-        if not cfg.data.data_dir and os.path.isdir(os.path.join(parent, "data")):
-            cfg.data.data_dir = os.path.join(parent, "data")
-        # Straight into its shards on the run's mesh (every process reads only its slices).
-        shardings = sharding.param_shardings(model.abstract_params(model_config), train.mesh_from_config(cfg))
-        if os.path.exists(os.path.join(source, "config.json")):
-            model_config, init_params = hf.load_hf_checkpoint(source, dtype=model_config.param_dtype,
-                                                              config=model_config, shardings=shardings)
-        else:
-            model_config, init_params = checkpoint.load_params(source, config=model_config, shardings=shardings)
-    else:
+    run = launcher.setup(cfg, FLAGS.workdir, init_from=FLAGS.init_from)
+    if run.params is None:
         logging.warning("no --init_from: RL starts from a random init")
-    tokenizer = train.load_tokenizer(cfg, FLAGS.workdir)
-    train.check_tokenizer(model_config, tokenizer)
-    state = rl_loop.run_rl(cfg, FLAGS.workdir, model_config, tokenizer, init_params=init_params)
+    state = rl_loop.run_rl(cfg, FLAGS.workdir, run.config, run.tokenizer, init_params=run.params)
     if not hosts.is_primary():  # process 0 wrote the metrics and reports them
         return
     rows = train.read_metrics(FLAGS.workdir)

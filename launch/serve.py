@@ -1,4 +1,4 @@
-r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.server` over `llada_jax.engine`).
+r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.serve.server` over `llada_jax.decode.engine`).
 
   pip install -e '.[serve]'
   python launch/serve.py --checkpoint=/ckpt/LLaDA2.1-mini --port=8000 --max_length=2048
@@ -19,7 +19,7 @@ runtime; for batch decoding across hosts use launch/generate.py or launch/eval.p
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
@@ -40,14 +40,13 @@ flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faste
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     import uvicorn
 
-    from llada_jax import benchmarks, engine, server
-    from llada_jax.train import enable_compilation_cache
+    from llada_jax import launcher
+    from llada_jax.decode import engine
+    from llada_jax.serve import server
 
-    enable_compilation_cache()
-    config, params, tok = benchmarks.load_model(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
     eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=FLAGS.max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
                         mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,

@@ -9,10 +9,11 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 Metrics: <workdir>/metrics.jsonl (one JSON object per logged step).
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from llada_jax import hf, hosts, model, sharding, train
+from llada_jax import launcher, train
+from llada_jax.parallel import hosts
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -23,21 +24,11 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
     del argv
-    hosts.initialize_from_flags()  # before anything touches a device
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     cfg = FLAGS.config
-    train.enable_compilation_cache()
-    model_config = train.build_model_config(cfg)
-    tokenizer = train.load_tokenizer(cfg, FLAGS.workdir)
-    train.check_tokenizer(model_config, tokenizer)
-    init_params = None
-    if cfg.model.hf_dir:  # straight into its shards on the run's mesh, in the run's parameter dtype
-        shardings = sharding.param_shardings(model.abstract_params(model_config), train.mesh_from_config(cfg))
-        model_config, init_params = hf.load_hf_checkpoint(cfg.model.hf_dir, dtype=model_config.param_dtype,
-                                                          config=model_config, shardings=shardings)
-    obj_config = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
-    it = train.train_iterator(cfg, FLAGS.workdir, tokenizer)
-    state = train.run_training(cfg, FLAGS.workdir, model_config, obj_config, it, init_params=init_params)
+    run = launcher.setup(cfg, FLAGS.workdir)  # params from --config.model.hf_dir when set
+    obj_config = train.build_objective(cfg, run.config, extra_special_ids=run.tokenizer.special_ids)
+    it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
+    state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params)
     if hosts.is_primary():  # the others have nothing of their own to report
         print(f"finished at step {int(state.step)}; metrics in {FLAGS.workdir}/metrics.jsonl, "
               f"checkpoints in {FLAGS.workdir}/checkpoints")

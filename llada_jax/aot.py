@@ -11,7 +11,7 @@ What is compiled is the project's own code, unchanged:
   rl      `rl.make_rl_step` (EBPO / ESPO from `cfg.rl`, `rl_loop.build_rl_config`: layout
           `rl.vectorize` batch|scan, `rl.grad_mode` direct|replay) jitted the way `rl_loop.run_rl`
           does, on a batch of `prompts_per_step * group_size` rollouts of `data.seq_len` tokens;
-  decode  `decoding.decode`, the jitted Draft-and-Edit loop with the KV cache, on a batch of
+  decode  `decode.decode`, the jitted Draft-and-Edit loop with the KV cache, on a batch of
           `data.batch_size` canvases of `prompt_length + gen_length` tokens.
 
 Every input is a `jax.ShapeDtypeStruct` with its `NamedSharding` on a mesh built from the
@@ -214,7 +214,8 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     whose count is known only after decoding."""
     import numpy as np
 
-    from llada_jax import rl, rl_loop, train
+    from llada_jax import rl, train
+    from llada_jax.rl import loop as rl_loop
 
     if "rl" not in cfg:
         raise ValueError("config: --job=rl needs an `rl` section (configs/rl.py, configs/rl_pod.py)")
@@ -248,7 +249,8 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
 def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_length: int,
                temperature: float = 0.0, mbe_window: int = 0, use_cache: bool = True) -> Job:
     """The decoding loop on `data.batch_size` prompts of `prompt_length` tokens, `gen_length` new ones."""
-    from llada_jax import decoding, model, sharding, train
+    from llada_jax import decode, model, train
+    from llada_jax.parallel import sharding
 
     model_config = train.build_model_config(cfg)
     n = cfg.data.batch_size
@@ -266,15 +268,15 @@ def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_
         shape, dtype, sharding=sharding.logical_sharding(("act_batch",) + (None,) * (len(shape) - 1), shape, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
-    knobs = decoding.Knobs(
+    knobs = decode.Knobs(
         threshold=scalar(jnp.float32), editing_threshold=scalar(jnp.float32), temperature=scalar(jnp.float32),
         top_k=scalar(jnp.int32), top_p=scalar(jnp.float32), penalty_lambda=scalar(jnp.float32),
         max_post_steps=scalar(jnp.int32), eos_early_stop=scalar(jnp.bool_), llada20=scalar(jnp.bool_))
-    settings = decoding.DecodeSettings(
+    settings = decode.DecodeSettings(
         block_length=block, mask_id=model_config.mask_token_id, eos_id=model_config.eos_token_id,
         pad_id=model_config.pad_token_id, greedy=temperature == 0.0, filter_top=False, use_cache=use_cache,
         mbe_window=mbe_window)  # the prefill is a chunked loop inside decode (no static length)
-    fn = jax.jit(lambda *a: decoding.decode(*a, config=model_config, settings=settings))
+    fn = jax.jit(lambda *a: decode.decode(*a, config=model_config, settings=settings))
     args = (params, rows((n, length), jnp.int32), rows((n,), jnp.int32), rows((n,), jnp.int32), knobs, _key(mesh))
     info = dict(_model_info(cfg, model_config), batch=n, prompt_length=prompt_length, gen_length=gen_length,
                 canvas=length, block_size=block, greedy=settings.greedy, use_cache=use_cache, mbe_window=mbe_window)
@@ -345,7 +347,7 @@ def compile_job(job: Job, mesh, *, compiler_options: Optional[dict] = None):
     """`(compiled, seconds)`; raises `NotFitError` when XLA runs out of HBM."""
     import flax.linen as nn
 
-    from llada_jax import sharding
+    from llada_jax.parallel import sharding
 
     t0 = time.perf_counter()
     try:
@@ -384,7 +386,7 @@ def plan(job_name: str, cfg: ml_collections.ConfigDict, topology: Topology, *, d
     how much, the shortfall), the parsed numbers and XLA's first line; callers exit nonzero.
     `hbm_mib` compiles as if each chip had that much HBM (`xla_tpu_max_hbm_size_mib`).
     """
-    from llada_jax import sharding
+    from llada_jax.parallel import sharding
 
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=expert, devices=devices)

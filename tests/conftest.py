@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "llada2_tiny")
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "llada2_tiny")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def fixture_dir():
 @pytest.fixture(scope="session")
 def tiny_hf(fixture_dir):
     """(config, params) of the official tiny fixture model."""
-    from llada_jax.hf import load_hf_checkpoint
+    from llada_jax.model.hf import load_hf_checkpoint
 
     return load_hf_checkpoint(fixture_dir)
 

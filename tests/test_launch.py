@@ -36,7 +36,7 @@ def test_info_counts_without_allocating():
 
 @pytest.fixture(scope="module")
 def task_tokenizer(tmp_path_factory):
-    from llada_jax.tokenizer import build_task_tokenizer
+    from llada_jax.data.tokenizer import build_task_tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     build_task_tokenizer().save(path)
@@ -86,7 +86,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert [r["step"] for r in _jsonl(tmp_path / "rl_ebpo" / "metrics.jsonl")] == [1, 2]
     assert f"report: {tmp_path}/report.json" in out.stdout
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000  # the README's curves (tests/test_plots.py)
-    from llada_jax.metrics import read_events
+    from llada_jax.train.metrics import read_events
 
     assert [s for s, _ in read_events(str(tmp_path / "sft" / "tb"))["loss"]] == [3, 6]  # TensorBoard by default
     assert [s for s, _ in read_events(str(tmp_path / "rl_ebpo" / "tb"))["reward_mean"]] == [1, 2]

@@ -31,10 +31,10 @@ import jax
 import numpy as np
 
 from llada_jax.data.records import DataError
-from llada_jax.tokenizer import TEMPLATES
+from llada_jax.data.tokenizer import TEMPLATES
 
 if TYPE_CHECKING:
-    from llada_jax.tokenizer import Tokenizer
+    from llada_jax.data.tokenizer import Tokenizer
 
 TOO_LONG_POLICIES = ("drop", "truncate", "error")
 

@@ -99,8 +99,8 @@ def _operand(rng: np.random.Generator, cfg: AdditionConfig) -> int:
     return int(rng.integers(low, 10**digits))
 
 
-def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
-    """`num` addition problems of the split, `a+b=` (or `num_pairs` of them, comma-separated);
+def addition_stream(split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> Iterator[dict]:
+    """The split's addition problems, drawn without end: `a+b=` (or `num_pairs` of them, comma-separated);
     the response is the decimal sum of each (in the train split, the carry-less sum with
     probability `cfg.carry_error_rate` where the two differ, per pair)."""
     _check_split(split)
@@ -108,9 +108,9 @@ def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig =
         raise ValueError(f"carry_error_rate: expected a probability in [0, 1], found {cfg.carry_error_rate}")
     if cfg.num_pairs < 1:
         raise ValueError(f"num_pairs: expected an integer >= 1, found {cfg.num_pairs}")
-    rng, out = _rng(seed, split), []
+    rng = _rng(seed, split)
     w = cfg.max_digits if cfg.zero_pad else 0
-    while len(out) < num:
+    while True:
         pairs, prompts, answers = [], [], []
         while len(pairs) < cfg.num_pairs:
             a, b = _operand(rng, cfg), _operand(rng, cfg)
@@ -123,12 +123,16 @@ def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig =
             prompts.append(f"{a:0{w}d}+{b:0{w}d}")
             answers.append(f"{answer:0{w + 1 if w else 0}d}")
         if cfg.num_pairs == 1:
-            out.append({"prompt": prompts[0] + "=", "response": answers[0],
-                        "meta": {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}})
+            yield {"prompt": prompts[0] + "=", "response": answers[0],
+                    "meta": {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}}
         else:
-            out.append({"prompt": "".join(prompts), "response": ",".join("=" + x for x in answers),
-                        "meta": {"task": "addition", "pairs": pairs}})
-    return out
+            yield {"prompt": "".join(prompts), "response": ",".join("=" + x for x in answers),
+                    "meta": {"task": "addition", "pairs": pairs}}
+
+
+def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
+    """The first `num` of `addition_stream`."""
+    return list(itertools.islice(addition_stream(split, seed, cfg), num))
 
 
 def addition_reward(completion: str, meta: Mapping) -> float:
@@ -196,11 +200,11 @@ def solve_countdown(numbers: tuple[int, ...], target: int) -> str | None:
     return countdown_expressions(tuple(numbers)).get(fractions.Fraction(target))
 
 
-def countdown_examples(num: int, split: str, seed: int = 0, cfg: CountdownConfig = CountdownConfig()) -> list[dict]:
-    """`num` Countdown problems of the split; the response is a solver-found expression."""
+def countdown_stream(split: str, seed: int = 0, cfg: CountdownConfig = CountdownConfig()) -> Iterator[dict]:
+    """The split's Countdown problems, drawn without end; the response is a solver-found expression."""
     _check_split(split)
-    rng, out = _rng(seed, split), []
-    while len(out) < num:
+    rng = _rng(seed, split)
+    while True:
         numbers = tuple(int(n) for n in rng.integers(cfg.low, cfg.high + 1, size=cfg.num_numbers))
         reachable = sorted((int(v), e) for v, e in countdown_expressions(numbers).items()
                            if v.denominator == 1 and cfg.target_low <= v <= cfg.target_high)
@@ -210,9 +214,13 @@ def countdown_examples(num: int, split: str, seed: int = 0, cfg: CountdownConfig
         if split_of(f"countdown:{sorted(numbers)}:{target}", cfg.test_fraction, cfg.validation_fraction) != split:
             continue
         shown = ", ".join(map(str, numbers))
-        out.append({"prompt": f"Using {shown} once each with + - * /, make {target}.", "response": expr,
-                    "meta": {"task": "countdown", "numbers": list(numbers), "target": target}})
-    return out
+        yield {"prompt": f"Using {shown} once each with + - * /, make {target}.", "response": expr,
+                "meta": {"task": "countdown", "numbers": list(numbers), "target": target}}
+
+
+def countdown_examples(num: int, split: str, seed: int = 0, cfg: CountdownConfig = CountdownConfig()) -> list[dict]:
+    """The first `num` of `countdown_stream`."""
+    return list(itertools.islice(countdown_stream(split, seed, cfg), num))
 
 
 _TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
@@ -364,25 +372,29 @@ def _make_puzzle(rng: np.random.Generator, solution: np.ndarray, blanks: int) ->
     raise RuntimeError(f"no uniquely solvable puzzle with {blanks} blanks found for {solution.tolist()}")
 
 
-def sudoku_examples(num: int, split: str, seed: int = 0, cfg: SudokuConfig = SudokuConfig()) -> list[dict]:
-    """`num` uniquely solvable 4x4 puzzles of the split; the response is the solution grid."""
+def sudoku_stream(split: str, seed: int = 0, cfg: SudokuConfig = SudokuConfig()) -> Iterator[dict]:
+    """The split's uniquely solvable 4x4 puzzles, drawn without end; the response is the solution grid."""
     _check_split(split)
     if not 1 <= cfg.min_blanks <= cfg.max_blanks <= 12:
         raise ValueError(f"blanks: expected 1 <= min_blanks <= max_blanks <= 12, found {cfg}")
     grids = [g for g in _GRIDS if split_of("sudoku:" + "".join(map(str, g)), cfg.test_fraction,
                                            cfg.validation_fraction) == split]
-    rng, out = _rng(seed, split), []
-    while len(out) < num:
+    rng = _rng(seed, split)
+    while True:
         solution = grids[int(rng.integers(len(grids)))]
         puzzle = _make_puzzle(rng, solution, int(rng.integers(cfg.min_blanks, cfg.max_blanks + 1)))
         if cfg.compact:
             prompt, response = "".join(map(str, puzzle)), "".join(map(str, solution))
         else:
             prompt, response = "Solve the 4x4 sudoku (0 = blank):\n" + _sudoku_text(puzzle), _sudoku_text(solution)
-        out.append({"prompt": prompt, "response": response,
-                    "meta": {"task": "sudoku4x4", "puzzle": "".join(map(str, puzzle)),
-                             "solution": "".join(map(str, solution))}})
-    return out
+        yield {"prompt": prompt, "response": response,
+                "meta": {"task": "sudoku4x4", "puzzle": "".join(map(str, puzzle)),
+                         "solution": "".join(map(str, solution))}}
+
+
+def sudoku_examples(num: int, split: str, seed: int = 0, cfg: SudokuConfig = SudokuConfig()) -> list[dict]:
+    """The first `num` of `sudoku_stream`."""
+    return list(itertools.islice(sudoku_stream(split, seed, cfg), num))
 
 
 def sudoku_reward(completion: str, meta: Mapping) -> float:
@@ -400,13 +412,14 @@ class Task:
     name: str
     config_cls: type
     examples: Callable[..., list[dict]]  # (num, split, seed, cfg) -> examples
+    stream: Callable[..., Iterator[dict]]  # (split, seed, cfg) -> the endless draw sequence examples() cuts
     reward: Callable[[str, Mapping], float]  # (completion, meta) -> reward in [0, 1]
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("addition", AdditionConfig, addition_examples, addition_reward),
-    Task("countdown", CountdownConfig, countdown_examples, countdown_reward),
-    Task("sudoku4x4", SudokuConfig, sudoku_examples, sudoku_reward),
+    Task("addition", AdditionConfig, addition_examples, addition_stream, addition_reward),
+    Task("countdown", CountdownConfig, countdown_examples, countdown_stream, countdown_reward),
+    Task("sudoku4x4", SudokuConfig, sudoku_examples, sudoku_stream, sudoku_reward),
 )}
 
 
@@ -418,18 +431,28 @@ def examples(task: str, num: int, split: str, seed: int = 0, cfg=None) -> list[d
     cfg = t.config_cls() if cfg is None else cfg
     if split not in EVAL_SPLITS:
         return t.examples(num, split, seed, cfg)
-    draws = num
-    for _ in range(6):
-        out, seen = [], set()
-        for ex in t.examples(draws, split, seed, cfg):
-            if ex["prompt"] not in seen:
-                seen.add(ex["prompt"])
-                out.append(ex)
-                if len(out) == num:
-                    return out
-        draws *= 4
+    # One pass over the draw sequence. A split with fewer distinct problems than asked shows it
+    # as a stall: no new prompt for many draws. The draws allowed without one grow with those it
+    # took to find the distinct ones so far (coupon collecting: the gaps grow as the pool
+    # empties), so a large pool is never cut short, and a small one is declared in seconds.
+    out, seen, draws, last_new = [], set(), 0, 0
+    for ex in t.stream(split, seed, cfg):
+        draws += 1
+        if ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
+            out.append(ex)
+            last_new = draws
+            if len(out) == num:
+                return out
+        elif draws - last_new > max(_STALL_DRAWS, 8 * last_new):
+            break
     raise ValueError(f"num ({split}): expected at most the distinct problems of the {task!r} {split} split, found "
-                     f"{num} requested and {len(out)} distinct among {draws // 4} draws")
+                     f"{num} requested and {len(out)} distinct, none new in the last {draws - last_new} of {draws} "
+                     f"draws")
+
+
+# Draws without a new prompt before a split counts as exhausted (beyond 8x the draws that found them).
+_STALL_DRAWS = 20_000
 
 
 def get_task(name: str) -> Task:

@@ -5,7 +5,7 @@ part in every forward. The engine keeps a fixed number of *slots* (rows of one d
 canvas, KV cache, counters, per-slot knobs and sampling keys) and refills a slot as soon as its
 row is DONE: the next waiting request is written into that slot and its prompt prefilled into
 the slot's cache rows, while the other slots carry on. Each call of the compiled `run` does up
-to `steps_per_call` loop iterations of `decoding.step` (one model forward each) and returns
+to `steps_per_call` loop iterations of `decode.step` (one model forward each) and returns
 early when a row finishes, so a freed slot waits at most one call.
 
 Compiled programs: `admit` (one request into one slot, its chunked prefill) and `run`, both
@@ -34,13 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from llada_jax import decoding, kvcache
-from llada_jax.config import ModelConfig
+from llada_jax.decode import kvcache
+from llada_jax.decode import options as decode_options
+from llada_jax.decode.loop import DENOISE, DONE, DecodeState, step as decode_step
+from llada_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass
 class Request:
-    """One decoding request: prompt ids and `decoding.check_options` values (per-slot knobs)."""
+    """One decoding request: prompt ids and `decode.check_options` values (per-slot knobs)."""
 
     prompt: list[int]
     options: dict[str, Any]
@@ -69,10 +71,10 @@ class Result:
 class Slots:
     """The device state of all slots (donated to every compiled call)."""
 
-    state: decoding.DecodeState
+    state: DecodeState
     prompt_lens: Int[Array, "S"]
     num_blocks: Int[Array, "S"]
-    knobs: decoding.Knobs
+    knobs: decode_options.Knobs
     row_keys: jax.Array
 
 
@@ -90,7 +92,7 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), st.cache, row_cache)
     st = st.replace(
         canvas=put(st.canvas, canvas_row), block=put(st.block, prompt_len // b),
-        phase=put(st.phase, decoding.DENOISE), post_steps=put(st.post_steps, 0), steps=put(st.steps, 0),
+        phase=put(st.phase, DENOISE), post_steps=put(st.post_steps, 0), steps=put(st.steps, 0),
         cache_writes=put(st.cache_writes, (prompt_len >= b).astype(jnp.int32)), mbe_forwards=put(st.mbe_forwards, 0),
         commit_step=put(st.commit_step, -1), stale=put(st.stale, False), cache=cache)
     return Slots(state=st, prompt_lens=put(slots.prompt_lens, prompt_len), num_blocks=put(slots.num_blocks, num_blocks),
@@ -99,13 +101,13 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
 
 def _run(params, slots: Slots, max_steps, *, config, settings):
     """Up to `max_steps` loop iterations; stops early once a row that was running is DONE."""
-    running = slots.state.phase != decoding.DONE
-    step = functools.partial(decoding.step, params, prompt_lens=slots.prompt_lens, num_blocks=slots.num_blocks,
+    running = slots.state.phase != DONE
+    step = functools.partial(decode_step, params, prompt_lens=slots.prompt_lens, num_blocks=slots.num_blocks,
                              knobs=slots.knobs, row_keys=slots.row_keys, config=config, settings=settings)
 
     def cond(carry):
         i, st = carry
-        done = st.phase == decoding.DONE
+        done = st.phase == DONE
         return (i < max_steps) & ~(running & done).any() & ~done.all()
 
     def body(carry):
@@ -130,13 +132,13 @@ class Engine:
                  sampling: bool = False, steps_per_call: int = 8, mask_id: Optional[int] = None,
                  eos_id: Optional[int] = None):
         if max_length % block_length or max_length > config.max_position_embeddings:
-            decoding._fail("max_length", f"a multiple of block_length={block_length} <= "
+            decode_options.fail("max_length", f"a multiple of block_length={block_length} <= "
                            f"max_position_embeddings={config.max_position_embeddings}", max_length)
         self.params, self.config = params, config
         self.num_slots, self.max_length, self.steps_per_call = slots, max_length, steps_per_call
         self.mask_id = config.mask_token_id if mask_id is None else mask_id
         self.eos_id = config.eos_token_id if eos_id is None else eos_id
-        self.settings = decoding.DecodeSettings(
+        self.settings = decode_options.DecodeSettings(
             block_length=block_length, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=config.pad_token_id,
             greedy=not sampling, filter_top=sampling, use_cache=True, mbe_window=mbe_window,
             mbe_attention=mbe_attention)
@@ -152,13 +154,13 @@ class Engine:
 
     def _empty_slots(self) -> Slots:
         n, length = self.num_slots, self.max_length
-        state = decoding.DecodeState(
+        state = DecodeState(
             canvas=jnp.full((n, length), self.mask_id, jnp.int32), block=jnp.zeros((n,), jnp.int32),
-            phase=jnp.full((n,), decoding.DONE, jnp.int32), post_steps=jnp.zeros((n,), jnp.int32),
+            phase=jnp.full((n,), DONE, jnp.int32), post_steps=jnp.zeros((n,), jnp.int32),
             steps=jnp.zeros((n,), jnp.int32), cache_writes=jnp.zeros((n,), jnp.int32),
             mbe_forwards=jnp.zeros((n,), jnp.int32), commit_step=jnp.full((n, length), -1, jnp.int32),
             stale=jnp.zeros((n,), bool), cache=kvcache.init_cache(self.config, n, length))
-        knobs = decoding.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
+        knobs = decode_options.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
                                     temperature=np.zeros(n), top_k=np.full(n, self.config.vocab_size),
                                     top_p=np.ones(n), penalty_lambda=np.zeros(n), max_post_steps=np.zeros(n),
                                     eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool))
@@ -168,26 +170,26 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def check(self, prompt, options: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
-        """Validates one request against `decoding.check_options` and this engine's shapes;
-        raises `decoding.OptionError` naming the field."""
+        """Validates one request against `decode.check_options` and this engine's shapes;
+        raises `decode_options.OptionError` naming the field."""
         opts = {k: v for k, v in options.items() if k not in ("mask_id", "eos_id")}  # the engine's own
         opts.setdefault("block_length", self.settings.block_length)
         mbe = opts.pop("mbe_window", None)
-        opts = decoding.check_options(self.config, **opts, mbe_window=0 if mbe is None else mbe,
+        opts = decode_options.check_options(self.config, **opts, mbe_window=0 if mbe is None else mbe,
                                       mask_id=self.mask_id, eos_id=self.eos_id)
         if opts["block_length"] != self.settings.block_length:
-            decoding._fail("block_length", f"{self.settings.block_length} (this engine's)", opts["block_length"])
+            decode_options.fail("block_length", f"{self.settings.block_length} (this engine's)", opts["block_length"])
         if opts["mbe_window"] not in (0, self.settings.mbe_window):
-            decoding._fail("mbe_window", f"0 or {self.settings.mbe_window} (this engine's)", opts["mbe_window"])
+            decode_options.fail("mbe_window", f"0 or {self.settings.mbe_window} (this engine's)", opts["mbe_window"])
         if opts["temperature"] > 0 and self.settings.greedy:
-            decoding._fail("temperature", "0 (this engine decodes greedily; start it with sampling)",
+            decode_options.fail("temperature", "0 (this engine decodes greedily; start it with sampling)",
                            opts["temperature"])
         if opts["mbe_attention"] != self.settings.mbe_attention:
-            decoding._fail("mbe_attention", f"{self.settings.mbe_attention!r} (this engine's)", opts["mbe_attention"])
-        [row] = decoding.check_prompts([prompt], self.config.vocab_size, self.mask_id)
+            decode_options.fail("mbe_attention", f"{self.settings.mbe_attention!r} (this engine's)", opts["mbe_attention"])
+        [row] = decode_options.check_prompts([prompt], self.config.vocab_size, self.mask_id)
         need = math.ceil((len(row) + opts["gen_length"]) / self.settings.block_length) * self.settings.block_length
         if need > self.max_length:
-            decoding._fail("prompt + gen_length", f"a canvas of at most max_length={self.max_length} tokens", need)
+            decode_options.fail("prompt + gen_length", f"a canvas of at most max_length={self.max_length} tokens", need)
         return row, opts
 
     def submit(self, prompt, options: dict[str, Any], *, seed: int = 0,
@@ -208,7 +210,7 @@ class Engine:
         p = len(req.prompt)
         canvas = np.full((self.max_length,), self.mask_id, np.int32)
         canvas[:p] = req.prompt
-        knobs = decoding.make_knobs(
+        knobs = decode_options.make_knobs(
             self.config.vocab_size, threshold=o["threshold"], editing_threshold=o["editing_threshold"],
             temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"], penalty_lambda=o["penalty_lambda"],
             max_post_steps=o["max_post_steps"], eos_early_stop=o["eos_early_stop"], llada20=o["llada20"],
@@ -235,7 +237,7 @@ class Engine:
         results = []
         w = self.settings.mbe_window
         for slot, req in list(self._active.items()):
-            done = phase[slot] == decoding.DONE
+            done = phase[slot] == DONE
             final = block[slot] + 1 if done else block[slot] - (w - 1 if w and req.options["mbe_window"] else 0)
             if req.on_block is not None and final > self._emitted[slot]:
                 canvas = np.asarray(st.canvas) if canvas is None else canvas

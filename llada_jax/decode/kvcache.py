@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax import model
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 from llada_jax.kernels.attention import _NEG
-from llada_jax.sharding import constrain
+from llada_jax.parallel.sharding import constrain
 
 _GROUPS = (("dense", False), ("moe", True))
 

@@ -8,10 +8,10 @@ with and without Multi-Block Editing. `run_eval` produces that table for any che
   (`\\boxed{}`), HumanEval `prompt` / `test` / `entry_point`, MBPP `text` / `test_list`, and
   the project's own task records (`messages` or `prompt`, with `meta`). Each becomes an
   `Example`: the user turn(s), the reward's `meta`, a gold answer text (for few-shot turns).
-- `parse_mode` names a decoding setting: a preset of `decoding.PRESETS` (`S`, `Q`, `no_edit`,
+- `parse_mode` names a decoding setting: a preset of `decode.PRESETS` (`S`, `Q`, `no_edit`,
   `llada20`), `+mbe` for Multi-Block Editing, and `:threshold=..,editing_threshold=..`
   overrides (`Q+mbe`, `S:threshold=0.6`).
-- `decoder` is the completion source that runs `decoding.generate` on a batch (padded to a
+- `decoder` is the completion source that runs `decode.generate` on a batch (padded to a
   fixed size so that the compiled program is reused, and to a multiple of the mesh's batch
   axes; decoded inside the mesh, which shards the batch over `data`). A batch whose static
   shape is new is decoded once untimed first, so TPS excludes compilation (that warm-up
@@ -38,7 +38,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import numpy as np
 
-from llada_jax import decoding, metrics, rewards, sandbox
+from llada_jax import decode, rewards
+from llada_jax.rewards import sandbox
+from llada_jax.train import metrics
 
 FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "task")
 _MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -175,15 +177,15 @@ class Mode:
 
 
 def parse_mode(spec: str, mbe_window: int = 2) -> Mode:
-    """`PRESET[+mbe][:key=value,...]`: a preset of `decoding.PRESETS`, Multi-Block Editing over
+    """`PRESET[+mbe][:key=value,...]`: a preset of `decode.PRESETS`, Multi-Block Editing over
     `mbe_window` blocks, and overrides of threshold / editing_threshold / mbe_window."""
     head, _, tail = spec.partition(":")
     preset, plus, extra = head.partition("+")
-    if preset not in decoding.PRESETS:
-        raise BenchmarkError(f"mode {spec!r}: expected a preset in {sorted(decoding.PRESETS)}, found {preset!r}")
+    if preset not in decode.PRESETS:
+        raise BenchmarkError(f"mode {spec!r}: expected a preset in {sorted(decode.PRESETS)}, found {preset!r}")
     if plus and extra != "mbe":
         raise BenchmarkError(f"mode {spec!r}: expected '+mbe' after the preset, found '+{extra}'")
-    values = {**decoding.PRESETS[preset], "mbe_window": mbe_window if plus else 0}
+    values = {**decode.PRESETS[preset], "mbe_window": mbe_window if plus else 0}
     for item in filter(None, tail.split(",")):
         key, eq, value = item.partition("=")
         if key not in ("threshold", "editing_threshold", "mbe_window") or not eq:
@@ -225,13 +227,14 @@ CompleteFn = Callable[[Sequence[Prompt], Mode], Batch]
 
 def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: int, batch_size: int,
             mesh=None, max_post_steps: int = 16, eos_early_stop: bool = True) -> CompleteFn:
-    """A `CompleteFn` running `decoding.generate` (greedy) on the model; see the module docstring.
+    """A `CompleteFn` running `decode.generate` (greedy) on the model; see the module docstring.
     With `mesh` (`params` as sharded there), on one process or several, every process calls it
     with the same prompts and gets every completion."""
     import jax
     import flax.linen as nn
 
-    from llada_jax import evaluate, sharding
+    from llada_jax.evaluation import heldout
+    from llada_jax.parallel import sharding
 
     rows_multiple = 1
     if mesh is not None:
@@ -245,10 +248,10 @@ def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: i
         kw = dict(gen_length=gen_length, block_length=block_length, max_post_steps=max_post_steps,
                   eos_early_stop=eos_early_stop, **mode.generate_kwargs())
         if mesh is None:
-            return decoding.generate(params, model_config, ids, **kw)
+            return decode.generate(params, model_config, ids, **kw)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             # Each process decodes its rows of the batch; every process gets every row back.
-            return evaluate.generate_everywhere(params, model_config, ids, mesh=mesh, **kw)
+            return heldout.generate_everywhere(params, model_config, ids, mesh=mesh, **kw)
 
     def complete(prompts: Sequence[Prompt], mode: Mode) -> Batch:
         ids = [p.ids for p in prompts]
@@ -264,7 +267,7 @@ def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: i
         t0 = time.perf_counter()
         out = run(ids, mode)
         seconds = time.perf_counter() - t0
-        completions = [Completion(evaluate.completion_text(out.tokens[r], tokenizer), int(out.num_generated[r]),
+        completions = [Completion(heldout.completion_text(out.tokens[r], tokenizer), int(out.num_generated[r]),
                                   int(out.forwards[r])) for r in range(len(prompts))]
         return Batch(completions, seconds, warmup)
 
@@ -354,7 +357,7 @@ def run_eval(examples: Sequence[Example], prompts: Sequence[Prompt], complete: C
 
     if len(examples) != len(prompts):
         raise BenchmarkError(f"prompts: expected one per example ({len(examples)}), found {len(prompts)}")
-    from llada_jax import hosts
+    from llada_jax.parallel import hosts
 
     primary = hosts.is_primary()
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
@@ -427,44 +430,3 @@ def iter_jsonl(path: str) -> Iterable[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def _run_tokenizer(checkpoints: str) -> str:
-    """The tokenizer of the run that wrote `checkpoints`: `tokenizer.json` beside the directory
-    (launch/train.py's and launch/rl.py's workdir), else one level up (the quickstart's workdir,
-    whose sft/ and rl_<algorithm>/ runs share it). Neither: the error names both."""
-    run = os.path.dirname(os.path.abspath(checkpoints))
-    candidates = [os.path.join(run, "tokenizer.json"), os.path.join(os.path.dirname(run), "tokenizer.json")]
-    for candidate in candidates:
-        if os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"tokenizer: expected a tokenizer.json at {' or '.join(candidates)} (or pass one), "
-                            f"found neither")
-
-
-def load_model(path: str, tokenizer_path: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None):
-    """(model config, params, tokenizer) from an Orbax directory (training or converted; the
-    tokenizer defaults to the run's, `_run_tokenizer`) or a Hugging Face directory (with
-    config.json; its own tokenizer.json by default; parameters in its stored dtype). With
-    `mesh`, the parameters are read straight into their shards on it (`sharding.param_shardings`:
-    each process reads only the slices its devices hold); without, whole onto one device."""
-    from llada_jax import checkpoint, hf, model, sharding
-    from llada_jax.tokenizer import Tokenizer
-
-    def shardings(config):
-        return None if mesh is None else sharding.param_shardings(model.abstract_params(config), mesh)
-
-    if os.path.exists(os.path.join(path, "config.json")):
-        config = hf.ModelConfig.from_hf_config(path)
-        dtype = hf.hf_param_dtype(path)
-        config = config.replace(param_dtype=dtype) if dtype else config
-        config, params = hf.load_hf_checkpoint(path, config=config, shardings=shardings(config))
-        tok_path = tokenizer_path or path
-    else:
-        config = checkpoint.read_config(path) if mesh is not None else None
-        config, params = checkpoint.load_params(path, config=config,
-                                                shardings=None if config is None else shardings(config))
-        tok_path = tokenizer_path or _run_tokenizer(path)
-    if moe_impl:
-        config = config.replace(moe_impl=moe_impl)
-    return config, params, Tokenizer.from_file(tok_path)

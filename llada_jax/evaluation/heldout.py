@@ -18,8 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from llada_jax import decoding, hosts, rewards
-from llada_jax.config import ModelConfig
+from llada_jax import decode, rewards
+from llada_jax.parallel import hosts
+from llada_jax.model.config import ModelConfig
 
 
 def prompts_and_metas(examples: Sequence[Mapping[str, Any]], tokenizer,
@@ -39,8 +40,8 @@ def completion_text(tokens: Sequence[int], tokenizer) -> str:
     return tokenizer.decode(out)
 
 
-def gather_rows(out: decoding.GenerateOutput, index: int, count: int, n: int,
-                gen_length: int) -> decoding.GenerateOutput:
+def gather_rows(out: decode.GenerateOutput, index: int, count: int, n: int,
+                gen_length: int) -> decode.GenerateOutput:
     """Every process's rows of a `generate(mesh=...)` output in global order, the first `n` kept
     (the padding dropped): `tokens`, `forwards`, `steps`, `tpf` and `num_generated`. This
     process decoded row slice `index` of `count` (`hosts.batch_rows`); the other fields are
@@ -61,8 +62,8 @@ def gather_rows(out: decoding.GenerateOutput, index: int, count: int, n: int,
 
 
 def generate_everywhere(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], *, mesh,
-                        gen_length: int, **generate_kw) -> decoding.GenerateOutput:
-    """`decoding.generate` of all `prompts` (the same list on every process) on `mesh`.
+                        gen_length: int, **generate_kw) -> decode.GenerateOutput:
+    """`decode.generate` of all `prompts` (the same list on every process) on `mesh`.
 
     The list is padded with copies of its last prompt to a multiple of the mesh's batch axes,
     each process decodes its rows of that global batch (`params` as sharded on `mesh`), and
@@ -73,7 +74,7 @@ def generate_everywhere(params, model_config: ModelConfig, prompts: Sequence[Seq
     padded = prompts + [prompts[-1]] * (-len(prompts) % ways)
     index, count = hosts.batch_rows(mesh, len(padded), "prompts per batch (padded)")
     per = len(padded) // count
-    out = decoding.generate(params, model_config, padded[index * per:(index + 1) * per], gen_length=gen_length,
+    out = decode.generate(params, model_config, padded[index * per:(index + 1) * per], gen_length=gen_length,
                             mesh=mesh, **generate_kw)
     return gather_rows(out, index, count, len(prompts), gen_length)
 
@@ -93,7 +94,7 @@ def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Ma
     for i in range(0, len(prompts), batch_size):
         kw = dict(gen_length=gen_length, block_length=block_length, preset=mode, rng=rng, **generate_kw)
         if mesh is None:
-            out = decoding.generate(params, model_config, prompts[i:i + batch_size], **kw)
+            out = decode.generate(params, model_config, prompts[i:i + batch_size], **kw)
         else:
             out = generate_everywhere(params, model_config, prompts[i:i + batch_size], mesh=mesh, **kw)
         texts = [completion_text(t, tokenizer) for t in out.tokens]

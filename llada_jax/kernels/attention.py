@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from llada_jax.config import ATTENTION_IMPLS
 from llada_jax.kernels.mask import AttentionMask, allowed
+
+# The attention implementations behind `attention` (ModelConfig.attention_impl takes one of them).
+ATTENTION_IMPLS = ("xla", "blocked", "splash", "cudnn", "auto")
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
 
@@ -317,7 +319,7 @@ def _splash_specs(q_shape, k_shape):
         return None
     import flax.linen as nn
 
-    from llada_jax.sharding import DEFAULT_RULES, logical_to_spec
+    from llada_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 
     rules = nn.get_logical_axis_rules() or DEFAULT_RULES
     shape = dict(mesh.shape)

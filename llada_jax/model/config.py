@@ -13,8 +13,9 @@ import json
 import os
 from typing import Any, Mapping
 
+from llada_jax.kernels.attention import ATTENTION_IMPLS
+
 MOE_IMPLS = ("ragged", "dense", "expert_parallel")
-ATTENTION_IMPLS = ("xla", "blocked", "splash", "cudnn", "auto")  # llada_jax/kernels/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "names")
 # Activations named with `checkpoint_name` in model.py; remat_policy="names" saves `remat_save` of them.
 REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_out", "layer_out")

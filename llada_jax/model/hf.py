@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -136,7 +136,7 @@ def hf_keys(config: ModelConfig) -> dict[str, tuple]:
 def _leaf_shapes(config: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     import flax.linen as nn
 
-    from llada_jax.model import abstract_params
+    from llada_jax.model.transformer import abstract_params
 
     flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(config)))[0]
     return {tuple(p.key for p in path): v for path, v in flat}
@@ -428,7 +428,7 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params, *, 
     alike (the tensors are gathered), process 0 writes, and all return once the files are
     there. Returns the written file names.
     """
-    from llada_jax import hosts
+    from llada_jax.parallel import hosts
 
     primary = hosts.is_primary()
     path = os.fspath(path)

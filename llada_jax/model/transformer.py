@@ -23,10 +23,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax import kernels
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 from llada_jax.kernels import AttentionMask
 from llada_jax.kernels.logits import chunked_output_stats, rms_norm
-from llada_jax.sharding import constrain
+from llada_jax.model.moe import EXPERT_IMPLS, route
+from llada_jax.parallel import sharding
+from llada_jax.parallel.sharding import constrain
 
 Dtype = Any
 
@@ -141,64 +143,6 @@ class MLP(nn.Module):
         return jnp.einsum("btf,fd->btd", hdn, wd.astype(dt))
 
 
-def route(x: Float[Array, "T D"], router_kernel, expert_bias, config: ModelConfig):
-    """Sigmoid router with group-limited top-k (REFERENCE §1), fp32 throughout.
-
-    `expert_bias` steers only the selection; the weights use the unbiased scores.
-    Returns (expert ids [T, k], combine weights [T, k] fp32).
-    """
-    c = config
-    logits = x.astype(jnp.float32) @ router_kernel.astype(jnp.float32)  # [T, E]
-    scores = jax.nn.sigmoid(logits)
-    sel = scores + expert_bias.astype(jnp.float32)
-    t = sel.shape[0]
-    per_group = c.num_experts // c.n_group
-    group_scores = jax.lax.top_k(sel.reshape(t, c.n_group, per_group), 2)[0].sum(-1)  # [T, n_group]
-    _, group_idx = jax.lax.top_k(group_scores, c.topk_group)  # [T, topk_group]
-    group_keep = jax.nn.one_hot(group_idx, c.n_group, dtype=jnp.bool_).any(axis=-2)  # [T, n_group]
-    expert_keep = jnp.repeat(group_keep, per_group, axis=-1)  # [T, E]
-    _, idx = jax.lax.top_k(jnp.where(expert_keep, sel, -jnp.inf), c.num_experts_per_tok)
-    w = jnp.take_along_axis(scores, idx, axis=-1)
-    if c.num_experts_per_tok > 1:
-        w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return idx, w * c.routed_scaling_factor
-
-
-def experts_ragged(x, idx, w, wi_gate, wi_up, wo, dtype):
-    """Dropless sorted dispatch: tokens grouped by expert, one ragged_dot per projection."""
-    t, kk = idx.shape
-    e = wi_gate.shape[0]
-    flat = idx.reshape(-1)  # [T*k]
-    order = jnp.argsort(flat, stable=True)
-    rows = x[order // kk]  # [T*k, D] sorted by expert
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    g = jax.lax.ragged_dot(rows, wi_gate.astype(dtype), sizes)
-    u = jax.lax.ragged_dot(rows, wi_up.astype(dtype), sizes)
-    out = jax.lax.ragged_dot(nn.silu(g) * u, wo.astype(dtype), sizes)  # [T*k, D]
-    out = jnp.zeros_like(out).at[order].set(out).reshape(t, kk, -1)
-    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w).astype(dtype)
-
-
-def experts_dense(x, idx, w, wi_gate, wi_up, wo, dtype):
-    """Every expert on every token, combined with a [T, E] weight matrix that is zero off the top-k.
-
-    Written as three plain 2-D matmuls over the flattened (expert, hidden) axis: the combine
-    weight scales the hidden activations before the down projection, so the sum over experts is
-    part of that matmul and no [T, E, D] tensor exists (2.5x faster loss+grad on XLA:CPU than
-    per-expert batched einsums).
-    """
-    e, d, f = wi_gate.shape
-    t = x.shape[0]
-    combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx, e, dtype=jnp.float32), w)  # [T, E]
-    g = (x @ wi_gate.astype(dtype).transpose(1, 0, 2).reshape(d, e * f)).reshape(t, e, f)
-    u = (x @ wi_up.astype(dtype).transpose(1, 0, 2).reshape(d, e * f)).reshape(t, e, f)
-    h = (nn.silu(g) * u).astype(jnp.float32) * combine[:, :, None]
-    return h.astype(dtype).reshape(t, e * f) @ wo.astype(dtype).reshape(e * f, -1)
-
-
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
-
-
 class MoE(nn.Module):
     """Routed SwiGLU experts (stacked [E, ...]) plus shared experts; no dropping, no aux loss."""
 
@@ -218,7 +162,7 @@ class MoE(nn.Module):
 
         b, t, _ = x.shape
         if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/moe.py)
-            from llada_jax.moe import expert_parallel
+            from llada_jax.model.moe import expert_parallel
 
             y, idx, w, dropped = expert_parallel(x, router, bias, wi_gate, wi_up, wo, c)
             self.sow("intermediates", "moe_dropped", dropped)
@@ -429,3 +373,14 @@ def forward_cached(params, config: ModelConfig, tokens, positions, mask, cache, 
     """One chunk against a KV cache: writes the chunk's K/V at `cache_index` [B] and attends over
     the whole cache under `mask` [B|1, T, S]. Returns (logits [B, T, V] fp32, new cache)."""
     return Transformer(config).apply({"params": params}, tokens, positions, mask, cache, cache_index)
+
+
+def init_sharded(config, mesh: jax.sharding.Mesh, rng: jax.Array, rules=sharding.DEFAULT_RULES):
+    """Parameters initialised directly in their shards: `eval_shape` -> specs -> `jit(out_shardings)`.
+
+    Returns `(params, shardings)`; no device ever holds the whole model.
+    """
+    shardings = sharding.param_shardings(abstract_params(config), mesh, rules)
+    init = jax.jit(lambda r: init_params(config, r), out_shardings=shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return init(rng), shardings

@@ -134,19 +134,6 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def init_sharded(config, mesh: Mesh, rng: jax.Array, rules: Rules = DEFAULT_RULES):
-    """Parameters initialised directly in their shards: `eval_shape` -> specs -> `jit(out_shardings)`.
-
-    Returns `(params, shardings)`; no device ever holds the whole model.
-    """
-    from llada_jax.model import abstract_params, init_params
-
-    shardings = param_shardings(abstract_params(config), mesh, rules)
-    init = jax.jit(lambda r: init_params(config, r), out_shardings=shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return init(rng), shardings
-
-
 def replicated_bytes(params, min_bytes: int = 0) -> dict[str, int]:
     """Bytes per parameter leaf that is fully replicated on a multi-device mesh (for audits/tests)."""
     out = {}

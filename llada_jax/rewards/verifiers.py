@@ -7,7 +7,7 @@ problem's `meta` (what the verifier needs). `REWARDS` names them:
 - `gsm8k`: 1/0 on the final number (`\\boxed{}` content, else the last number in the text),
 - `math`: 1/0 on the `\\boxed{}` answer, equal to the reference up to MATH-style normalisation
   or numerically / symbolically (a small safe parser, see `math_equal`),
-- `code`: the fraction of unit tests passed in `llada_jax.sandbox`,
+- `code`: the fraction of unit tests passed in `llada_jax.rewards.sandbox`,
 - `by_task`: dispatch on `meta["task"]` to one of the above.
 
 `judge` gives one sample's reward with the reason it is not 1 (the sandbox's per-test
@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from llada_jax import sandbox
+from llada_jax.rewards import sandbox
 from llada_jax.data import tasks
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]

@@ -5,7 +5,7 @@
 
   1. P prompts from a grain pipeline over the task's train split (`prompt_iterator`), each
      repeated G times;
-  2. rollouts with `decoding.generate` on the CURRENT params, in place (the state the last update
+  2. rollouts with `decode.generate` on the CURRENT params, in place (the state the last update
      returned: no host copy, no checkpoint round trip, as DiRL argues), sampled at
      `rl.temperature` with key `fold_in(rollout_key, s)`;
   3. rewards (`rewards.score`, which turns a raising verifier into reward 0 and a report) and the
@@ -50,8 +50,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from llada_jax import checkpoint, decoding, evaluate, hosts, model, rewards, rl, sharding, train
-from llada_jax.config import ConfigError, ModelConfig
+from llada_jax import decode, model, rewards, rl, train
+from llada_jax.evaluation import heldout
+from llada_jax.parallel import hosts, sharding
+from llada_jax.train import checkpoint
+from llada_jax.model.config import ConfigError, ModelConfig
 
 ALGORITHMS = ("ebpo", "espo", "dipo")
 # μ, the inner updates per rollout batch, when `rl.inner_updates` is None (ESPO's paper uses 8).
@@ -125,7 +128,7 @@ def make_rl_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransform
 
 # ------------------------------------------------------------------------------ prompts
 def _prompt_row(example: Mapping[str, Any], tokenizer, template: str) -> dict:
-    ids, metas = evaluate.prompts_and_metas([example], tokenizer, template)
+    ids, metas = heldout.prompts_and_metas([example], tokenizer, template)
     return {"prompt": ids[0], "meta": metas[0]}
 
 
@@ -175,13 +178,13 @@ def bucket(n: int, size: int) -> int:
 
 
 def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
-            key: jax.Array, mesh=None) -> decoding.GenerateOutput:
+            key: jax.Array, mesh=None) -> decode.GenerateOutput:
     """G samples per prompt from the policy `params` as they are (rows grouped by prompt); DiPO's
     also record every write of the decoder (its exact trajectory). With `mesh`, `prompts` are
     this process's and the rows are decoded as part of the global batch."""
     r = cfg.rl
     rows = [p for p in prompts for _ in range(r.group_size)]
-    return decoding.generate(params, model_config, rows, gen_length=r.gen_length,
+    return decode.generate(params, model_config, rows, gen_length=r.gen_length,
                              block_length=cfg.objective.block_size, preset=r.preset,
                              temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo", mesh=mesh)
 
@@ -204,11 +207,11 @@ def _check_lengths(cfg: ml_collections.ConfigDict, prompts: Sequence[Sequence[in
 
 def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: ml_collections.ConfigDict,
                   mesh=None) -> dict:
-    """`evaluate.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`.
+    """`heldout.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`.
     With `mesh`, every process decodes its share of the examples and gets every metric back."""
     out = {}
     for mode in cfg.rl.eval_modes:
-        res = evaluate.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=cfg.rl.gen_length,
+        res = heldout.evaluate(params, model_config, tokenizer, examples, mode=mode, gen_length=cfg.rl.gen_length,
                                 block_length=cfg.objective.block_size, template=cfg.data.template, mesh=mesh)
         out.update({f"eval_{mode}_{k}": res[k] for k in ("accuracy", "reward", "tpf")})
         out[f"{TIME_PREFIX}eval_{mode}_s"] = res["seconds"]
@@ -320,7 +323,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 _check_lengths(cfg, prompts)
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
                 out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
-                texts = [evaluate.completion_text(t, tokenizer) for t in out.tokens]
+                texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
                 scores, errors = rewards.score(texts, metas, reward)
                 adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
                 # Every process's rows, in global order: the metrics and the skip decision are global.

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP front end for `llada_jax.engine` (Starlette; `launch/serve.py` runs it).
+"""An OpenAI-compatible HTTP front end for `llada_jax.decode.engine` (Starlette; `launch/serve.py` runs it).
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the LLaDA2 chat template, or the
 plain one with `"raw": true` for plain-text models such as the quickstart's), `GET /v1/models`,
@@ -32,9 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from llada_jax import decoding
-from llada_jax.engine import Engine
-from llada_jax.tokenizer import Tokenizer, TokenizerError
+from llada_jax import decode
+from llada_jax.decode.engine import Engine
+from llada_jax.data.tokenizer import Tokenizer, TokenizerError
 
 _KNOBS = ("threshold", "editing_threshold", "max_post_steps", "mbe_window", "block_length", "eos_early_stop",
           "penalty_lambda", "top_k", "top_p", "temperature")
@@ -123,8 +123,8 @@ def _options(body: dict, default_max_tokens: int) -> tuple[dict[str, Any], int]:
     if _number(body, "n", int, 1, 1, default=1) != 1:
         raise BadRequest("n", "n: expected 1")
     mode = body.get("mode", "Q")
-    if mode not in decoding.PRESETS:
-        raise BadRequest("mode", f"mode: expected one of {sorted(decoding.PRESETS)}, found {mode!r}")
+    if mode not in decode.PRESETS:
+        raise BadRequest("mode", f"mode: expected one of {sorted(decode.PRESETS)}, found {mode!r}")
     opts: dict[str, Any] = {"preset": mode, "gen_length": _number(body, "max_tokens", int, 1,
                                                                  default=default_max_tokens)}
     if "max_completion_tokens" in body:
@@ -216,7 +216,7 @@ class App:
             prompt, options = self.worker.check(prompt, options)
         except BadRequest as err:
             return self._error(err.field, str(err))
-        except decoding.OptionError as err:
+        except decode.OptionError as err:
             field = {"gen_length": "max_tokens", "preset": "mode", "prompts[0]": "prompt"}.get(err.field, err.field)
             if field == "prompt + gen_length":
                 field = "max_tokens"

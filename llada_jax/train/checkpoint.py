@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -212,41 +212,61 @@ def save_params(directory: str, config: ModelConfig, params: Any, step: int = 0)
     ckpt.close()
 
 
-def read_config(directory: str, step: Optional[int] = None) -> ModelConfig:
-    """The model config stored with a checkpoint (to build shardings before loading params)."""
+def _stored_extra(ckpt: "Checkpointer", directory: str, step: Optional[int]) -> tuple[int, dict]:
+    """(step, the JSON `extra` saved with it): the latest step when `step` is None."""
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
+    return step, ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+
+
+def read_config(directory: str, step: Optional[int] = None, *, config: Optional[ModelConfig] = None) -> ModelConfig:
+    """The model config stored with a checkpoint (to build shardings before loading params). With
+    `config`, that config is checked against the stored one (architecture fields) and returned."""
     ckpt = Checkpointer(directory)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
-        extra = ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        step, extra = _stored_extra(ckpt, directory, step)
     finally:
         ckpt.close()
-    if extra.get("model_config") is None:
+    saved = extra.get("model_config")
+    if config is not None:
+        if saved is not None:
+            check_compatible(saved, config, f"{directory} step {step}")
+        return config
+    if saved is None:
         raise IncompatibleCheckpointError(f"{directory}: no model_config stored; pass a config")
-    return ModelConfig(**extra["model_config"])
+    return ModelConfig(**saved)
+
+
+def run_file(checkpoints: str, name: str) -> Optional[str]:
+    """A file or directory of the run that wrote `checkpoints` (its `tokenizer.json`, its prepared
+    `data/`): beside the checkpoints directory (launch/train.py's and launch/rl.py's workdir), else
+    one level up (the quickstart's workdir, whose sft/ and rl_<algorithm>/ runs share them).
+    None when neither exists."""
+    for candidate in run_file_candidates(checkpoints, name):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def run_file_candidates(checkpoints: str, name: str) -> list[str]:
+    """Where `run_file` looks, in order."""
+    run = os.path.dirname(os.path.abspath(checkpoints.rstrip("/")))
+    return [os.path.join(run, name), os.path.join(os.path.dirname(run), name)]
 
 
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,
                 step: Optional[int] = None) -> tuple[ModelConfig, Any]:
     """Params from a params-only or a full training checkpoint. The config is read from the
     checkpoint when not given; given, it is checked against the stored one."""
-    from llada_jax.model import abstract_params
     from flax import linen as nn
 
+    from llada_jax.model import abstract_params
+
+    config = read_config(directory, step, config=config)
     ckpt = Checkpointer(directory)
     try:
         step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
-        extra = ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
-        saved = extra.get("model_config")
-        if config is None:
-            if saved is None:
-                raise IncompatibleCheckpointError(f"{directory}: no model_config stored; pass a config")
-            config = ModelConfig(**saved)
-        elif saved is not None:
-            check_compatible(saved, config, f"{directory} step {step}")
         abstract = nn.meta.unbox(abstract_params(config))
         if shardings is None:  # one device, explicitly (Orbax would otherwise read the saved topology)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from llada_jax.config import ModelConfig
+from llada_jax.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, keyed by a substring of
 # `jax.devices()[0].device_kind` (lower case), most specific first.

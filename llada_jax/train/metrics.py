@@ -34,7 +34,7 @@ class MetricsLog:
                  enabled: Optional[bool] = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         if enabled is None:  # one writer per run: the primary process (metrics are global values)
-            from llada_jax import hosts
+            from llada_jax.parallel import hosts
 
             enabled = hosts.is_primary()
         self.enabled = enabled

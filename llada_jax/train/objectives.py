@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from llada_jax import masks, model
-from llada_jax.config import ConfigError, ModelConfig
+from llada_jax import model
+from llada_jax.model import masks
+from llada_jax.model.config import ConfigError, ModelConfig
 from llada_jax.kernels import AttentionMask
 
 WEIGHTINGS = ("elbo", "token_mean")

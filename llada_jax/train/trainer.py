@@ -36,9 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import checkpoint, flops, hosts, model, objectives, sharding
-from llada_jax.config import ModelConfig, get_config
-from llada_jax.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
+from llada_jax import model
+from llada_jax.parallel import hosts, sharding
+from llada_jax.train import checkpoint, flops, objectives
+from llada_jax.model.config import ModelConfig, get_config
+from llada_jax.train.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
 
 Batch = dict[str, np.ndarray]
 
@@ -310,7 +312,7 @@ class NonFiniteLossError(FloatingPointError):
 def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     """The run's tokenizer: `cfg.data.tokenizer`, or the offline-task tokenizer built locally once
     and kept in `<workdir>/tokenizer.json` (so a resumed run and later evaluation use the same)."""
-    from llada_jax.tokenizer import Tokenizer, build_task_tokenizer
+    from llada_jax.data.tokenizer import Tokenizer, build_task_tokenizer
 
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)

@@ -1,0 +1,122 @@
+"""What every launcher does before its own work: start the runtime, build the mesh and the model
+config, load the checkpoint it starts from, and open the run's tokenizer.
+
+Two entry points, by what a program starts from:
+
+- `setup(cfg, workdir, init_from=...)`: a run config (launch/train.py, launch/rl.py,
+  launch/quickstart.py): the model config and mesh come from the config, the initial parameters
+  (optional) are read straight into their shards on that mesh, and the tokenizer is the config's,
+  the run's, or the one the `init_from` run left beside its checkpoints.
+- `load(checkpoint, ...)`: a checkpoint (launch/eval.py, launch/generate.py, launch/serve.py):
+  an Orbax directory (training or converted) or a Hugging Face directory, its tokenizer, on an
+  optional mesh.
+
+Both call `start_runtime` first (the distributed runtime before anything touches a device, quiet
+Orbax logging, the persistent compilation cache). The top layer: it imports what it wires
+together and nothing imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Optional
+
+from absl import flags, logging
+
+from llada_jax.data.tokenizer import Tokenizer
+from llada_jax.model import abstract_params, hf
+from llada_jax.model.config import ModelConfig
+from llada_jax.parallel import hosts, sharding
+from llada_jax.train import checkpoint, trainer
+
+
+class Run(NamedTuple):
+    """What a launcher starts with."""
+
+    config: ModelConfig
+    params: Any  # None: the run initialises its own
+    tokenizer: Tokenizer
+    mesh: Any  # jax.sharding.Mesh, or None for one device
+
+
+def start_runtime() -> None:
+    """The distributed runtime (from the hosts flags when the launcher defines them, else a
+    detected cluster), Orbax's INFO logging off, and the persistent compilation cache. Calling it
+    again is a no-op."""
+    if "coordinator_address" in flags.FLAGS:
+        hosts.initialize_from_flags()  # before anything touches a device
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    trainer.enable_compilation_cache()
+
+
+def is_hf_dir(path: str) -> bool:
+    """A Hugging Face checkpoint directory (config.json + safetensors), as opposed to Orbax."""
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+def load_params(source: str, config: ModelConfig, mesh=None) -> tuple[ModelConfig, Any]:
+    """Parameters from an HF or Orbax directory, checked against `config`, each leaf read straight
+    into its shards on `mesh` (every process reads only its slices); one device without a mesh."""
+    shardings = None if mesh is None else sharding.param_shardings(abstract_params(config), mesh)
+    if is_hf_dir(source):
+        return hf.load_hf_checkpoint(source, dtype=config.param_dtype, config=config, shardings=shardings)
+    return checkpoint.load_params(source, config=config, shardings=shardings)
+
+
+def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
+    """The start of a config-driven run (train, RL, the quickstart).
+
+    `init_from`: an HF directory, a params-only Orbax checkpoint (launch/convert.py's) or a
+    trainer's checkpoints directory; without it (and without `cfg.model.hf_dir`) `params` is None.
+    When it is a run's checkpoints, that run's tokenizer.json and prepared data
+    (`checkpoint.run_file`) fill `cfg.data.tokenizer` / `cfg.data.data_dir` where those are unset.
+    """
+    start_runtime()
+    model_config = trainer.build_model_config(cfg)
+    mesh = trainer.mesh_from_config(cfg)
+    source = init_from or cfg.model.get("hf_dir") or None
+    params = None
+    if source:
+        if init_from and not is_hf_dir(init_from):
+            found = {"tokenizer": checkpoint.run_file(init_from, "tokenizer.json"),
+                     "data_dir": checkpoint.run_file(init_from, "data")}
+            with cfg.unlocked():
+                for field, path in found.items():
+                    if path and not cfg.data.get(field):
+                        setattr(cfg.data, field, path)
+        model_config, params = load_params(source, model_config, mesh)
+    tokenizer = trainer.load_tokenizer(cfg, workdir)
+    trainer.check_tokenizer(model_config, tokenizer)
+    return Run(model_config, params, tokenizer, mesh)
+
+
+def run_tokenizer(checkpoints: str) -> str:
+    """The tokenizer.json of the run that wrote `checkpoints` (`checkpoint.run_file`); the error
+    names every place looked at."""
+    path = checkpoint.run_file(checkpoints, "tokenizer.json")
+    if path is None:
+        where = " or ".join(checkpoint.run_file_candidates(checkpoints, "tokenizer.json"))
+        raise FileNotFoundError(f"tokenizer: expected a tokenizer.json at {where} (or pass one), found neither")
+    return path
+
+
+def load(path: str, tokenizer: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None) -> Run:
+    """The start of a checkpoint-driven program (evaluation, generation, serving).
+
+    `path`: an Orbax directory (training or converted; the tokenizer defaults to the run's,
+    `run_tokenizer`) or a Hugging Face directory (its own tokenizer.json by default; parameters in
+    its stored dtype). With `mesh`, the parameters are read straight into their shards on it;
+    without, whole onto one device. `moe_impl` overrides the MoE back end."""
+    start_runtime()
+    if is_hf_dir(path):
+        config = ModelConfig.from_hf_config(path)
+        dtype = hf.hf_param_dtype(path)
+        config = config.replace(param_dtype=dtype) if dtype else config
+        tok_path = tokenizer or path
+    else:
+        config = checkpoint.read_config(path)
+        tok_path = tokenizer or run_tokenizer(path)
+    config, params = load_params(path, config, mesh)
+    if moe_impl:
+        config = config.replace(moe_impl=moe_impl)
+    return Run(config, params, Tokenizer.from_file(tok_path), mesh)

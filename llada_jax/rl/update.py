@@ -1,0 +1,117 @@
+"""The RL update step a loop jits (`make_rl_step`): θ_old's terms, the loss and its gradient (direct or replay)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from llada_jax.model.config import ModelConfig
+from llada_jax.rl.batches import batch_arrays
+from llada_jax.rl.configs import Batch, DiPOConfig, RLConfig
+from llada_jax.rl.likelihood import likelihood_terms, replay_value_and_grad, sample_noise
+from llada_jax.rl.losses import dipo_batch, dipo_objective, dipo_token_logprobs, OBJECTIVES
+from llada_jax.train.trainer import TrainState
+
+
+def policy_terms(params, batch: Batch, key: PRNGKeyArray, *, model_config: ModelConfig,
+                 config: RLConfig) -> Array:
+    """What the losses compare θ against, e.g. the reference's `batch['ref_terms']` (and θ_old's
+    when it is computed apart from the update: `make_rl_step` computes θ_old's own terms in the
+    update program, see there). EBPO / ESPO: ELBO terms [B, N, K] with the update's key; DiPO:
+    per-write log-probs [B, L, W] (`key` unused)."""
+    if isinstance(config, DiPOConfig):
+        return dipo_token_logprobs(params, model_config, dipo_batch(batch, config), config)
+    b = batch_arrays(batch, config.likelihood.block_size)
+    noise = sample_noise(key, b["completion_mask"], config.likelihood, b["example_ids"])
+    return likelihood_terms(params, model_config, b["tokens"], noise, config.likelihood, b["completion_mask"])
+
+
+def terms_shape(batch: Batch, config: RLConfig) -> tuple[int, ...]:
+    """The shape of `policy_terms` for a batch: [B, N, K] ELBO terms, DiPO's [B, L, W] write log-probs."""
+    if isinstance(config, DiPOConfig):
+        return tuple(np.shape(batch["write_step"]))
+    b, length = np.shape(batch["tokens"])
+    return (b, config.likelihood.num_timesteps, -(-length // config.likelihood.block_size))
+
+
+def _with_old(batch: dict, terms: Array, on_policy) -> dict:
+    """θ_old's terms: θ's own (gradient stopped) when `on_policy`, else the batch's."""
+    if on_policy is None:
+        return batch
+    old = jax.lax.stop_gradient(terms)
+    if "old_terms" in batch:
+        old = jnp.where(on_policy, old, batch["old_terms"])
+    return dict(batch, old_terms=old)
+
+
+def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: ModelConfig, config: RLConfig,
+                  on_policy=None):
+    """`((loss, metrics), grads)` of the method that `config` names, in its `grad_mode`.
+
+    `on_policy` (a bool, traced or not): θ_old == θ, so θ_old's terms are θ's own from this same
+    program (gradient stopped) and `batch['old_terms']` is ignored (it may be absent). Computing
+    them in a separate forward-only program is not enough in bf16: XLA fuses the two programs
+    differently and the ratio at θ == θ_old drifts from 1 with the completion length. `metrics`
+    carries θ's terms under "policy_terms" (the next inner update's θ_old).
+    """
+    if isinstance(config, DiPOConfig):
+        required = ("advantages",) + (("old_terms",) if on_policy is None else ()) + \
+                   (("ref_terms",) if config.beta > 0 else ())
+        batch = dipo_batch(batch, config, required)
+
+        def dipo(p):
+            logp = dipo_token_logprobs(p, model_config, batch, config)
+            loss, metrics = dipo_objective(logp, _with_old(batch, logp, on_policy), config)
+            return loss, dict(metrics, policy_terms=jax.lax.stop_gradient(logp))
+
+        return jax.value_and_grad(dipo, has_aux=True)(params)
+    objective = OBJECTIVES[type(config)]
+    required = ("advantages",) + (("old_terms",) if on_policy is None else ()) + \
+               (("ref_terms",) if config.beta > 0 else ())
+    batch = batch_arrays(batch, config.likelihood.block_size, required)
+    noise = sample_noise(key, batch["completion_mask"], config.likelihood, batch["example_ids"])
+    lik = config.likelihood
+
+    def of_terms(terms):
+        loss, metrics = objective(terms, _with_old(batch, terms, on_policy), config)
+        return loss, dict(metrics, policy_terms=jax.lax.stop_gradient(terms))
+
+    if config.grad_mode == "replay":
+        return replay_value_and_grad(of_terms, params, model_config, batch["tokens"], noise, lik,
+                                     batch["completion_mask"])
+    return jax.value_and_grad(
+        lambda p: of_terms(likelihood_terms(p, model_config, batch["tokens"], noise, lik, batch["completion_mask"])),
+        has_aux=True)(params)
+
+
+def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.GradientTransformation) -> Callable:
+    """`step(state, batch, key, on_policy=None) -> (state, metrics, terms)`, one optimizer update,
+    not yet jitted.
+
+    `state` is `train.TrainState` (so checkpointing and shardings are the trainer's); `batch`
+    holds the rollouts with `advantages` (and `ref_terms`); `key` is the rollout batch's noise
+    key, the same one for all mu inner updates (common random numbers). θ_old's terms: pass
+    `on_policy=True` on the first inner update (θ == θ_old: the step uses its own terms, so the
+    ratio is exactly 1 in any precision) and feed the returned `terms` as `batch['old_terms']` to
+    the later ones with `on_policy=False`; keeping `old_terms` in the batch throughout (any
+    values on the first update) lets one compiled program serve all mu updates. `on_policy=None`
+    reads `batch['old_terms']` as given. `tx` is e.g. `train.make_optimizer(cfg)`. Jit with
+    `model_config` and `config` closed over and the state donated.
+    """
+
+    def step(state: TrainState, batch: Batch, key: PRNGKeyArray, on_policy=None):
+        (_, metrics), grads = loss_and_grad(state.params, batch, key, model_config=model_config, config=config,
+                                            on_policy=on_policy)
+        terms = metrics.pop("policy_terms")
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), \
+            dict(metrics, grad_norm=optax.tree.norm(grads)), terms
+
+    return step
+

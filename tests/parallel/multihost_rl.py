@@ -1,0 +1,46 @@
+"""One process of the multi-host RL test (tests/parallel/test_hosts.py): a few RL steps from a random init.
+
+  python tests/parallel/multihost_rl.py WORKDIR DATA_DIR [--coordinator_address=... --num_processes=N --process_id=I]
+
+The reward is the fraction of digits in a completion (a random init already varies on it, so
+advantages and updates are not zero). The held-out evaluation runs before the first step and
+after the last (the task's reward on the test split).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+
+from absl import app  # noqa: E402
+
+from helpers import load_config  # noqa: E402
+from llada_jax import train  # noqa: E402
+from llada_jax.parallel import hosts  # noqa: E402
+from llada_jax.rl import loop as rl_loop  # noqa: E402
+
+hosts.define_flags()
+
+
+def digit_fraction(completion, meta):
+    del meta
+    return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
+
+
+def main(argv):
+    hosts.initialize_from_flags()
+    workdir, data_dir = argv[1], argv[2]
+    cfg = load_config("rl.py", **{
+        "data.data_dir": data_dir, "data.num_train": 2000, "data.num_test": 50,  # the SFT tests' data
+        "total_steps": 3, "checkpoint_every": 3, "optim.lr": 1e-3, "rl.prompts_per_step": 2, "rl.group_size": 4,
+        "rl.inner_updates": 2, "rl.num_timesteps": 2, "rl.beta": 0.01,
+        # Held-out evaluation before step 1 and after step 3, each process decoding its share:
+        # 12 examples, padded to 16 rows (a multiple of the mesh's 8), rows gathered back in order.
+        "rl.eval_every": 3, "rl.eval_examples": 12, "rl.eval_modes": ("S",)})
+    model_config = train.build_model_config(cfg)
+    tokenizer = train.load_tokenizer(cfg, workdir)
+    rl_loop.run_rl(cfg, workdir, model_config, tokenizer, reward_fn=digit_fraction, progress=False)
+
+
+if __name__ == "__main__":
+    app.run(main)

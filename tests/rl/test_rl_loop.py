@@ -1,0 +1,159 @@
+"""The RL loop end to end on the tiny model (rl_loop.run_rl): metrics, exact resume, the algorithm
+switch, a raising reward, and rollouts on the current params."""
+
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import load_config
+from llada_jax import decode, train
+from llada_jax.rl import loop as rl_loop
+from llada_jax.train import checkpoint
+
+# The fields every metrics row of an RL step carries (kl: beta > 0; eval_*: evaluation steps).
+STEP_FIELDS = ("reward_mean", "reward_std", "accuracy", "reward_errors", "clip_frac", "kl", "ratio_mean",
+               "ratio_min", "ratio_max", "loss", "grad_norm", "rollout_tpf", "time_rollout_s",
+               "time_likelihood_s", "time_update_s", "time_step_s", "updated")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("rl_data"))
+
+
+def rl_config(data_dir, **overrides):
+    small = {"data.data_dir": data_dir, "data.num_train": 64, "data.num_test": 16, "total_steps": 4,
+             "checkpoint_every": 2, "optim.lr": 1e-3,  # large, so that one update visibly moves a random init
+             "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.inner_updates": 2, "rl.num_timesteps": 2,
+             "rl.beta": 0.01, "rl.eval_every": 0}
+    return load_config("rl.py", **{**small, **overrides})
+
+
+def run(cfg, workdir, **kw):
+    model_config = train.build_model_config(cfg)
+    tokenizer = train.load_tokenizer(cfg, str(workdir))
+    return rl_loop.run_rl(cfg, str(workdir), model_config, tokenizer, progress=False, **kw)
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(rl_loop.TIME_PREFIX)} for r in rows]
+
+
+def digit_fraction(completion, meta):
+    """A toy reward a random init already varies on (the task's reward would be 0 for every sample,
+    so advantages and updates would be zero): the fraction of digits in the completion."""
+    del meta
+    return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
+
+
+@pytest.fixture(scope="module")
+def ebpo_run(data_dir, tmp_path_factory):
+    """4 EBPO steps from a random init, evaluated at steps 0, 2 and 4, with the params that each
+    rollout (the sampled `decode.generate` calls; evaluation is greedy) decoded with recorded."""
+    workdir = tmp_path_factory.mktemp("ebpo")
+    cfg = rl_config(data_dir, **{"rl.eval_every": 2, "rl.eval_examples": 8, "rl.eval_modes": ("S",)})
+    seen = []  # host copies: the state's buffers are donated to the next update
+    generate = decode.generate
+
+    def recording_generate(params, *args, **kw):
+        if kw.get("temperature", 0.0) > 0:
+            seen.append(jax.tree.map(np.array, params))
+        return generate(params, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "generate", recording_generate)
+        state = run(cfg, workdir, reward_fn=digit_fraction)
+    return cfg, workdir, state, seen
+
+
+def test_ebpo_end_to_end_metrics(ebpo_run):
+    cfg, workdir, state, _ = ebpo_run
+    rows = train.read_metrics(str(workdir))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert set(rows[0]) >= {"eval_S_accuracy", "eval_S_tpf"}
+    for r in rows[1:]:
+        assert set(STEP_FIELDS) <= set(r), sorted(set(STEP_FIELDS) - set(r))
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, (int, float))), r
+        assert r["reward_errors"] == 0 and r["rollout_tpf"] > 0 and r["updated"] == 1
+        assert 0 <= r["accuracy"] <= 1 and r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
+    assert "eval_S_accuracy" in rows[2] and "eval_S_accuracy" in rows[4] and "eval_S_accuracy" not in rows[1]
+    assert int(state.step) == cfg.total_steps * rl_loop.inner_updates(cfg)
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
+
+
+def test_rollouts_use_current_params(ebpo_run):
+    """Rollout s decodes with exactly the state that the updates of step s-1 produced."""
+    cfg, workdir, _, seen = ebpo_run
+    assert len(seen) == cfg.total_steps
+    leaves = jax.tree_util.tree_leaves
+    _, saved = checkpoint.load_params(os.path.join(workdir, "checkpoints"), step=2)
+    for a, b in zip(leaves(seen[2]), leaves(saved)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for s in (1, 2, 3):  # every step's updates reach the next rollout
+        assert any(not np.array_equal(a, b) for a, b in zip(leaves(seen[s - 1]), leaves(seen[s]))), s
+
+
+def test_exact_resume(ebpo_run, data_dir, tmp_path):
+    _, workdir, _, _ = ebpo_run
+    cfg = rl_config(data_dir, **{"rl.eval_every": 2, "rl.eval_examples": 8, "rl.eval_modes": ("S",)})
+    cfg.total_steps = 2
+    run(cfg, tmp_path, reward_fn=digit_fraction)
+    cfg.total_steps = 4
+    run(cfg, tmp_path, reward_fn=digit_fraction)
+    assert without_time(train.read_metrics(str(tmp_path))) == without_time(train.read_metrics(str(workdir)))
+
+
+@pytest.mark.parametrize("algorithm", ["espo", "dipo"])
+def test_algorithm_switch(algorithm, data_dir, tmp_path):
+    cfg = rl_config(data_dir, **{"rl.algorithm": algorithm, "rl.num_timesteps": None})
+    cfg.total_steps = 2
+    run(cfg, tmp_path, reward_fn=digit_fraction)
+    rows = train.read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, (int, float))), r
+        assert {"clip_frac", "ratio_mean", "kl"} <= set(r)
+    if algorithm == "dipo":
+        assert all(r["dipo_num_steps"] % cfg.rl.dipo_step_bucket == 0 for r in rows)
+        assert all(r["scored_tokens"] > 0 or r["samples_kept"] == 0 for r in rows)
+
+
+def test_inner_updates_default_per_algorithm():
+    """ESPO's paper runs mu = 8 updates per rollout batch; EBPO and DiPO keep 2; a value overrides."""
+    assert [rl_loop.inner_updates(load_config("rl.py", **{"rl.algorithm": a})) for a in ("ebpo", "espo", "dipo")] \
+        == [2, 8, 2]
+    assert rl_loop.inner_updates(load_config("rl.py", **{"rl.algorithm": "espo", "rl.inner_updates": 3})) == 3
+
+
+def test_raising_reward_is_counted(data_dir, tmp_path):
+    calls = []
+
+    def flaky(completion, meta):
+        calls.append(completion)
+        if len(calls) % 3 == 0:
+            raise RuntimeError("verifier bug")
+        return float(len(calls) % 2)
+
+    cfg = rl_config(data_dir)
+    cfg.total_steps = 2
+    run(cfg, tmp_path, reward_fn=flaky)
+    rows = train.read_metrics(str(tmp_path))
+    n = cfg.rl.prompts_per_step * cfg.rl.group_size
+    assert len(calls) == 2 * n
+    assert [r["reward_errors"] for r in rows] == [sum(1 for i in range(s * n, (s + 1) * n) if (i + 1) % 3 == 0)
+                                                  for s in range(2)]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_no_signal_skips_update(data_dir, tmp_path):
+    """Equal rewards in every group: all advantages are zero, so the step neither computes the
+    likelihood nor moves the params (Adam would otherwise drift along stale momentum)."""
+    cfg = rl_config(data_dir)
+    cfg.total_steps = 2
+    state = run(cfg, tmp_path, reward_fn=lambda completion, meta: 1.0)
+    rows = train.read_metrics(str(tmp_path))
+    assert [(r["updated"], r["reward_mean"], "loss" in r) for r in rows] == [(0, 1.0, False)] * 2
+    assert int(state.step) == 0

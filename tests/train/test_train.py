@@ -1,0 +1,384 @@
+"""The trainer: exact resume after SIGKILL, sharded == single-device steps, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import ROOT, load_config
+from llada_jax import train
+from llada_jax.parallel import sharding
+from llada_jax.train import checkpoint
+from llada_jax.data import DataError
+
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+def quickstart_config(**overrides):
+    small = {"data.num_train": 2000, "data.num_test": 50, "data.batch_size": 8}
+    return load_config("quickstart.py", **{**small, **overrides})
+
+
+SMALL_RUN = ["--config.data.num_train=2000", "--config.data.num_test=50", "--config.data.batch_size=8",
+             "--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=24", "--config.mesh.data=1"]
+
+
+def _launch(workdir, data_dir, extra=()):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={QUICKSTART}", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", *SMALL_RUN, *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir):
+    rows = train.read_metrics(workdir)
+    timing = ("tokens_per_s", "flops_per_s_per_device", "mfu")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The quickstart's dataset, prepared once here so the concurrent runs below only read it."""
+    d = str(tmp_path_factory.mktemp("data"))
+    train.open_examples(quickstart_config(**{"data.data_dir": d}), d, "train")
+    return d
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, data_dir):
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _launch(ref_dir, data_dir)
+    victim = _launch(killed_dir, data_dir)
+    first_ckpt = killed_dir / "checkpoints" / "4"
+    deadline = time.time() + 300
+    while not first_ckpt.is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.stdout.read()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = max(r["step"] for r in _metrics(killed_dir))
+    assert killed_at < 24, "SIGKILL arrived after the run finished"
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    resumed = _launch(killed_dir, data_dir)
+    out2, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out2
+    ref_rows, got_rows = _metrics(ref_dir), _metrics(killed_dir)
+    assert [r["step"] for r in got_rows] == list(range(1, 25))
+    assert got_rows == ref_rows  # every metric of every step, bit for bit
+    # And it learned something in 24 steps: the masked-token loss fell.
+    assert np.mean([r["loss"] for r in ref_rows[-4:]]) < 0.7 * np.mean([r["loss"] for r in ref_rows[:4]])
+
+
+def _run_steps(mesh, cfg, n=2):
+    from llada_jax.train import objectives
+
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    tx = train.make_optimizer(cfg)
+    shardings = train.state_shardings(model_config, tx, mesh)
+    state = train.init_state(model_config, tx, mesh, jax.random.key(0), shardings)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32),
+             "loss_mask": np.tile(np.arange(32) >= 12, (8, 1))}
+    step = train.jit_train_step(train.make_train_step(model_config, obj, tx, train.learning_rate_schedule(cfg)),
+                                shardings, mesh, batch)
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        for _ in range(n):
+            state, metrics = step(state, batch, jax.random.key(1))
+    del objectives
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_sharded_train_step_equals_single_device():
+    cfg = quickstart_config(**{"objective.block_size": 8, "optim.lr": 1e-3})
+    single = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    ref_params, ref_metrics = _run_steps(single, cfg)
+    # The optimizer leaves the router's expert_bias alone (a buffer, REFERENCE §1) ...
+    assert np.all(ref_params["moe_layers"]["moe"]["expert_bias"] == 0)
+    # ... and decays matrices but not norm scales.
+    labels = train.decay_mask(ref_params)
+    assert labels["final_norm"]["scale"] is False and labels["moe_layers"]["moe"]["wi_gate"] is True
+    for axes in (dict(fsdp=4, tensor=2), dict(data=2, expert=4)):
+        params, metrics = _run_steps(sharding.make_mesh(**axes), cfg)
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), params, ref_params)
+
+
+class _Batches:
+    """A deterministic in-memory iterator with grain's get_state / set_state."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __next__(self):
+        rng = np.random.default_rng(self.i)
+        self.i += 1
+        return {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32),
+                "loss_mask": np.tile(np.arange(32) >= 12, (8, 1))}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, s):
+        self.i = s["i"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from llada_jax.train import objectives
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 6, "checkpoint_every": 2, "log_every": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+
+    def poisoned(params, mc, oc, batch, rng):
+        loss, metrics = objectives.loss_fn(params, mc, oc, batch, rng)
+        bad = jnp.where(jax.random.uniform(rng) >= 0, jnp.nan, 0.0)  # traced, so NaN at run time
+        return loss + bad, dict(metrics, loss=loss + bad)
+
+    with pytest.raises(train.NonFiniteLossError, match=r"step 1: loss is nan"):
+        train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False, loss_fn=poisoned)
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() is None
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 2, "checkpoint_every": 2})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    other = model_config.replace(hidden_size=32)
+    cfg.total_steps = 4
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"hidden_size=64, the config expects 32"):
+        train.run_training(cfg, str(tmp_path), other, train.build_objective(cfg, other), _Batches(), progress=False)
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2  # nothing lost
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = quickstart_config()
+    cfg.model.overrides.hiden_size = 3
+    with pytest.raises(ValueError, match=r"config\.model\.overrides: unknown field 'hiden_size'"):
+        train.build_model_config(cfg)
+    cfg = quickstart_config()
+    cfg.objective.p_edits = 0.1
+    with pytest.raises(ValueError, match=r"config\.objective: unknown field 'p_edits'"):
+        train.build_objective(cfg, train.build_model_config(quickstart_config()))
+    cfg = quickstart_config(**{"data.task": "", "data.dataset": "mine", "data.data_dir": str(tmp_path / "nope")})
+    with pytest.raises(DataError, match="data directory not found"):
+        train.open_examples(cfg, str(tmp_path), "train")
+
+
+def test_unknown_flag_is_rejected_by_the_launcher(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={QUICKSTART}",
+                          f"--workdir={tmp_path}", "--config.totl_steps=3"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "totl_steps" in out.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
+    cfg = quickstart_config()
+    model_config = train.build_model_config(cfg)
+    tx = train.make_optimizer(cfg)
+    mesh_a = sharding.make_mesh(data=8)
+    state = train.init_state(model_config, tx, mesh_a, jax.random.key(0), train.state_shardings(model_config, tx, mesh_a))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, state, extra={"model_config": checkpoint.config_to_json(model_config)}, force=True)
+    ckpt.wait()
+    mesh_b = sharding.make_mesh(fsdp=4, tensor=2)
+    sh_b = train.state_shardings(model_config, tx, mesh_b)
+    restored, _ = ckpt.restore(checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx), sh_b),
+                               config=model_config)
+    ckpt.close()
+    wi = restored.params["moe_layers"]["moe"]["wi_gate"]
+    assert wi.sharding == sh_b.params["moe_layers"]["moe"]["wi_gate"] and not wi.sharding.is_fully_replicated
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           jax.device_get(restored), jax.device_get(state))
+
+
+def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
+    config, params = tiny_hf
+    cfg = quickstart_config()
+    tx = train.make_optimizer(cfg)
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    state = train.init_state(config, tx, mesh, jax.random.key(0), train.state_shardings(config, tx, mesh), params=params)
+    assert int(state.step) == 0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           jax.device_get(state.params), params)
+
+
+@pytest.mark.parametrize("path,arg", [("quickstart.py", None), ("quickstart.py", "task=sudoku4x4"),
+                                      ("sft.py", "size=mini"), ("sft.py", "size=flash"),
+                                      ("rl.py", None), ("rl.py", "algorithm=dipo"), ("cpt.py", None)])
+def test_every_config_builds(path, arg):
+    cfg = load_config(path, arg)
+    model_config = train.build_model_config(cfg)
+    train.build_objective(cfg, model_config)
+    assert cfg.data.seq_len % cfg.objective.block_size == 0
+    schedule = train.block_schedule(cfg)  # every size divides seq_len, or an error
+    assert (schedule is not None) == (path == "cpt.py")
+    assert cfg.total_steps > 0 and cfg.checkpoint_every > 0
+
+
+@pytest.mark.parametrize("variant", [{}, {"weighting": "token_mean", "mtf": True, "cap": True, "keep_weight": 0.5}])
+def test_accumulated_step_equals_unaccumulated(tiny_hf, variant):
+    """Micro-batches with very different response lengths: the accumulated step normalises by the
+    whole step's counts, so loss, every metric and the gradient equal the one-batch step's."""
+    import optax
+
+    from llada_jax.train import objectives
+
+    config, params = tiny_hf
+    obj = objectives.ObjectiveConfig.for_model(config, block_size=8, **variant)
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+    b, length = 4, 16
+    tokens = jax.random.randint(jax.random.key(3), (b, length), 0, config.vocab_size - 2)
+    prompt = jnp.asarray([2, 14, 4, 12])[:, None]  # rows 0,2 hold most of the response tokens
+    batch = {"tokens": tokens, "loss_mask": jnp.arange(length)[None, :] >= prompt}
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    out = {}
+    for accum in (1, 2):
+        step = jax.jit(train.make_train_step(config, obj, tx, optax.constant_schedule(1.0), accum_steps=accum))
+        new, metrics = step(state, batch, jax.random.key(5))
+        out[accum] = (jax.tree_util.tree_map(jnp.subtract, state.params, new.params), metrics)
+    grads1, m1 = out[1]
+    for accum in (2,):
+        grads, m = out[accum]
+        assert set(m) == set(m1)
+        for k in m1:
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} with accum {accum}")
+        for g, g1 in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads1)):
+            # fp32 sums in another order: 1e-5 of the leaf's scale
+            np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5 * float(np.abs(g1).max()))
+
+
+def _skewed_router_run(tiny_hf, rate, steps):
+    """`steps` updates with the learning rate at zero, so only the expert_bias update moves anything;
+    the router favours a few experts (their columns scaled up). Returns (imbalance per step, biases)."""
+    import optax
+
+    from llada_jax.train import objectives
+
+    config, params = tiny_hf
+    router = params["moe_layers"]["moe"]["router"]  # [layers, D, E]
+    params = dict(params, moe_layers=dict(params["moe_layers"], moe=dict(
+        params["moe_layers"]["moe"], router=router.at[..., :3].multiply(25.0))))
+    obj = objectives.ObjectiveConfig.for_model(config, block_size=8)
+    tx = optax.sgd(0.0)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(train.make_train_step(config, obj, tx, optax.constant_schedule(0.0), expert_bias_rate=rate))
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, config.vocab_size - 2)
+    batch = {"tokens": tokens, "loss_mask": jnp.broadcast_to(jnp.arange(16) >= 4, (2, 16))}
+    imbalance = []
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.key(5))
+        imbalance.append(float(metrics["expert_load_imbalance"]))
+        assert metrics["expert_load_max_over_mean"].shape == (config.num_moe_layers,)
+    return np.asarray(imbalance), params["moe_layers"]["moe"]["expert_bias"], state.params["moe_layers"]["moe"]["expert_bias"]
+
+
+def test_expert_bias_update_balances_a_skewed_router(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=1e-2, steps=300)
+    first, last = imbalance[:10].mean(), imbalance[-50:].mean()
+    assert first > 2.0, first  # the skew is real
+    assert last < 0.6 * first, (first, last)
+    assert not np.allclose(before, after)
+
+
+def test_expert_bias_frozen_when_rate_is_zero(tiny_hf):
+    imbalance, before, after = _skewed_router_run(tiny_hf, rate=0.0, steps=3)
+    np.testing.assert_array_equal(before, after)
+    assert imbalance.min() > 2.0  # each step draws new noise, so the load moves a little, the skew stays
+
+
+def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
+    from llada_jax.train import flops
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 3, "checkpoint_every": 3, "log_every": 1,
+                               "profile_start_step": 1, "profile_num_steps": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    rows = train.read_metrics(str(tmp_path))
+    want = flops.training_flops_per_step(model_config, 8, 32, 8, complementary=obj.complementary, mtf=obj.mtf)
+    assert [r["model_flops_per_step"] for r in rows] == [want] * 3
+    assert all(r["flops_per_s_per_device"] > 0 and r["mfu"] is None for r in rows)  # CPU: not in the peak table
+    assert all(r["expert_load_imbalance"] >= 1.0 and len(r["expert_load_busiest_share"]) == model_config.num_moe_layers
+               for r in rows)
+    traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
+    assert traces, "no profiler trace written"
+
+
+# ------------------------------------------------------------------------------ CPT: block schedule
+class _PackedBatches(_Batches):
+    """Packed rows: 1-4 documents per row (ids 1, 2, ...), the last one ending where the row does."""
+
+    def __next__(self):
+        rng = np.random.default_rng(1000 + self.i)
+        self.i += 1
+        cuts = np.sort(rng.choice(np.arange(1, 32), size=(8, 3)), axis=1)
+        doc_ids = 1 + (np.arange(32)[None, None, :] >= cuts[:, :, None]).sum(1).astype(np.int32)
+        return {"tokens": rng.integers(0, 500, (8, 32)).astype(np.int32), "loss_mask": np.ones((8, 32), bool),
+                "doc_ids": doc_ids}
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_cpt_block_schedule_compiles_each_size_once_and_resumes_exactly(tmp_path):
+    """Block sizes 8, 32 (MDLM), 8 over 6 steps: one compiled step per size however often the
+    schedule returns to it, the step's size logged, and a run killed after the first step of the
+    new size resumes from the checkpoint written before the change with the same metrics."""
+    cfg = quickstart_config(**{"objective.block_size": 8, "data.seq_len": 32, "total_steps": 6,
+                               "checkpoint_every": 2, "log_every": 1, "optim.lr": 1e-3})
+    cfg.block_schedule = {"stages": ((2, 8), (2, 32), (2, 8))}
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    compiled = []
+
+    def on_compile(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(train_step)":
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        train.run_training(cfg, str(tmp_path / "ref"), model_config, obj, _PackedBatches(), progress=False)
+        ref_compiles, compiled[:] = len(compiled), []
+
+        def kill(step, metrics):
+            if step == 3:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _PackedBatches(), progress=False,
+                               on_log=kill)
+        assert checkpoint.Checkpointer(str(tmp_path / "killed" / "checkpoints")).latest_step() == 2
+        compiled[:] = []
+        train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _PackedBatches(), progress=False)
+        resumed_compiles = len(compiled)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    assert ref_compiles == 2 and resumed_compiles == 2, (ref_compiles, resumed_compiles)
+    ref, got = _metrics(tmp_path / "ref"), _metrics(tmp_path / "killed")
+    assert [r["block_size"] for r in ref] == [8, 8, 32, 32, 8, 8]
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert got == ref  # every metric of every step, bit for bit
+
+
+def test_block_schedule_config_errors_name_the_field():
+    cfg = quickstart_config(**{"data.seq_len": 40})
+    cfg.block_schedule = {"warmup_steps": 10, "stable_steps": 10, "decay_steps": 10, "warmup_sizes": (1, 4),
+                          "final_size": 5}
+    with pytest.raises(ValueError, match=r"block_schedule: expected block sizes that divide data.seq_len=40, found 16"):
+        train.block_schedule(cfg)
+    cfg.block_schedule = {"warmup_steps": 10, "stable_steps": 10}
+    with pytest.raises(ValueError, match=r"block_schedule.decay_steps: expected a number of steps, found none"):
+        train.block_schedule(cfg)
