@@ -305,10 +305,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
             step_fns[config] = hosts.compile_together(
                 _jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch),
                 state, batch, key, np.bool_(True), name=f"rl_step/{len(step_fns)}")
-        inner = []
-        for i in range(inner_updates(cfg)):
-            state, m, batch["old_terms"] = step_fns[config](state, batch, key, np.bool_(i == 0))
-            inner.append(m)
+        state, inner = rl.run_inner_updates(step_fns[config], state, batch, key, inner_updates(cfg))
         return state, _reduce_inner(jax.device_get(inner)) | extra, t_terms
 
     bar = _progress(start, cfg.total_steps, progress)

@@ -97,8 +97,9 @@ def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.Gradient
     holds the rollouts with `advantages` (and `ref_terms`); `key` is the rollout batch's noise
     key, the same one for all mu inner updates (common random numbers). θ_old's terms: pass
     `on_policy=True` on the first inner update (θ == θ_old: the step uses its own terms, so the
-    ratio is exactly 1 in any precision) and feed the returned `terms` as `batch['old_terms']` to
-    the later ones with `on_policy=False`; keeping `old_terms` in the batch throughout (any
+    ratio is exactly 1 in any precision) and feed the FIRST update's returned `terms` as
+    `batch['old_terms']` to every later one with `on_policy=False` (`run_inner_updates` does;
+    a later update's own returned terms are θ_{i-1}'s, not the rollout policy's); keeping `old_terms` in the batch throughout (any
     values on the first update) lets one compiled program serve all mu updates. `on_policy=None`
     reads `batch['old_terms']` as given. `tx` is e.g. `train.make_optimizer(cfg)`. Jit with
     `model_config` and `config` closed over and the state donated.
@@ -115,3 +116,21 @@ def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.Gradient
 
     return step
 
+
+def run_inner_updates(step: Callable, state: TrainState, batch: dict, key: PRNGKeyArray,
+                      mu: int) -> tuple[TrainState, list]:
+    """The μ inner updates of one rollout batch with `step` (`make_rl_step`'s, jitted).
+
+    θ_old is the policy that drew the rollouts, for every update: the first update computes its
+    terms in its own program (`on_policy=True`) and they stay `batch['old_terms']` for updates
+    2..μ. (Feeding each update's returned terms to the next would clip update i against θ_{i-1}:
+    the clip would bound each step and not the drift from the rollout policy.) `batch` gets
+    `old_terms`; returns the new state and each update's metrics.
+    """
+    metrics = []
+    for i in range(mu):
+        state, m, terms = step(state, batch, key, np.bool_(i == 0))
+        if i == 0:
+            batch["old_terms"] = terms
+        metrics.append(m)
+    return state, metrics

@@ -449,15 +449,43 @@ def test_ebpo_updates_raise_the_likelihood_of_rewarded_completions(params):
     before = gap(params)
     batch["old_terms"] = jnp.zeros((4, LIK.num_timesteps, L // BS))
     for r in range(4):
-        key = jax.random.key(r)
-        for inner in range(2):
-            state, m, terms = step(state, batch, key, jnp.bool_(inner == 0))
-            batch["old_terms"] = terms  # θ_old of the next inner update
-            assert np.isfinite(float(m["loss"]))
-            if inner == 0:  # at θ == θ_old: the step's own terms, so exactly one
-                assert float(m["ratio_min"]) == 1.0 == float(m["ratio_max"])
-                np.testing.assert_allclose(m["loss"], -np.mean(batch["advantages"]), rtol=1e-6)
+        state, inner = rl.run_inner_updates(step, state, batch, jax.random.key(r), 2)
+        assert all(np.isfinite(float(m["loss"])) for m in inner)
+        # The first update is at θ == θ_old: the step's own terms, so exactly one.
+        assert float(inner[0]["ratio_min"]) == 1.0 == float(inner[0]["ratio_max"])
+        np.testing.assert_allclose(inner[0]["loss"], -np.mean(batch["advantages"]), rtol=1e-6)
     after = gap(state.params)
     assert int(state.step) == 8
     assert after - before > 2.0, (before, after)
 
+
+def test_every_inner_update_is_clipped_against_the_rollout_policy(params):
+    """θ_old is the policy that drew the rollouts in all μ = 8 inner updates: every update after
+    the first gets the first update's own terms as `old_terms` (not the previous update's), and
+    the ratio it reports is θ_i against the rollout policy, whose drift grows past any one step."""
+    tx = optax.adam(3e-3)
+    jitted = jax.jit(rl.make_rl_step(MC, EBPO, tx))
+    seen, returned = [], []
+
+    def step(state, batch, key, on_policy):
+        seen.append(np.asarray(batch["old_terms"]))
+        out = jitted(state, batch, key, on_policy)
+        returned.append(np.asarray(out[2]))  # θ_i's terms, computed before update i
+        return out
+
+    batch = make_batch()
+    batch["old_terms"] = jnp.zeros((4, LIK.num_timesteps, L // BS))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    state, inner = rl.run_inner_updates(step, state, batch, jax.random.key(3), 8)
+    assert int(state.step) == 8 and len(seen) == 8
+    for i in range(1, 8):
+        np.testing.assert_array_equal(seen[i], returned[0], err_msg=f"update {i + 1}'s θ_old")
+
+    def seq_log_ratio(new, old):  # EBPO's sequence-level log-ratio (ebpo_objective)
+        return (new - old).mean(1).sum(-1)
+
+    drift = [float(np.abs(seq_log_ratio(returned[i], returned[0])).max()) for i in range(8)]
+    per_step = [float(np.abs(seq_log_ratio(returned[i], returned[i - 1])).max()) for i in range(1, 8)]
+    assert drift[-1] > max(per_step), (drift, per_step)  # the drift outgrows every single step
+    want = np.exp(seq_log_ratio(returned[7], returned[0]))
+    np.testing.assert_allclose([inner[7]["ratio_min"], inner[7]["ratio_max"]], [want.min(), want.max()], rtol=1e-5)
