@@ -163,3 +163,17 @@ def test_the_checks_catch_a_violation(case):
     else:
         graph["llada_jax.model.moe"].append((1, "llada_jax.model.transformer"))
         assert ["llada_jax.model.moe", "llada_jax.model.transformer"] in find_cycles(graph)
+
+
+def test_readme_names_every_capability_and_only_files_that_exist():
+    """The README's module table lists every capability, and every program, benchmark, config or
+    test file it names exists (a newcomer follows those paths)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    missing = [c for c in LEVEL if f"`llada_jax.{c}`" not in readme]
+    assert not missing, f"capabilities missing from README's table: {missing}"
+    import re
+
+    paths = set(re.findall(r"(?<![\w/.])((?:launch|bench|configs|tests|notebooks)/[\w/]+\.(?:py|ipynb|sh|txt|jsonl))", readme))
+    assert paths, "no file paths found in README.md"
+    gone = sorted(p for p in paths if not os.path.exists(os.path.join(ROOT, p)))
+    assert not gone, f"README.md names files that do not exist: {gone}"
