@@ -85,7 +85,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(train_rows := _jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2 and train_rows[-1]["step"] == 6
     assert [r["step"] for r in _jsonl(tmp_path / "rl_ebpo" / "metrics.jsonl")] == [1, 2]
     assert f"report: {tmp_path}/report.json" in out.stdout
-    assert (tmp_path / "training_curves.png").stat().st_size > 10_000  # the README's curves (tests/test_plots.py)
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000  # the README's curves (tests/evaluation/test_plots.py)
     from llada_jax.train.metrics import read_events
 
     assert [s for s, _ in read_events(str(tmp_path / "sft" / "tb"))["loss"]] == [3, 6]  # TensorBoard by default

@@ -55,7 +55,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
     moe_impl: str = "ragged"  # "ragged": sorted dropless jax.lax.ragged_dot; "dense": every expert on every token;
-    # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/moe.py)
+    # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/model/moe.py)
     moe_capacity_factor: float = 0.0  # expert_parallel buffers: 0 worst case (dropless), c > 0 c x balanced (drops counted)
     remat_policy: str = "none"
     remat_save: tuple[str, ...] = ()  # with remat_policy="names": which of REMAT_NAMES to keep

@@ -161,7 +161,7 @@ class MoE(nn.Module):
         wo = _param(self, "wo", _KERNEL_INIT, (e, f, d), ("exp", "expert_mlp", "embed"), pdt)
 
         b, t, _ = x.shape
-        if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/moe.py)
+        if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/model/moe.py)
             from llada_jax.model.moe import expert_parallel
 
             y, idx, w, dropped = expert_parallel(x, router, bias, wi_gate, wi_up, wo, c)

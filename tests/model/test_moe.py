@@ -1,4 +1,4 @@
-"""Expert-parallel MoE (llada_jax/moe.py) against the loop-over-experts oracle on 8 fake CPU devices,
+"""Expert-parallel MoE (llada_jax/model/moe.py) against the loop-over-experts oracle on 8 fake CPU devices,
 its offset arithmetic against tables worked out by hand, and the compiled program's collectives."""
 
 import dataclasses
