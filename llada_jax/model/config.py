@@ -17,7 +17,7 @@ from llada_jax.kernels.attention import ATTENTION_IMPLS
 
 MOE_IMPLS = ("ragged", "dense", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "names")
-# Activations named with `checkpoint_name` in model.py; remat_policy="names" saves `remat_save` of them.
+# Activations named with `checkpoint_name` in model/transformer.py; remat_policy="names" saves `remat_save` of them.
 REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_out", "layer_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
