@@ -8,7 +8,8 @@ r"""Evaluate a checkpoint on benchmark files in their public formats, in several
 Formats (detected from the first record, or --format): GSM8K question/answer, MATH
 problem/solution, HumanEval prompt/test/entry_point, MBPP text/test_list, and the project's
 task records (messages or prompt, with meta). Modes: S, Q, no_edit, llada20, `+mbe` for
-Multi-Block Editing, `:threshold=..,editing_threshold=..` overrides (`Q:threshold=0.8`).
+Multi-Block Editing (--mbe_window blocks, --mbe_attention bidirectional or block_causal),
+`:threshold=..,editing_threshold=..` overrides (`Q:threshold=0.8`).
 
 Writes to --out_dir: samples/<mode>.jsonl (every sample: prompt, completion, reward, why it
 failed, tokens, forwards), summary.json (per mode: accuracy, reward, TPF, TPS with compilation
@@ -51,6 +52,8 @@ flags.DEFINE_string("fewshot_file", None, "JSONL (same formats) whose first --nu
 flags.DEFINE_integer("num_fewshot", 0, "Few-shot turns taken from --fewshot_file.")
 flags.DEFINE_list("modes", ["S", "Q"], "Decoding modes (see the module docstring).")
 flags.DEFINE_integer("mbe_window", 2, "Blocks edited by Multi-Block Editing in a '+mbe' mode.")
+flags.DEFINE_enum("mbe_attention", "bidirectional", ["bidirectional", "block_causal"],
+                  "Attention inside the MBE window of a '+mbe' mode (block_causal: REFERENCE §5's first form).")
 flags.DEFINE_integer("gen_length", 256, "Tokens to generate per prompt (at most).")
 flags.DEFINE_integer("block_length", 32, "Block size B.")
 flags.DEFINE_integer("max_post_steps", 16, "Editing steps allowed after a block has no masks.")
@@ -76,7 +79,7 @@ def main(argv):
     if bool(FLAGS.sweep_thresholds) != bool(FLAGS.sweep_editing):
         raise app.UsageError("--sweep_thresholds and --sweep_editing go together")
     grid = [f"Q:threshold={t},editing_threshold={e}" for t in FLAGS.sweep_thresholds for e in FLAGS.sweep_editing]
-    modes = [benchmarks.parse_mode(m, FLAGS.mbe_window) for m in [*FLAGS.modes, *grid]]
+    modes = [benchmarks.parse_mode(m, FLAGS.mbe_window, FLAGS.mbe_attention) for m in [*FLAGS.modes, *grid]]
     launcher.start_runtime()  # before the mesh touches a device
     mesh = sharding.make_mesh(data=-1)
     config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
@@ -86,6 +89,8 @@ def main(argv):
     settings = {"checkpoint": FLAGS.checkpoint, "benchmark": FLAGS.benchmark, "template": FLAGS.template,
                 "num_fewshot": FLAGS.num_fewshot, "gen_length": FLAGS.gen_length,
                 "block_length": FLAGS.block_length, "max_post_steps": FLAGS.max_post_steps}
+    if FLAGS.mbe_attention != "bidirectional":  # only then, so that runs from before the flag still resume
+        settings["mbe_attention"] = FLAGS.mbe_attention
     code_config = sandbox.SandboxConfig(timeout_s=FLAGS.code_timeout_s)
     summary = benchmarks.run_eval(examples, prompts, complete, modes, FLAGS.out_dir, batch_size=FLAGS.batch_size,
                                   workers=FLAGS.workers, code_config=code_config, settings=settings,

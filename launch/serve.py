@@ -17,6 +17,7 @@ One process on one host: the engine decodes on this process's devices (no distri
 runtime; for batch decoding across hosts use launch/generate.py or launch/eval.py).
 """
 
+import math
 import os
 
 from absl import app, flags
@@ -47,13 +48,17 @@ def main(argv):
     from llada_jax.serve import server
 
     config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
-    eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=FLAGS.max_length,
+    # The flag is what a user can fit per slot; the engine's max_length is a compiled shape and
+    # must be whole blocks, so the launcher (not the engine, whose callers choose shapes) rounds up.
+    max_length = math.ceil(FLAGS.max_length / FLAGS.block_length) * FLAGS.block_length
+    eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
                         mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
                         steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id)
     name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
     api = server.App(eng, tok, model_name=name, default_max_tokens=FLAGS.default_max_tokens)
-    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
+    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens)",
+          flush=True)
     uvicorn.run(api.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")
 
 

@@ -16,8 +16,9 @@ at a time, token for token: rows never read each other, and a row's step keys ar
 
 Streaming: `Request.on_block(tokens)` gets each block's generated tokens once they can no
 longer change (after the block, or with Multi-Block Editing once it has left the window), up to
-`gen_length` and through the first EOS. The engine is single-threaded; `launch/serve.py` runs it
-in a worker thread and only calls `submit` and `poll` from there.
+`gen_length` and through the first EOS. `cancel(id)` drops a waiting or running request (a
+client that went away) and frees its slot for the next `poll`. The engine is single-threaded;
+`launch/serve.py` runs it in a worker thread and only calls `submit`, `poll` and `cancel` from there.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Result:
     id: int
     tokens: list[int]
     commit_steps: list[int]
+    logprobs: list[float]  # per token, as `GenerateOutput.logprobs`
     canvas: np.ndarray
     forwards: int
     steps: int
@@ -94,7 +96,7 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
         canvas=put(st.canvas, canvas_row), block=put(st.block, prompt_len // b),
         phase=put(st.phase, DENOISE), post_steps=put(st.post_steps, 0), steps=put(st.steps, 0),
         cache_writes=put(st.cache_writes, (prompt_len >= b).astype(jnp.int32)), mbe_forwards=put(st.mbe_forwards, 0),
-        commit_step=put(st.commit_step, -1), stale=put(st.stale, False), cache=cache)
+        commit_step=put(st.commit_step, -1), logprob=put(st.logprob, 0.0), stale=put(st.stale, False), cache=cache)
     return Slots(state=st, prompt_lens=put(slots.prompt_lens, prompt_len), num_blocks=put(slots.num_blocks, num_blocks),
                  knobs=jax.tree.map(put, slots.knobs, knob_row), row_keys=put(slots.row_keys, key_row))
 
@@ -159,6 +161,7 @@ class Engine:
             phase=jnp.full((n,), DONE, jnp.int32), post_steps=jnp.zeros((n,), jnp.int32),
             steps=jnp.zeros((n,), jnp.int32), cache_writes=jnp.zeros((n,), jnp.int32),
             mbe_forwards=jnp.zeros((n,), jnp.int32), commit_step=jnp.full((n, length), -1, jnp.int32),
+            logprob=jnp.zeros((n, length), jnp.float32),
             stale=jnp.zeros((n,), bool), cache=kvcache.init_cache(self.config, n, length))
         knobs = decode_options.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
                                     temperature=np.zeros(n), top_k=np.full(n, self.config.vocab_size),
@@ -200,6 +203,24 @@ class Engine:
         self._next_id += 1
         self._waiting.append(req)
         return req.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drops a waiting or running request (a client went away): its slot is free for the next
+        `poll`, and it never gets a Result nor another `on_block`. False if it is not queued or
+        running (unknown, or already returned by `poll`)."""
+        for req in self._waiting:
+            if req.id == request_id:
+                self._waiting.remove(req)
+                return True
+        for slot, req in self._active.items():
+            if req.id == request_id:
+                # DONE rows never change and `_run` stops for rows that finish, not for rows that
+                # start out DONE, so the others decode on unaffected; `_admit` resets the row.
+                st = self._slots.state
+                self._slots = self._slots.replace(state=st.replace(phase=st.phase.at[slot].set(DONE)))
+                del self._active[slot], self._emitted[slot]
+                return True
+        return False
 
     @property
     def idle(self) -> bool:
@@ -272,7 +293,9 @@ class Engine:
         commit = np.asarray(st.commit_step[slot])
         forwards = int(st.forwards[slot])
         generated = int(np.isin(tokens, [self.eos_id, self.config.pad_token_id, self.mask_id], invert=True).sum())
+        logprob = np.asarray(st.logprob[slot])
         return Result(id=req.id, tokens=tokens, commit_steps=commit[p:p + len(tokens)].tolist(),
+                      logprobs=logprob[p:p + len(tokens)].tolist(),
                       canvas=row[:canvas_len].copy(), forwards=forwards, steps=int(st.steps[slot]),
                       cache_writes=int(st.cache_writes[slot]), mbe_forwards=int(st.mbe_forwards[slot]),
                       num_generated=generated, tpf=generated / max(forwards, 1))

@@ -45,7 +45,9 @@ class GenerateOutput(NamedTuple):
       row's own canvas length, or after an early stop, hold the mask id. forwards = steps +
       cache_writes + mbe_forwards, every model forward the row took part in; steps is the
       number of denoising forwards, comparable to the uncached reference's forward count.
-      tpf = generated tokens excluding EOS/pad / forwards.
+      tpf = generated tokens excluding EOS/pad / forwards. logprobs: for each of `tokens`, its
+      log-probability under the model's distribution (softmax of the raw logits, before penalty,
+      temperature and top-k/top-p) at the forward that last wrote it, the step of `commit_steps`.
     """
 
     tokens: list[list[int]]
@@ -59,6 +61,7 @@ class GenerateOutput(NamedTuple):
     num_generated: np.ndarray
     tpf: np.ndarray
     trajectory: Optional[Trajectory] = None
+    logprobs: Optional[list[list[float]]] = None
 
 def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_length: int = 32,
              threshold: Optional[float] = None, editing_threshold: Optional[float] = None,
@@ -170,14 +173,16 @@ def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
                                 write_token=np.asarray(state.write_token)[:, :width],
                                 write_count=count, prompt_lengths=np.asarray(prompt_lens))
     canvas, commit = np.asarray(state.canvas)[:, :width], np.asarray(state.commit_step)[:, :width]
+    logprob = np.asarray(state.logprob)[:, :width]
     forwards = np.asarray(state.forwards)
-    tokens, commit_steps, generated = [], [], []
+    tokens, commit_steps, logprobs, generated = [], [], [], []
     for r, p in enumerate(np.asarray(prompt_lens)):
         gen = canvas[r, p:p + gen_length]
         eos = np.flatnonzero(gen == settings.eos_id)
         end = int(eos[0]) + 1 if eos.size else gen_length
         tokens.append(gen[:end].tolist())
         commit_steps.append(commit[r, p:p + end].tolist())
+        logprobs.append(logprob[r, p:p + end].tolist())
         generated.append(int(np.isin(gen[:end], [settings.eos_id, settings.pad_id, settings.mask_id],
                                      invert=True).sum()))
     generated = np.array(generated, np.int32)
@@ -185,4 +190,4 @@ def summarize(state: DecodeState, prompt_lens, canvas_lens, gen_length: int,
         tokens=tokens, commit_steps=commit_steps, canvas=canvas, canvas_lengths=np.asarray(canvas_lens),
         forwards=forwards, steps=np.asarray(state.steps), cache_writes=np.asarray(state.cache_writes),
         mbe_forwards=np.asarray(state.mbe_forwards), num_generated=generated,
-        tpf=generated / np.maximum(forwards, 1), trajectory=trajectory)
+        tpf=generated / np.maximum(forwards, 1), trajectory=trajectory, logprobs=logprobs)

@@ -84,6 +84,9 @@ class DecodeState:
     cache_writes: Int[Array, "N"]  # prefill, COMMIT and REWRITE forwards
     mbe_forwards: Int[Array, "N"]  # PROPOSE forwards
     commit_step: Int[Array, "N L"]  # denoising step that last wrote each position, -1 if none
+    # log p(token) of each position's last write under the model's distribution at that forward
+    # (softmax of the raw logits: before penalty, temperature and top-k/top-p), 0.0 if never written
+    logprob: Float[Array, "N L"]
     stale: Bool[Array, "N"]  # the finished block's cached K/V are not clean (read in PROPOSE)
     cache: Any  # KV cache {"dense"|"moe": {"k", "v": [layers, N, L, K, H]}}, or None uncached
     # With `settings.record_writes = W`: every write of every position, in order. write_step
@@ -185,6 +188,12 @@ def _model_chunk(params, config, settings, state: DecodeState, start, size, read
     return logits, kvcache.write(state.cache, kv, start, writing)
 
 
+def _token_logprobs(logits: Float[Array, "N C V"], tok: Int[Array, "N C"]) -> Float[Array, "N C"]:
+    """log softmax(logits)[tok]: the model's own log-probability of each chosen token."""
+    picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def _prev_tokens(canvas, positions):
     prev = jnp.take_along_axis(canvas, jnp.maximum(positions - 1, 0), axis=1)
     return jnp.where(positions > 0, prev, -1)
@@ -245,6 +254,7 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
     write = (fill | edit) & denoising[:, None]
     new_tokens = jnp.where(write, tok, tokens)
     stamp = jnp.where(write, state.steps[:, None], _slice(state.commit_step, start, b))
+    logprob = jnp.where(write, _token_logprobs(logits, tok), _slice(state.logprob, start, b))
 
     edited = edit.any(-1)
     masks_left = (new_tokens == settings.mask_id).any(-1)
@@ -260,6 +270,7 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
     state = state.replace(
         canvas=_update(state.canvas, new_tokens, start),
         commit_step=_update(state.commit_step, stamp, start),
+        logprob=_update(state.logprob, logprob, start),
         post_steps=jnp.where(denoising, post_next, state.post_steps),
         steps=state.steps + denoising,
         cache_writes=state.cache_writes + committing,
@@ -308,10 +319,12 @@ def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSt
              & proposing[:, None])
     edited = write.any(-1)
     stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
+    logprob = jnp.where(write, _token_logprobs(logits, tok), _slice(state.logprob, start, size))
     state = _record(state, start, size, write, tok, state.steps - 1)
     state = state.replace(
         canvas=_update(state.canvas, jnp.where(write, tok, tokens), start),
         commit_step=_update(state.commit_step, stamp, start),
+        logprob=_update(state.logprob, logprob, start),
         mbe_forwards=state.mbe_forwards + proposing,
         cache_writes=state.cache_writes + rewriting,
         cache=cache,
@@ -347,6 +360,7 @@ def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], 
     return DecodeState(
         canvas=canvas, block=prompt_lens // b, phase=zeros + DENOISE, post_steps=zeros, steps=zeros,
         cache_writes=cache_writes, mbe_forwards=zeros, commit_step=jnp.full(canvas.shape, -1, jnp.int32),
+        logprob=jnp.zeros(canvas.shape, jnp.float32),
         stale=jnp.zeros((n,), bool), cache=cache, **record)
 
 

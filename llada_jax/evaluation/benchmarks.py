@@ -9,7 +9,8 @@ with and without Multi-Block Editing. `run_eval` produces that table for any che
   the project's own task records (`messages` or `prompt`, with `meta`). Each becomes an
   `Example`: the user turn(s), the reward's `meta`, a gold answer text (for few-shot turns).
 - `parse_mode` names a decoding setting: a preset of `decode.PRESETS` (`S`, `Q`, `no_edit`,
-  `llada20`), `+mbe` for Multi-Block Editing, and `:threshold=..,editing_threshold=..`
+  `llada20`), `+mbe` for Multi-Block Editing (its window's attention, bidirectional or
+  block-causal, is `parse_mode`'s argument), and `:threshold=..,editing_threshold=..`
   overrides (`Q+mbe`, `S:threshold=0.6`).
 - `decoder` is the completion source that runs `decode.generate` on a batch (padded to a
   fixed size so that the compiled program is reused, and to a multiple of the mesh's batch
@@ -170,15 +171,19 @@ class Mode:
     editing_threshold: float
     mbe_window: int = 0
     llada20: bool = False
+    mbe_attention: str = "bidirectional"  # the MBE window's attention (`decode.MBE_ATTENTION`)
 
     def generate_kwargs(self) -> dict:
         return dict(threshold=self.threshold, editing_threshold=self.editing_threshold, mbe_window=self.mbe_window,
-                    llada20=self.llada20)
+                    llada20=self.llada20, mbe_attention=self.mbe_attention)
 
 
-def parse_mode(spec: str, mbe_window: int = 2) -> Mode:
+def parse_mode(spec: str, mbe_window: int = 2, mbe_attention: str = "bidirectional") -> Mode:
     """`PRESET[+mbe][:key=value,...]`: a preset of `decode.PRESETS`, Multi-Block Editing over
-    `mbe_window` blocks, and overrides of threshold / editing_threshold / mbe_window."""
+    `mbe_window` blocks whose window attends as `mbe_attention` says ("bidirectional" or
+    "block_causal"), and overrides of threshold / editing_threshold / mbe_window."""
+    if mbe_attention not in decode.MBE_ATTENTION:
+        raise BenchmarkError(f"mbe_attention: expected one of {decode.MBE_ATTENTION}, found {mbe_attention!r}")
     head, _, tail = spec.partition(":")
     preset, plus, extra = head.partition("+")
     if preset not in decode.PRESETS:
@@ -195,8 +200,9 @@ def parse_mode(spec: str, mbe_window: int = 2) -> Mode:
             values[key] = int(value) if key == "mbe_window" else float(value)
         except ValueError:
             raise BenchmarkError(f"mode {spec!r}: {key}: expected a number, found {value!r}") from None
-    return Mode(spec, float(values["threshold"]), float(values["editing_threshold"]), int(values["mbe_window"]),
-                bool(values.get("llada20", False)))
+    window = int(values["mbe_window"])
+    return Mode(spec, float(values["threshold"]), float(values["editing_threshold"]), window,
+                bool(values.get("llada20", False)), mbe_attention if window else "bidirectional")
 
 
 def _slug(name: str) -> str:
@@ -257,7 +263,8 @@ def decoder(params, model_config, tokenizer, *, gen_length: int, block_length: i
         ids = [p.ids for p in prompts]
         ids = ids + [ids[0]] * (batch_size - len(ids))  # a fixed batch: one compiled program
         longest = max(len(i) for i in ids)
-        key = (len(ids), math.ceil((longest + gen_length) / block_length), longest // block_length, mode.mbe_window)
+        key = (len(ids), math.ceil((longest + gen_length) / block_length), longest // block_length, mode.mbe_window,
+               mode.mbe_attention)
         warmup = 0.0
         if key not in compiled:
             t0 = time.perf_counter()
@@ -332,7 +339,10 @@ def _settings_check(out_dir: str, settings: Mapping[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        # Both ways: a setting only recorded when it is not the default (mbe_attention) is
+        # missing from one side when a run is resumed with the default.
+        keys = [*settings, *(k for k in before if k not in settings)]
+        changed = {k: (before.get(k), settings.get(k)) for k in keys if before.get(k) != settings.get(k)}
         if changed:
             field, (old, new) = next(iter(changed.items()))
             raise BenchmarkError(f"{out_dir}: resumed with other settings; {field}: expected {old!r} (the run's), "

@@ -187,7 +187,8 @@ def test_mbe_window_op_edits_only_editable_positions(tiny_hf, fixture_runs):
     state = decode.DecodeState(
         canvas=jnp.asarray(canvas), block=jnp.array([3, 3]), phase=jnp.array([decode.PROPOSE, decode.DENOISE]),
         post_steps=zeros, steps=jnp.array([40, 40]), cache_writes=zeros, mbe_forwards=zeros,
-        commit_step=jnp.full(canvas.shape, -1, jnp.int32), stale=jnp.zeros((2,), bool), cache=None)
+        commit_step=jnp.full(canvas.shape, -1, jnp.int32), logprob=jnp.zeros(canvas.shape, jnp.float32),
+        stale=jnp.zeros((2,), bool), cache=None)
     op = jax.jit(lambda st: decode_loop._window_op(params, decode.row_keys_for(jax.random.key(0), 2), prompt_lens,
                                                 jnp.array([5, 5]), knobs, st, config=config, settings=settings))
     after = op(state)
@@ -315,3 +316,33 @@ def test_mbe_block_causal_variant_cached_matches_uncached(tiny_hf, fixture_runs,
     assert cached.tokens == uncached.tokens
     np.testing.assert_array_equal(cached.canvas, uncached.canvas)
     np.testing.assert_array_equal(cached.forwards - cached.cache_writes, uncached.forwards)
+
+
+def test_logprobs_equal_an_uncached_forward_at_the_commit_step(tiny_hf, fixture_runs):
+    """Each answer token's recorded log-probability is log softmax of a plain block-causal forward
+    over the canvas as it stood before the step that wrote it (rebuilt from the write record: each
+    position's last write at an earlier step), at that token; Q mode, so edits are included."""
+    config, params = tiny_hf
+    prompts = [r["prompt"] for r in sorted(fixture_runs, key=lambda r: r["prompt_index"])[::5]]
+    out = _run(tiny_hf, prompts, preset="Q", record_trajectory=True)
+    t = out.trajectory
+    forward = jax.jit(lambda c: jax.nn.log_softmax(model.forward(params, config, c, mask=masks.block_causal(
+        c.shape[1], B)), axis=-1))
+    checked = 0
+    for r, prompt in enumerate(prompts):
+        p = len(prompt)
+        assert len(out.logprobs[r]) == len(out.tokens[r])
+        for s in sorted(set(out.commit_steps[r])):
+            before = out.canvas[r].copy()
+            before[p:] = 511  # mask id
+            for pos in range(p, before.shape[0]):
+                earlier = [w for w in range(t.write_count[r, pos]) if t.write_step[r, pos, w] < s]
+                if earlier:
+                    before[pos] = t.write_token[r, pos, earlier[-1]]
+            logp = np.asarray(forward(jnp.asarray(before[None])))[0]
+            for i in np.flatnonzero(np.array(out.commit_steps[r]) == s):
+                want = logp[p + i, out.tokens[r][i]]
+                np.testing.assert_allclose(out.logprobs[r][i], want, rtol=1e-5, atol=1e-5, err_msg=(r, i, s))
+                checked += 1
+    assert checked == sum(map(len, out.tokens))
+    assert all(lp <= 0 for row in out.logprobs for lp in row) and min(min(row) for row in out.logprobs) < -0.1

@@ -53,6 +53,7 @@ def test_engine_matches_one_by_one_with_arrivals(tiny_hf):
         assert streamed.get(k, []) == got.tokens, k
         np.testing.assert_array_equal(got.canvas, want.canvas[0, :want.canvas_lengths[0]])
         assert got.commit_steps == want.commit_steps[0], k
+        np.testing.assert_allclose(got.logprobs, want.logprobs[0], rtol=1e-5, atol=1e-5, err_msg=str(k))
         for stat in ("forwards", "steps", "cache_writes", "mbe_forwards", "num_generated"):
             assert getattr(got, stat) == getattr(want, stat)[0], (k, stat)
 
@@ -66,6 +67,30 @@ def test_engine_mbe_matches_one_by_one(tiny_hf):
         want = _alone(tiny_hf, prompt, opts)
         assert got.tokens == want.tokens[0]
         assert (got.forwards, got.mbe_forwards) == (want.forwards[0], want.mbe_forwards[0])
+
+
+def test_cancel_frees_the_slot_for_the_next_request(tiny_hf):
+    """One slot: a running request is cancelled after one call, the waiting one takes its slot
+    and decodes exactly as alone; a cancelled request gets no Result and no more blocks."""
+    config, params = tiny_hf
+    eng = engine.Engine(params, config, slots=1, max_length=128, block_length=B, steps_per_call=2)
+    (p1, o1), (p2, o2), (p3, o3) = _requests(3, seed=3, max_len=40)
+    long = dict(o1, gen_length=64, threshold=1.0, editing_threshold=1.0)  # one token per forward
+    streamed = []
+    first = eng.submit(p1, long, on_block=streamed.extend)
+    second = eng.submit(p2, o2)
+    third = eng.submit(p3, o3)
+    assert eng.poll() == [] and eng.forwards == 2
+    assert eng.cancel(third) and eng.cancel(first)  # one waiting, one running
+    assert not eng.cancel(first) and not eng.cancel(12345)
+    results = []
+    while not eng.idle:
+        results += eng.poll()
+    assert [r.id for r in results] == [second] and streamed == []
+    want = _alone(tiny_hf, p2, o2)
+    assert results[0].tokens == want.tokens[0] and results[0].forwards == want.forwards[0]
+    # The cancelled request took no forward after its cancel (the prefill is no loop iteration).
+    assert eng.forwards == 2 + want.forwards[0] - (len(p2) >= B)
 
 
 @pytest.mark.parametrize("opts, field", [

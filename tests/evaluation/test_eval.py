@@ -173,6 +173,15 @@ def test_formats_and_modes_report_bad_input(tmp_path):
         benchmarks.read_benchmark(_write(tmp_path / "g.jsonl", [{"question": "x", "answer": "1"}, {"question": "y"}]))
     assert benchmarks.parse_mode("Q+mbe", 3) == benchmarks.Mode("Q+mbe", 0.7, 0.5, 3)
     assert benchmarks.parse_mode("S:threshold=0.6,editing_threshold=0.9").threshold == 0.6
+    causal = benchmarks.parse_mode("Q+mbe", 2, "block_causal")
+    assert causal.generate_kwargs()["mbe_attention"] == "block_causal" and causal.mbe_window == 2
+    assert benchmarks.parse_mode("S", 2, "block_causal").generate_kwargs()["mbe_attention"] == "bidirectional"
+    assert benchmarks.parse_mode("S:mbe_window=1", 2, "block_causal").mbe_attention == "block_causal"
+    with pytest.raises(benchmarks.BenchmarkError, match="mbe_attention: expected one of"):
+        benchmarks.parse_mode("Q+mbe", 2, "causal")
+    benchmarks._settings_check(str(tmp_path), {"gen_length": 16, "mbe_attention": "block_causal"})
+    with pytest.raises(benchmarks.BenchmarkError, match="mbe_attention: expected 'block_causal'"):
+        benchmarks._settings_check(str(tmp_path), {"gen_length": 16})  # resumed with the default
     with pytest.raises(benchmarks.BenchmarkError, match="expected a preset"):
         benchmarks.parse_mode("fast")
     shots = benchmarks.read_benchmark(_write(tmp_path / "shots.jsonl", [{"question": "1+1?", "answer": "#### 2"}]))
@@ -191,12 +200,14 @@ def test_eval_launcher_decodes_end_to_end_on_a_mesh(fixture_dir, tokenizer, tmp_
     args = [sys.executable, "launch/eval.py", f"--checkpoint={fixture_dir}", f"--tokenizer={tok_path}",
             f"--benchmark={bench}", "--template=plain", "--modes=S,Q+mbe", "--gen_length=16", "--block_length=8",
             "--batch_size=2", "--moe_impl=dense", f"--out_dir={tmp_path}/out", "--noprogress",
-            "--sweep_thresholds=0.6", "--sweep_editing=0.5,1.0"]
+            "--sweep_thresholds=0.6", "--sweep_editing=0.5,1.0", "--mbe_attention=block_causal"]
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     grid = ["Q:threshold=0.6,editing_threshold=0.5", "Q:threshold=0.6,editing_threshold=1.0"]
     assert list(summary) == ["S", "Q+mbe", *grid] and summary["Q+mbe"]["mbe_window"] == 2
+    assert summary["Q+mbe"]["mbe_attention"] == "block_causal" and summary["S"]["mbe_attention"] == "bidirectional"
+    assert json.load(open(tmp_path / "out" / "settings.json"))["mbe_attention"] == "block_causal"
     assert summary[grid[1]]["threshold"] == 0.6 and summary[grid[1]]["editing_threshold"] == 1.0
     for mode, s in summary.items():
         rows = [json.loads(line) for line in open(tmp_path / "out" / "samples" / f"{benchmarks._slug(mode)}.jsonl")]

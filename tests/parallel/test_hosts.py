@@ -303,6 +303,8 @@ def test_generate_on_a_mesh_equals_one_device(tiny_hf):
     got = decode.generate(sharded, config, prompts, mesh=mesh, **kw)
     assert got.tokens == want.tokens
     np.testing.assert_array_equal(got.forwards, want.forwards)
+    for g, w in zip(got.logprobs, want.logprobs):  # this process's rows of the decoder's record
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     with pytest.raises(hosts.BatchShardingError, match=r"prompts \(rows\): .* = 8\), found 4"):
         decode.generate(sharded, config, prompts[:4], mesh=mesh, **kw)
 
