@@ -1,8 +1,13 @@
-"""Data for LLaDA2 training and RL: offline tasks with rewards, TFDS array_record storage, grain pipelines.
+"""Data for LLaDA2 training and RL: offline tasks with rewards, TFDS array_record storage, grain
+pipelines, the tokenizer.
 
 - `tasks`: addition, Countdown and 4x4 Sudoku generators and their verifiers (REFERENCE §6).
 - `builders`: TFDS builders writing array_record (no TensorFlow), the JSONL importer, `open_split`.
-- `pipeline`: grain SFT and CPT pipelines with checkpointable iterators.
+- `pipeline`: grain SFT and CPT pipelines with checkpointable iterators (REFERENCE §4's inputs).
+- `records`, `jsonl`: the chat record format and its reader.
+- `tokenizer`: HF tokenizer.json, the LLaDA2 chat format, a locally built task tokenizer (REFERENCE §1).
+
+A sibling of `model` in the layers: it imports nothing else of llada_jax, and knows no model.
 """
 
 from llada_jax.data.builders import (
