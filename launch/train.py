@@ -5,7 +5,8 @@ r"""Block-diffusion CPT / SFT (REFERENCE §2-4).
       --config.total_steps=2000 --config.checkpoint_every=500
   python launch/train.py --config=configs/sft_mini.py --workdir=/runs/mini --config.model.hf_dir=/ckpt/mini ...
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. SIGTERM (a TPU
+maintenance event, a scheduler's stop) saves a checkpoint at the current step and exits 0.
 Metrics: <workdir>/metrics.jsonl (one JSON object per logged step).
 """
 
@@ -29,7 +30,12 @@ def main(argv):
     obj_config = train.build_objective(cfg, run.config, extra_special_ids=run.tokenizer.special_ids)
     it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
     state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params)
-    if hosts.is_primary():  # the others have nothing of their own to report
+    if not hosts.is_primary():  # the others have nothing of their own to report
+        return
+    if int(state.step) < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues
+        print(f"preempted at step {int(state.step)} of {cfg.total_steps}; checkpoint in {FLAGS.workdir}/checkpoints, "
+              f"rerun the same command to resume")
+    else:
         print(f"finished at step {int(state.step)}; metrics in {FLAGS.workdir}/metrics.jsonl, "
               f"checkpoints in {FLAGS.workdir}/checkpoints")
 

@@ -15,6 +15,10 @@ folded with its row (objectives.noise), the data iterator state is checkpointed 
 and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
 numbers as one that never stopped.
 
+Preemption: SIGTERM (a TPU maintenance event, a scheduler's stop) saves a checkpoint at the step
+every process agrees on (`parallel.preemption`, checked every `preemption_check_every` steps
+with several processes) and returns; the rerun resumes from it exactly.
+
 Many hosts (`hosts`): each process reads its rows of every global batch, which become one global
 array; process 0 alone writes metrics, the tokenizer and prepared data; every process takes
 part in checkpoints, each saving its own data-iterator state.
@@ -34,10 +38,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import model
-from llada_jax.parallel import hosts, sharding
+from llada_jax.parallel import hosts, preemption, sharding
 from llada_jax.train import checkpoint, flops, objectives
 from llada_jax.model.config import ModelConfig, get_config
 from llada_jax.train.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
@@ -418,12 +423,21 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     log = MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
 
+    def save(done, state, metrics):
+        loss_now = float(jax.device_get(metrics["loss"]))
+        if not np.isfinite(loss_now):
+            raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
+                                     f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+        ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
+
     programs = {}  # block size -> (compiled step, its model FLOPs)
     bar = _progress(start, cfg.total_steps, progress)
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     profile = _profile_window(cfg, workdir)
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES), \
+                preemption.PreemptionGuard(check_every=cfg.get("preemption_check_every", 1)) as guard:
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
@@ -465,14 +479,16 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     if on_log:
                         on_log(done, metrics)
                     bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{float(metrics.get('masked_acc', 0)):.3f}")
-                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-                    loss_now = float(jax.device_get(metrics["loss"]))
-                    if not np.isfinite(loss_now):
-                        raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
-                                                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-                    ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
+                saved = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
+                if saved:
+                    save(done, state, metrics)
                 bar.update(1)
+                if guard.should_stop(done) and done < cfg.total_steps:
+                    if not saved:
+                        save(done, state, metrics)
+                    logging.warning("preempted (%s): saved step %d of %d in %s; rerun the same command to "
+                                    "resume", guard.reason, done, cfg.total_steps, ckpt.directory)
+                    break
     finally:
         profile(None)
         bar.close()

@@ -76,6 +76,78 @@ def test_sigkill_then_resume_is_exact(tmp_path, data_dir):
     assert np.mean([r["loss"] for r in ref_rows[-4:]]) < 0.7 * np.mean([r["loss"] for r in ref_rows[:4]])
 
 
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory, data_dir):
+    """The metrics of one uninterrupted SMALL_RUN, for the interrupted runs below to equal."""
+    workdir = tmp_path_factory.mktemp("reference")
+    out, _ = _launch(workdir, data_dir).communicate(timeout=600)
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 25)), out
+    return rows
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    """Waits until the run in `workdir` has logged `step` (or ended, or timed out)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if any(r["step"] >= step for r in _metrics(workdir)):
+                return
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            pass
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resume_is_exact(tmp_path, data_dir, reference_rows):
+    workdir = tmp_path / "run"
+    victim = _launch(workdir, data_dir)
+    _wait_for_step(victim, workdir, 5)  # past the scheduled save at 4: the next save is the signal's
+    assert victim.poll() is None, "the run ended before it could be signalled:\n" + victim.stdout.read()
+    victim.send_signal(signal.SIGTERM)
+    out, _ = victim.communicate(timeout=300)
+    assert victim.returncode == 0, out
+    stopped = max(r["step"] for r in _metrics(workdir))
+    assert 5 <= stopped < 24, "SIGTERM arrived after the run finished"
+    assert f"preempted at step {stopped} of 24" in out and "preempted (SIGTERM received)" in out, out
+    assert checkpoint.Checkpointer(str(workdir / "checkpoints")).latest_step() == stopped
+    resumed = _launch(workdir, data_dir)
+    out2, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out2
+    assert _metrics(workdir) == reference_rows  # every metric of every step, bit for bit
+
+
+def test_preemption_guard_agrees_across_processes(tmp_path):
+    """Two processes, only process 1 is signalled (at step 3): both stop at the same step, the
+    first one where the flags are exchanged (check_every=2 -> step 4)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = (
+        "import os, signal, sys, jax\n"
+        "from llada_jax.parallel import hosts, preemption\n"
+        "pid = int(sys.argv[1])\n"
+        f"hosts.initialize('127.0.0.1:{port}', 2, pid)\n"
+        "with preemption.PreemptionGuard(check_every=2) as guard:\n"
+        "    for step in range(1, 20):\n"
+        "        if pid == 1 and step == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        if guard.should_stop(step):\n"
+        "            print('stopped at', step, guard.reason, flush=True)\n"
+        "            break\n"
+        "    else:\n"
+        "        print('never stopped', flush=True)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "stopped at 4 another process was signalled" in outs[0], outs[0]
+    assert "stopped at 4 SIGTERM received" in outs[1], outs[1]
+
+
 def _run_steps(mesh, cfg, n=2):
     from llada_jax.train import objectives
 
