@@ -27,14 +27,48 @@ import re
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from llada_jax.model.config import ModelConfig
 
 
+def is_url(path: Any) -> bool:
+    """A path with a scheme (gs://, s3://, ...): kept as written, never made absolute."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: Any) -> epath.Path:
+    """An `epath.Path` for a local path (made absolute) or a URL that etils.epath understands
+    (gs:// and the rest, unchanged: `os.path.abspath("gs://b/x")` would make it a local path)."""
+    return epath.Path(path) if is_url(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint was written for another model: the message names the differing field."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint whose files cannot be read back (a corrupt array file, truncated metadata): the
+    message names the step and the first line of the underlying error."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The innermost error of a chain, on one line (TensorStore's outer errors print kilobytes of spec)."""
+    root = _root_cause(err)
+    text = " ".join(str(root).split()) or type(root).__name__
+    return f"{type(root).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _unreadable(where: str, err: BaseException) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{where}: cannot be read ({_one_line(err)})")
 
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
@@ -118,7 +152,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                  enable_async: bool = False):
-        self.directory = os.path.abspath(directory)
+        self._path = as_path(directory)
+        self.directory = os.fspath(self._path)
         self.enable_async = bool(enable_async)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
@@ -150,17 +185,87 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        extra = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        where = f"{self.directory} step {step}"
+        try:
+            extra = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        except Exception as err:
+            raise _unreadable(f"{where} extra", err) from err
+        if not isinstance(extra, dict):
+            raise UnreadableCheckpointError(f"{where} extra: expected a JSON object, found {type(extra).__name__}")
         if config is not None and "model_config" in extra:
-            check_compatible(extra["model_config"], config, f"{self.directory} step {step}")
-        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-            extra["data_states"] = self._mngr.restore(step, args=ocp.args.Composite(data=ProcessStateRestore()))["data"]
+            check_compatible(extra["model_config"], config, where)
+        if (self._path / str(step) / "data").is_dir():
+            try:
+                extra["data_states"] = self._mngr.restore(
+                    step, args=ocp.args.Composite(data=ProcessStateRestore()))["data"]
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as err:
+                raise _unreadable(f"{where} data", err) from err
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except (ValueError, KeyError) as err:
+            # Orbax's own structure check raises a bare ValueError; a file that does not parse
+            # (JSON metadata, a TensorStore read) is damage, not a different model.
+            if isinstance(_root_cause(err), (json.JSONDecodeError, OSError)) or _root_cause(err) is not err:
+                raise _unreadable(f"{where} state", err) from err
             raise IncompatibleCheckpointError(
-                f"{self.directory} step {step}: the stored state does not match the expected structure ({err})") from err
+                f"{where}: the stored state does not match the expected structure ({err})") from err
+        except Exception as err:
+            raise _unreadable(f"{where} state", err) from err
         return restored["state"], extra
+
+    def restore_latest_good(self, abstract_state: Any, config: Optional[ModelConfig] = None,
+                            ) -> Optional[tuple[int, Any, dict]]:
+        """`(step, state, extra)` of the newest step that restores, or None when there is no step.
+
+        A step that cannot be read (`UnreadableCheckpointError`: a corrupt array file, truncated
+        metadata) is logged in one line naming the step and why, set aside as
+        `unrestorable_step_<n>` (so the resumed run can save that step again; nothing is deleted),
+        and the step before it is tried. Every process must call it: they agree on each step (all
+        restored it or it counts as unreadable). Where steps exist and none restores, raises
+        rather than let the caller start from scratch over them. A checkpoint of another model
+        (`IncompatibleCheckpointError`) is raised at once: an older step would not fit either."""
+        from absl import logging
+
+        from llada_jax.parallel import hosts
+
+        steps = sorted(self.all_steps(), reverse=True)
+        failures = []
+        for i, step in enumerate(steps):
+            try:
+                state, extra = self.restore(abstract_state, step=step, config=config)
+                why = None
+            except UnreadableCheckpointError as err:
+                state, extra, why = None, None, str(err)
+            if np.asarray(hosts.allgather(np.int32(why is None))).min():
+                self._set_aside([s for s, _ in failures])
+                return step, state, extra
+            why = why or "another process could not read it"
+            then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
+            logging.warning("checkpoint step %d cannot be restored, %s: %s", step, then, why)
+            failures.append((step, why))
+        if failures:
+            raise UnreadableCheckpointError(
+                f"{self.directory}: no checkpoint restores ({'; '.join(f'step {s}: {w}' for s, w in failures)}); "
+                f"not starting from scratch over them. Move {self.directory} aside to start a new run")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable steps out of Orbax's sight (process 0; the others wait)."""
+        from llada_jax.parallel import hosts
+
+        if not steps:
+            return
+        self.wait()
+        if hosts.is_primary():
+            for step in steps:
+                target, n = self._path / f"unrestorable_step_{step}", 1
+                while target.exists():
+                    target, n = self._path / f"unrestorable_step_{step}.{n}", n + 1
+                (self._path / str(step)).rename(target)
+        hosts.barrier(f"checkpoint_set_aside/{max(steps)}")
+        self._mngr.reload()
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

@@ -410,10 +410,13 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
     sizes = block_schedule(cfg)
 
-    start = ckpt.latest_step()
-    if start is not None:
+    # The newest step that restores (an unreadable one is logged, set aside, and the one before tried).
+    restored = None
+    if ckpt.latest_step() is not None:
         abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
-        state, extra = ckpt.restore(abstract, step=start, config=model_config)
+        restored = ckpt.restore_latest_good(abstract, config=model_config)
+    if restored is not None:
+        start, state, extra = restored
         data_state = checkpoint.data_state_for_process(extra, start, local_rows)
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)

@@ -83,7 +83,7 @@ def reference_rows(tmp_path_factory, data_dir):
     out, _ = _launch(workdir, data_dir).communicate(timeout=600)
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, 25)), out
-    return rows
+    return workdir, rows
 
 
 def _wait_for_step(proc, workdir, step, timeout=300):
@@ -113,7 +113,81 @@ def test_sigterm_saves_the_current_step_exits_0_and_resume_is_exact(tmp_path, da
     resumed = _launch(workdir, data_dir)
     out2, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out2
-    assert _metrics(workdir) == reference_rows  # every metric of every step, bit for bit
+    assert _metrics(workdir) == reference_rows[1]  # every metric of every step, bit for bit
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir, reference_rows):
+    """64 zero bytes in the middle of the largest array file of the newest step (24): the rerun
+    says in one line that step 24 cannot be restored and why, resumes from 20 and logs steps
+    21-24 exactly as the uninterrupted run did."""
+    import shutil
+
+    ref_dir, ref_rows = reference_rows
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / "24" / "state") for f in fs]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) // 2)
+        f.write(bytes(64))
+    rerun = _launch(workdir, data_dir)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    line = next((l for l in out.splitlines() if "checkpoint step 24 cannot be restored" in l), None)
+    assert line is not None, out
+    assert "trying step 20" in line and "ZSTD_decompressStream() failed" in line, line
+    assert "Traceback" not in out, out
+    assert _metrics(workdir) == ref_rows  # 1-20 kept, 21-24 logged again, bit for bit
+    steps = checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps()
+    assert steps == [16, 20, 24] and (workdir / "checkpoints" / "unrestorable_step_24").is_dir()
+
+
+def _small_checkpoints(directory, steps=(1, 2, 3)):
+    ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=5)
+    for s in steps:
+        ckpt.save(s, {"w": jnp.arange(8.0) * s}, extra={"s": s}, data_state={"i": s}, force=True)
+    ckpt.close()
+    return checkpoint.abstract_with_shardings({"w": jnp.zeros(8)})
+
+
+def test_truncated_metadata_falls_back_and_no_good_step_is_an_error(tmp_path, caplog):
+    abstract = _small_checkpoints(tmp_path)
+    (tmp_path / "3" / "state" / "_METADATA").write_text('{"tree_metadata": {"')  # truncated JSON
+    (tmp_path / "2" / "extra" / "metadata").write_text('{"s": ')
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5)
+    step, state, extra = ckpt.restore_latest_good(abstract)
+    assert step == 1 and extra["s"] == 1 and extra["data_states"] == {0: {"i": 1}}
+    np.testing.assert_array_equal(state["w"], np.arange(8.0))
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 2 and "step 3 cannot be restored, trying step 2" in warnings[0], warnings
+    assert "state: cannot be read (JSONDecodeError" in warnings[0], warnings
+    assert "step 2 cannot be restored, trying step 1" in warnings[1] and "extra: cannot be read" in warnings[1]
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    ckpt.save(2, {"w": jnp.ones(8)}, force=True)  # the set-aside step can be written again
+    ckpt.close()
+
+    other = tmp_path / "all_bad"
+    abstract = _small_checkpoints(other, steps=(1, 2))
+    for s in (1, 2):
+        (other / str(s) / "state" / "_METADATA").write_text("{")
+    ckpt = checkpoint.Checkpointer(str(other))
+    with pytest.raises(checkpoint.UnreadableCheckpointError,
+                       match=r"no checkpoint restores \(step 2: .*JSONDecodeError.*; step 1: .*\); not starting from"):
+        ckpt.restore_latest_good(abstract)
+    assert sorted(os.listdir(other)) == ["1", "2"]  # nothing set aside, nothing deleted
+    ckpt.close()
+
+
+def test_a_run_over_unreadable_checkpoints_refuses_to_start_from_scratch(tmp_path):
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 2, "checkpoint_every": 2, "log_every": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").write_text("{")
+    cfg.total_steps = 4
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match=r"step 2: .*state: cannot be read"):
+        train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    assert [r["step"] for r in train.read_metrics(str(tmp_path))] == [1, 2]  # the log was not cut back
 
 
 def test_preemption_guard_agrees_across_processes(tmp_path):
