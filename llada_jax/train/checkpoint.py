@@ -345,19 +345,46 @@ def read_config(directory: str, step: Optional[int] = None, *, config: Optional[
 
 def run_file(checkpoints: str, name: str) -> Optional[str]:
     """A file or directory of the run that wrote `checkpoints` (its `tokenizer.json`, its prepared
-    `data/`): beside the checkpoints directory (launch/train.py's and launch/rl.py's workdir), else
-    one level up (the quickstart's workdir, whose sft/ and rl_<algorithm>/ runs share them).
-    None when neither exists."""
+    `data/`): inside the directory (a converted checkpoint's tokenizer files), beside it
+    (launch/train.py's and launch/rl.py's workdir), else one level up (the quickstart's workdir,
+    whose sft/ and rl_<algorithm>/ runs share them). None when none exists. Local paths or URLs."""
     for candidate in run_file_candidates(checkpoints, name):
-        if os.path.exists(candidate):
+        if as_path(candidate).exists():
             return candidate
     return None
 
 
 def run_file_candidates(checkpoints: str, name: str) -> list[str]:
-    """Where `run_file` looks, in order."""
-    run = os.path.dirname(os.path.abspath(checkpoints.rstrip("/")))
-    return [os.path.join(run, name), os.path.join(os.path.dirname(run), name)]
+    """Where `run_file` looks, in order: inside the directory (a converted checkpoint carries its
+    tokenizer files, `copy_tokenizer_files`), beside it, one level up."""
+    here = as_path(os.fspath(checkpoints).rstrip("/"))
+    return [os.fspath(here / name), os.fspath(here.parent / name), os.fspath(here.parent.parent / name)]
+
+
+# What a Hugging Face directory holds besides weights and config.json that a run needs back.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(source: str, target: str, *, beside: bool = False) -> list[str]:
+    """Copies `TOKENIZER_FILES` from `source` into `target` (each written to a temporary name and
+    renamed; process 0 only). With `beside`, `source` is a checkpoint and each file is looked up
+    where `run_file` looks. Returns the names copied."""
+    from llada_jax.parallel import hosts
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = run_file(source, name) if beside else os.fspath(as_path(source) / name)
+        if not src or not as_path(src).exists():
+            continue
+        copied.append(name)
+        if hosts.is_primary():
+            dst = as_path(target)
+            dst.mkdir(parents=True, exist_ok=True)
+            tmp = dst / f"{name}.tmp"
+            tmp.write_bytes(as_path(src).read_bytes())
+            tmp.rename(dst / name)
+    hosts.barrier(f"copy_tokenizer_files/{target}")
+    return copied
 
 
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,

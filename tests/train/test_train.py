@@ -142,6 +142,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data_d
     assert steps == [16, 20, 24] and (workdir / "checkpoints" / "unrestorable_step_24").is_dir()
 
 
+def test_init_from_a_params_checkpoint(tmp_path, data_dir, reference_rows):
+    """launch/train.py --init_from=<params-only Orbax checkpoint>: with the learning rate at zero
+    one step leaves the params where they started, so the run's step-1 checkpoint holds exactly the
+    params it was given (the reference run's last), and its loss is the trained model's."""
+    ref_dir, ref_rows = reference_rows
+    config, params = checkpoint.load_params(str(ref_dir / "checkpoints"))
+    checkpoint.save_params(str(tmp_path / "params"), config, params)
+    workdir = tmp_path / "run"
+    run = _launch(workdir, data_dir, ["--config.total_steps=1", "--config.checkpoint_every=1", "--config.optim.lr=0",
+                                      f"--init_from={tmp_path / 'params'}"])
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out
+    _, got = checkpoint.load_params(str(workdir / "checkpoints"), config=config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(params))
+    (row,) = _metrics(workdir)
+    assert row["loss"] < 0.7 * ref_rows[0]["loss"]  # not a fresh init
+
+
 def _small_checkpoints(directory, steps=(1, 2, 3)):
     ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=5)
     for s in steps:
