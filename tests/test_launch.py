@@ -53,6 +53,21 @@ def test_convert_carries_the_tokenizer_files_both_ways(fixture_dir, task_tokeniz
     assert not list((tmp_path / "hf_out").glob("*.tmp"))
 
 
+def test_setup_from_an_hf_directory_takes_its_tokenizer(fixture_dir, task_tokenizer, tmp_path):
+    import shutil
+
+    from helpers import load_config
+    from llada_jax import launcher
+
+    hf = tmp_path / "hf"
+    shutil.copytree(fixture_dir, hf)
+    shutil.copy(task_tokenizer, hf / "tokenizer.json")
+    cfg = load_config("quickstart.py")
+    run = launcher.setup(cfg, str(tmp_path / "run"), init_from=str(hf))
+    assert cfg.data.tokenizer == str(hf / "tokenizer.json") and run.params is not None
+    assert not (tmp_path / "run" / "tokenizer.json").exists()  # not the task tokenizer built afresh
+
+
 def test_info_counts_without_allocating():
     out = json.loads(_run("launch/info.py", "--preset=mini").stdout)
     assert out["total_params"] == 16_255_643_392 and out["active_params"] == 1_432_973_056
