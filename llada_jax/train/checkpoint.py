@@ -15,12 +15,14 @@ are written): on by default for states above `ASYNC_ABOVE_BYTES`.
 
 Params-only checkpoints (what `launch/convert.py` writes) use the same layout with an empty
 optimizer state, so one reader serves both.
+
+Directories may be local paths or URLs (gs:// and whatever etils.epath and TensorStore read):
+`as_path` makes local paths absolute and leaves URLs as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -107,10 +109,10 @@ class ProcessStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: "ProcessStateRestore" = None) -> dict[int, Any]:
         out, counts = {}, set()
-        for path in glob.glob(os.path.join(os.fspath(directory), "process_*-of-*.json")):
-            m = self._NAME.search(path)
+        for path in epath.Path(directory).glob("process_*-of-*.json"):  # local or a URL
+            m = self._NAME.search(path.name)
             if m:
-                out[int(m.group(1))] = json.loads(epath.Path(path).read_text())
+                out[int(m.group(1))] = json.loads(path.read_text())
                 counts.add(int(m.group(2)))
         if len(counts) > 1 or (counts and len(out) != counts.pop()):
             raise IncompatibleCheckpointError(f"{directory}: per-process states are incomplete or mixed ({sorted(out)})")
@@ -321,7 +323,7 @@ def _stored_extra(ckpt: "Checkpointer", directory: str, step: Optional[int]) -> 
     """(step, the JSON `extra` saved with it): the latest step when `step` is None."""
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
+        raise FileNotFoundError(f"no checkpoint in {as_path(directory)}")
     return step, ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
 

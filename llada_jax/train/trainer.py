@@ -321,18 +321,18 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
 
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
-    path = os.path.join(workdir, "tokenizer.json")
+    path = checkpoint.as_path(workdir) / "tokenizer.json"  # a local path or a URL
 
     def build_or_read():
-        if os.path.exists(path):
+        if path.exists():
             return Tokenizer.from_file(path)
         if not hosts.is_primary():
             raise FileNotFoundError(f"{path}: process 0 should have written it before the barrier")
         tok = build_task_tokenizer()
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / (path.name + ".tmp")
         tok.save(tmp)
-        os.replace(tmp, path)
+        tmp.replace(path)
         return tok
 
     # Process 0 builds and writes it; the others read that file after the barrier.
@@ -400,7 +400,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
     the step's block size comes from it (logged as `block_size`), with one compiled step per size.
     """
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(cfg)
     tx = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
@@ -528,7 +528,7 @@ def make_checkpointer(cfg: ml_collections.ConfigDict, workdir: str, abstract_sta
     enable_async = cfg.get("checkpoint_async", None)
     if enable_async is None:
         enable_async = checkpoint.tree_bytes(abstract_state) > checkpoint.ASYNC_ABOVE_BYTES
-    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+    return checkpoint.Checkpointer(os.fspath(checkpoint.as_path(workdir) / "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                                    enable_async=enable_async)
 
 

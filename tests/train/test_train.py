@@ -208,6 +208,67 @@ def test_a_run_over_unreadable_checkpoints_refuses_to_start_from_scratch(tmp_pat
     assert [r["step"] for r in train.read_metrics(str(tmp_path))] == [1, 2]  # the log was not cut back
 
 
+def _gs_on_local(root):
+    """etils.epath with every gs://bucket path served from the local directory `root` (no network
+    here): what reaches the backend is the URL as the code built it, so a mangled URL (made
+    absolute, joined with os.path on a local prefix) would not land under `root`."""
+    from etils.epath import testing
+
+    seen = []
+
+    def local(path):
+        path = os.fspath(path)
+        if path.startswith(str(root)):  # the backend calling itself on a path already mapped
+            return path
+        seen.append(path)
+        assert path.startswith("gs://bucket/"), path
+        return os.path.join(str(root), path[len("gs://bucket/"):])
+
+    def one(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, path, dst, *args, **kwargs):
+        return fn(local(path), local(dst), *args, **kwargs)
+
+    def glob(fn, pattern):
+        return ["gs://bucket/" + os.path.relpath(p, str(root)) for p in fn(local(pattern))]
+
+    return testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
+                              stat=one, rename=two, replace=two, glob=glob), seen
+
+
+def test_url_workdirs_are_not_made_local(tmp_path):
+    from llada_jax.data.tokenizer import Tokenizer
+    from llada_jax.train.metrics import MetricsLog
+
+    url = "gs://bucket/run/checkpoints"
+    assert os.fspath(checkpoint.as_path(url)) == url and checkpoint.is_url(url)
+    assert os.fspath(checkpoint.as_path("rel/dir")) == os.path.abspath("rel/dir")
+    assert checkpoint.run_file_candidates(url, "tokenizer.json") == [
+        "gs://bucket/run/checkpoints/tokenizer.json", "gs://bucket/run/tokenizer.json", "gs://bucket/tokenizer.json"]
+    mock, seen = _gs_on_local(tmp_path)
+    with mock:
+        # The run's tokenizer, written and found through the URL.
+        cfg = quickstart_config(**{"data.tokenizer": ""})
+        tok = train.load_tokenizer(cfg, "gs://bucket/run")
+        assert (tmp_path / "run" / "tokenizer.json").is_file()
+        assert checkpoint.run_file(url, "tokenizer.json") == "gs://bucket/run/tokenizer.json"
+        assert Tokenizer.from_file("gs://bucket/run").encode("12+34=") == tok.encode("12+34=")
+        # metrics.jsonl: rewritten whole (no append on object stores), cut back on resume.
+        log = MetricsLog("gs://bucket/run", tensorboard=True, enabled=True)
+        for step in (1, 2, 3):
+            log.write(step, {"loss": float(step)})
+        log.close()
+        MetricsLog("gs://bucket/run", resume_step=2, enabled=True).close()
+        assert [r["step"] for r in train.read_metrics("gs://bucket/run")] == [1, 2]
+        # Per-process data states are globbed through epath.
+        (tmp_path / "run" / "checkpoints" / "4" / "data").mkdir(parents=True)
+        checkpoint.ProcessStateHandler().save(checkpoint.as_path(url) / "4" / "data", checkpoint.ProcessStateSave({"i": 4}))
+        assert checkpoint.ProcessStateHandler().restore(checkpoint.as_path(url) / "4" / "data") == {0: {"i": 4}}
+    assert json.loads((tmp_path / "run" / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()) == {"i": 4}
+    assert not (tmp_path / "run" / "tb").exists() and len(seen) > 10
+
+
 def test_preemption_guard_agrees_across_processes(tmp_path):
     """Two processes, only process 1 is signalled (at step 3): both stop at the same step, the
     first one where the flags are exchanged (check_every=2 -> step 4)."""
