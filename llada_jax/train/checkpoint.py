@@ -143,6 +143,36 @@ class ProcessStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32 sum of (bits of each element) x (2 * flat index + 1), modulo 2^32: integer sums, so
+    the same on any mesh and in any reduction order; a changed element changes it."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    if x.dtype.itemsize == 8:
+        bits = bits ^ (jax.lax.bitcast_convert_type(x, width) >> 32).astype(jnp.uint32).reshape(-1)
+    weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+
+
+def state_fingerprint(state: Any) -> dict[str, int]:
+    """{leaf path: fingerprint} of a pytree of arrays (every process calls it on global arrays).
+    Stored with each checkpoint and compared on restore: zstd frames carry no checksum, so a
+    damaged array file can decode without error into other numbers."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    values = jax.device_get(_fingerprints([x for _, x in flat]))
+    return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
 def tree_bytes(tree: Any) -> int:
     """Bytes of a pytree of arrays or abstract values (for the asynchronous-saving threshold)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
@@ -174,7 +204,10 @@ class Checkpointer:
         """Saves if `step` is on the save interval (or `force`). `data_state` is this process's
         data-iterator state (JSON-able). Returns whether it saved; with asynchronous saving
         the arrays are written in the background (`wait()` blocks until they are)."""
-        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
+        if not force and not self._mngr.should_save(step):
+            return False
+        extra = dict(extra or {}, state_fingerprint=state_fingerprint(state))
+        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
         if data_state is not None:
             items["data"] = ProcessStateSave(data_state)
         return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -215,6 +248,14 @@ class Checkpointer:
                 f"{where}: the stored state does not match the expected structure ({err})") from err
         except Exception as err:
             raise _unreadable(f"{where} state", err) from err
+        stored = extra.pop("state_fingerprint", None)
+        if stored is not None:
+            found = state_fingerprint(restored["state"])
+            bad = [k for k in stored if found.get(k) != stored[k]]
+            if bad:
+                raise UnreadableCheckpointError(
+                    f"{where} state: cannot be read (fingerprint of {bad[0]} expected {stored[bad[0]]}, found "
+                    f"{found.get(bad[0])}; {len(bad)} leaves differ: the files decode to other values than were written)")
         return restored["state"], extra
 
     def restore_latest_good(self, abstract_state: Any, config: Optional[ModelConfig] = None,
