@@ -153,10 +153,9 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    # 1- and 2-byte elements widen to uint32; 8-byte ones (x64) become two uint32 words each.
+    width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
     bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
-    if x.dtype.itemsize == 8:
-        bits = bits ^ (jax.lax.bitcast_convert_type(x, width) >> 32).astype(jnp.uint32).reshape(-1)
     weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
     return jnp.sum(bits * weight, dtype=jnp.uint32)
 
