@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.checkpoint_async = config_dict.placeholder(bool)  # None: asynchronous above 2 GiB of train state
     c.log_every = 10
+    # SIGTERM saves and stops at a step every process agrees on; with several processes they
+    # exchange a flag every this many steps (a tiny all-gather that waits for the step in flight).
+    c.preemption_check_every = 1
     # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_num_steps) into
     # <workdir>/profile; 0 steps = off.
     c.profile_start_step = 0

@@ -4,7 +4,12 @@ r"""Converts checkpoints: Hugging Face directory <-> Orbax params checkpoint.
   python launch/convert.py --orbax_dir=/ckpt/mini --hf_dir=/out/mini --to_hf        # Orbax -> HF
 
 HF -> Orbax streams one parameter at a time (the host never holds two copies of the model).
-With --mesh, leaves are placed in their shards as they are read.
+With --mesh, leaves are placed in their shards as they are read. The tokenizer files
+(tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja) travel
+both ways: into the Orbax directory (where launch/eval.py, generate.py and --init_from find
+them) and back into the HF directory. --ignore skips extra tensors the architecture does not
+use (comma-separated globs, e.g. --ignore='model.layers.*.mlp.gate.bias'); any other
+unexpected tensor is an error that names it.
 
 On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
 --coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") the
@@ -32,6 +37,7 @@ flags.DEFINE_string("dtype", None, "Parameter dtype to convert to (float32, bflo
 flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes (e.g. '1,8,1,1'; -1: the remaining "
                     "devices); default: one device, or FSDP over every device on several processes.")
 flags.DEFINE_integer("max_shard_gb", 5, "HF shard size limit in GB (Orbax -> HF).")
+flags.DEFINE_list("ignore", [], "HF -> Orbax: glob patterns of extra HF tensors to skip (fnmatch).")
 
 
 def _mesh_shardings(config):
@@ -58,11 +64,13 @@ def main(argv):
         with tqdm(total=n_leaves, desc="HF -> Orbax", unit="param", disable=not hosts.is_primary()) as bar:
             config, params = hf.load_hf_checkpoint(FLAGS.hf_dir, dtype=FLAGS.dtype, config=config,
                                                    shardings=_mesh_shardings(config),
-                                                   progress=lambda name: bar.update(1))
+                                                   progress=lambda name: bar.update(1), ignore=FLAGS.ignore)
         checkpoint.save_params(FLAGS.orbax_dir, config, params)
+        copied = checkpoint.copy_tokenizer_files(FLAGS.hf_dir, FLAGS.orbax_dir)
         counts = config.param_counts()
         if hosts.is_primary():
-            print(f"wrote {FLAGS.orbax_dir}: {counts['total']:,} parameters ({counts['active']:,} active)")
+            print(f"wrote {FLAGS.orbax_dir}: {counts['total']:,} parameters ({counts['active']:,} active)"
+                  f"{'; ' + ', '.join(copied) if copied else '; no tokenizer files in ' + FLAGS.hf_dir}")
     else:
         config = checkpoint.read_config(FLAGS.orbax_dir)
         config, params = checkpoint.load_params(FLAGS.orbax_dir, config=config, shardings=_mesh_shardings(config))
@@ -70,6 +78,7 @@ def main(argv):
             files = hf.save_hf_checkpoint(FLAGS.hf_dir, config, params, dtype=FLAGS.dtype,
                                           max_shard_bytes=FLAGS.max_shard_gb * 2**30,
                                           progress=lambda name: bar.update(1))
+        files += checkpoint.copy_tokenizer_files(FLAGS.orbax_dir, FLAGS.hf_dir, beside=True)
         if hosts.is_primary():
             print(f"wrote {FLAGS.hf_dir}: {', '.join(files)}")
 

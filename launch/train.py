@@ -3,9 +3,15 @@ r"""Block-diffusion CPT / SFT (REFERENCE §2-4).
   python launch/train.py --config=configs/quickstart.py --workdir=/tmp/llada_sft
   python launch/train.py --config=configs/quickstart.py:task=sudoku --workdir=/tmp/sudoku \
       --config.total_steps=2000 --config.checkpoint_every=500
-  python launch/train.py --config=configs/sft_mini.py --workdir=/runs/mini --config.model.hf_dir=/ckpt/mini ...
+  python launch/train.py --config=configs/sft.py:size=mini --workdir=/runs/mini --init_from=/ckpt/mini ...
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+--init_from: a trainer's checkpoints directory, a params-only Orbax checkpoint (launch/convert.py's)
+or an HF directory; the tokenizer.json it carries (or its run's) is used unless
+--config.data.tokenizer says otherwise. It only sets the starting params: a rerun resumes from
+--workdir's own checkpoints.
+
+Rerunning the same command resumes from the latest checkpoint in --workdir. SIGTERM (a TPU
+maintenance event, a scheduler's stop) saves a checkpoint at the current step and exits 0.
 Metrics: <workdir>/metrics.jsonl (one JSON object per logged step).
 """
 
@@ -19,17 +25,24 @@ FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the task tokenizer go here.", required=True)
+flags.DEFINE_string("init_from", None, "Initial params: a trainer's checkpoints directory, a params-only Orbax "
+                    "checkpoint (launch/convert.py's) or an HF directory. Default: --config.model.hf_dir, else random.")
 flags.mark_flag_as_required("config")
 
 
 def main(argv):
     del argv
     cfg = FLAGS.config
-    run = launcher.setup(cfg, FLAGS.workdir)  # params from --config.model.hf_dir when set
+    run = launcher.setup(cfg, FLAGS.workdir, init_from=FLAGS.init_from)  # else --config.model.hf_dir, else random
     obj_config = train.build_objective(cfg, run.config, extra_special_ids=run.tokenizer.special_ids)
     it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
     state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params)
-    if hosts.is_primary():  # the others have nothing of their own to report
+    if not hosts.is_primary():  # the others have nothing of their own to report
+        return
+    if int(state.step) < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues
+        print(f"preempted at step {int(state.step)} of {cfg.total_steps}; checkpoint in {FLAGS.workdir}/checkpoints, "
+              f"rerun the same command to resume")
+    else:
         print(f"finished at step {int(state.step)}; metrics in {FLAGS.workdir}/metrics.jsonl, "
               f"checkpoints in {FLAGS.workdir}/checkpoints")
 

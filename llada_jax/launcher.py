@@ -69,7 +69,8 @@ def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
     `init_from`: an HF directory, a params-only Orbax checkpoint (launch/convert.py's) or a
     trainer's checkpoints directory; without it (and without `cfg.model.hf_dir`) `params` is None.
     When it is a run's checkpoints, that run's tokenizer.json and prepared data
-    (`checkpoint.run_file`) fill `cfg.data.tokenizer` / `cfg.data.data_dir` where those are unset.
+    (`checkpoint.run_file`) fill `cfg.data.tokenizer` / `cfg.data.data_dir` where those are unset;
+    an HF directory's or a converted checkpoint's own tokenizer.json fills `cfg.data.tokenizer`.
     """
     start_runtime()
     model_config = trainer.build_model_config(cfg)
@@ -77,9 +78,11 @@ def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
     source = init_from or cfg.model.get("hf_dir") or None
     params = None
     if source:
-        if init_from and not is_hf_dir(init_from):
-            found = {"tokenizer": checkpoint.run_file(init_from, "tokenizer.json"),
-                     "data_dir": checkpoint.run_file(init_from, "data")}
+        if init_from:
+            hf_tok = os.path.join(init_from, "tokenizer.json")
+            found = ({"tokenizer": hf_tok if os.path.exists(hf_tok) else None} if is_hf_dir(init_from) else
+                     {"tokenizer": checkpoint.run_file(init_from, "tokenizer.json"),
+                      "data_dir": checkpoint.run_file(init_from, "data")})
             with cfg.unlocked():
                 for field, path in found.items():
                     if path and not cfg.data.get(field):

@@ -29,6 +29,45 @@ def test_convert_round_trip_reproduces_the_reference_file(fixture_dir, tmp_path)
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_convert_carries_the_tokenizer_files_both_ways(fixture_dir, task_tokenizer, tmp_path):
+    import shutil
+
+    from llada_jax import launcher
+    from llada_jax.train import checkpoint
+
+    hf = tmp_path / "hf_in"
+    shutil.copytree(fixture_dir, hf)
+    shutil.copy(task_tokenizer, hf / "tokenizer.json")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+    out = _run("launch/convert.py", f"--hf_dir={hf}", f"--orbax_dir={tmp_path}/orbax")
+    assert "tokenizer.json, tokenizer_config.json" in out.stdout
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "orbax" / name).read_bytes() == (hf / name).read_bytes()
+    # What evaluation, generation and --init_from look up for an Orbax directory is now there.
+    assert launcher.run_tokenizer(str(tmp_path / "orbax")) == str(tmp_path / "orbax" / "tokenizer.json")
+    assert checkpoint.Checkpointer(str(tmp_path / "orbax")).all_steps() == [0]  # Orbax ignores the files
+    out = _run("launch/convert.py", "--to_hf", f"--orbax_dir={tmp_path}/orbax", f"--hf_dir={tmp_path}/hf_out")
+    assert "tokenizer.json, tokenizer_config.json" in out.stdout
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf_out" / name).read_bytes() == (hf / name).read_bytes()
+    assert not list((tmp_path / "hf_out").glob("*.tmp"))
+
+
+def test_setup_from_an_hf_directory_takes_its_tokenizer(fixture_dir, task_tokenizer, tmp_path):
+    import shutil
+
+    from helpers import load_config
+    from llada_jax import launcher
+
+    hf = tmp_path / "hf"
+    shutil.copytree(fixture_dir, hf)
+    shutil.copy(task_tokenizer, hf / "tokenizer.json")
+    cfg = load_config("quickstart.py")
+    run = launcher.setup(cfg, str(tmp_path / "run"), init_from=str(hf))
+    assert cfg.data.tokenizer == str(hf / "tokenizer.json") and run.params is not None
+    assert not (tmp_path / "run" / "tokenizer.json").exists()  # not the task tokenizer built afresh
+
+
 def test_info_counts_without_allocating():
     out = json.loads(_run("launch/info.py", "--preset=mini").stdout)
     assert out["total_params"] == 16_255_643_392 and out["active_params"] == 1_432_973_056

@@ -27,6 +27,7 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS = "<|startoftext|>"
@@ -105,15 +106,15 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Loads `path`, a `tokenizer.json` file or a directory holding one (an HF model dir)."""
-        path = os.fspath(path)
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        path = epath.Path(path)  # a local path or a URL (gs://...)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
             raise TokenizerError(f"tokenizer file not found: {file}")
-        return cls(tokenizers.Tokenizer.from_file(file))
+        return cls(tokenizers.Tokenizer.from_str(file.read_text()))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the `tokenizer.json` to `path` (a file path)."""
-        self.hf.save(os.fspath(path))
+        """Writes the `tokenizer.json` to `path` (a file path, local or a URL)."""
+        epath.Path(path).write_text(self.hf.to_str(pretty=True))
 
     @property
     def special_ids(self) -> tuple[int, ...]:

@@ -20,10 +20,11 @@ process 0 alone writes the files.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import tempfile
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -276,9 +277,15 @@ def hf_param_dtype(path: str | os.PathLike) -> Optional[str]:
     return stored
 
 
+def _suggest_pattern(names: list[str]) -> str:
+    """A glob covering the first name with its numeric parts (layer, expert) as `*`."""
+    return ".".join("*" if part.isdigit() else part for part in names[0].split("."))
+
+
 def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
                        config: Optional[ModelConfig] = None,
-                       progress: Optional[Callable[[str], None]] = None):
+                       progress: Optional[Callable[[str], None]] = None,
+                       ignore: Sequence[str] = ()):
     """Loads an HF directory (config.json + model.safetensors or a sharded index).
 
     Returns `(config, params)`. `dtype` sets the parameter dtype (default: the checkpoint's
@@ -286,7 +293,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
     `jax.sharding.Sharding` matching the params (e.g. `sharding.param_shardings` on the run's
     mesh): each leaf becomes a global array of which every process reads only the slices its
     devices hold. Without it, each leaf is read whole onto the default device.
-    `progress(name)` is called after each leaf.
+    `progress(name)` is called after each leaf. `ignore`: glob patterns (`fnmatch`) of tensors the
+    file may hold beyond the architecture's, skipped (e.g. `("model.layers.*.mlp.gate.bias",)`
+    for an exporter's extra router bias); any other tensor the config does not expect is an error
+    that names it and suggests a pattern. Expected tensors are always loaded.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -306,11 +316,15 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
             k = missing[0]
             raise CheckpointError(f"{path}: missing tensor {k!r} (expected shape {expected[k]}); "
                                   f"{len(missing)} missing in all")
-        unexpected = sorted(found - set(expected))
+        unexpected = sorted(k for k in found - set(expected)
+                            if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignore))
         if unexpected:
-            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (shape "
-                                  f"{reader.shape(unexpected[0])}); {len(unexpected)} unexpected in all; "
-                                  "does config.json match the weights?")
+            raise CheckpointError(
+                f"{path}: unexpected tensor {unexpected[0]!r} (shape {reader.shape(unexpected[0])}); "
+                f"{len(unexpected)} unexpected in all: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+                f"If config.json matches the weights and these are extras, skip them with "
+                f"ignore=({_suggest_pattern(unexpected)!r},) (launch/convert.py "
+                f"--ignore={_suggest_pattern(unexpected)})")
         for k, shape in expected.items():
             got = reader.shape(k)
             if got != tuple(shape):

@@ -15,26 +15,62 @@ are written): on by default for states above `ASYNC_ABOVE_BYTES`.
 
 Params-only checkpoints (what `launch/convert.py` writes) use the same layout with an empty
 optimizer state, so one reader serves both.
+
+Directories may be local paths or URLs (gs:// and whatever etils.epath and TensorStore read):
+`as_path` makes local paths absolute and leaves URLs as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from llada_jax.model.config import ModelConfig
 
 
+def is_url(path: Any) -> bool:
+    """A path with a scheme (gs://, s3://, ...): kept as written, never made absolute."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: Any) -> epath.Path:
+    """An `epath.Path` for a local path (made absolute) or a URL that etils.epath understands
+    (gs:// and the rest, unchanged: `os.path.abspath("gs://b/x")` would make it a local path)."""
+    return epath.Path(path) if is_url(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint was written for another model: the message names the differing field."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint whose files cannot be read back (a corrupt array file, truncated metadata): the
+    message names the step and the first line of the underlying error."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The innermost error of a chain, on one line (TensorStore's outer errors print kilobytes of spec)."""
+    root = _root_cause(err)
+    text = " ".join(str(root).split()) or type(root).__name__
+    return f"{type(root).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _unreadable(where: str, err: BaseException) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{where}: cannot be read ({_one_line(err)})")
 
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
@@ -73,10 +109,10 @@ class ProcessStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: "ProcessStateRestore" = None) -> dict[int, Any]:
         out, counts = {}, set()
-        for path in glob.glob(os.path.join(os.fspath(directory), "process_*-of-*.json")):
-            m = self._NAME.search(path)
+        for path in epath.Path(directory).glob("process_*-of-*.json"):  # local or a URL
+            m = self._NAME.search(path.name)
             if m:
-                out[int(m.group(1))] = json.loads(epath.Path(path).read_text())
+                out[int(m.group(1))] = json.loads(path.read_text())
                 counts.add(int(m.group(2)))
         if len(counts) > 1 or (counts and len(out) != counts.pop()):
             raise IncompatibleCheckpointError(f"{directory}: per-process states are incomplete or mixed ({sorted(out)})")
@@ -107,6 +143,35 @@ class ProcessStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32 sum of (bits of each element) x (2 * flat index + 1), modulo 2^32: integer sums, so
+    the same on any mesh and in any reduction order; a changed element changes it."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    # 1- and 2-byte elements widen to uint32; 8-byte ones (x64) become two uint32 words each.
+    width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+
+
+def state_fingerprint(state: Any) -> dict[str, int]:
+    """{leaf path: fingerprint} of a pytree of arrays (every process calls it on global arrays).
+    Stored with each checkpoint and compared on restore: zstd frames carry no checksum, so a
+    damaged array file can decode without error into other numbers."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    values = jax.device_get(_fingerprints([x for _, x in flat]))
+    return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
 def tree_bytes(tree: Any) -> int:
     """Bytes of a pytree of arrays or abstract values (for the asynchronous-saving threshold)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
@@ -118,7 +183,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1,
                  enable_async: bool = False):
-        self.directory = os.path.abspath(directory)
+        self._path = as_path(directory)
+        self.directory = os.fspath(self._path)
         self.enable_async = bool(enable_async)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
@@ -137,7 +203,10 @@ class Checkpointer:
         """Saves if `step` is on the save interval (or `force`). `data_state` is this process's
         data-iterator state (JSON-able). Returns whether it saved; with asynchronous saving
         the arrays are written in the background (`wait()` blocks until they are)."""
-        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
+        if not force and not self._mngr.should_save(step):
+            return False
+        extra = dict(extra or {}, state_fingerprint=state_fingerprint(state))
+        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
         if data_state is not None:
             items["data"] = ProcessStateSave(data_state)
         return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -150,17 +219,95 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        extra = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        where = f"{self.directory} step {step}"
+        try:
+            extra = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        except Exception as err:
+            raise _unreadable(f"{where} extra", err) from err
+        if not isinstance(extra, dict):
+            raise UnreadableCheckpointError(f"{where} extra: expected a JSON object, found {type(extra).__name__}")
         if config is not None and "model_config" in extra:
-            check_compatible(extra["model_config"], config, f"{self.directory} step {step}")
-        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-            extra["data_states"] = self._mngr.restore(step, args=ocp.args.Composite(data=ProcessStateRestore()))["data"]
+            check_compatible(extra["model_config"], config, where)
+        if (self._path / str(step) / "data").is_dir():
+            try:
+                extra["data_states"] = self._mngr.restore(
+                    step, args=ocp.args.Composite(data=ProcessStateRestore()))["data"]
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as err:
+                raise _unreadable(f"{where} data", err) from err
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except (ValueError, KeyError) as err:
+            # Orbax's own structure check raises a bare ValueError; a file that does not parse
+            # (JSON metadata, a TensorStore read) is damage, not a different model.
+            if isinstance(_root_cause(err), (json.JSONDecodeError, OSError)) or _root_cause(err) is not err:
+                raise _unreadable(f"{where} state", err) from err
             raise IncompatibleCheckpointError(
-                f"{self.directory} step {step}: the stored state does not match the expected structure ({err})") from err
+                f"{where}: the stored state does not match the expected structure ({err})") from err
+        except Exception as err:
+            raise _unreadable(f"{where} state", err) from err
+        stored = extra.pop("state_fingerprint", None)
+        if stored is not None:
+            found = state_fingerprint(restored["state"])
+            bad = [k for k in stored if found.get(k) != stored[k]]
+            if bad:
+                raise UnreadableCheckpointError(
+                    f"{where} state: cannot be read (fingerprint of {bad[0]} expected {stored[bad[0]]}, found "
+                    f"{found.get(bad[0])}; {len(bad)} leaves differ: the files decode to other values than were written)")
         return restored["state"], extra
+
+    def restore_latest_good(self, abstract_state: Any, config: Optional[ModelConfig] = None,
+                            ) -> Optional[tuple[int, Any, dict]]:
+        """`(step, state, extra)` of the newest step that restores, or None when there is no step.
+
+        A step that cannot be read (`UnreadableCheckpointError`: a corrupt array file, truncated
+        metadata) is logged in one line naming the step and why, set aside as
+        `unrestorable_step_<n>` (so the resumed run can save that step again; nothing is deleted),
+        and the step before it is tried. Every process must call it: they agree on each step (all
+        restored it or it counts as unreadable). Where steps exist and none restores, raises
+        rather than let the caller start from scratch over them. A checkpoint of another model
+        (`IncompatibleCheckpointError`) is raised at once: an older step would not fit either."""
+        from absl import logging
+
+        from llada_jax.parallel import hosts
+
+        steps = sorted(self.all_steps(), reverse=True)
+        failures = []
+        for i, step in enumerate(steps):
+            try:
+                state, extra = self.restore(abstract_state, step=step, config=config)
+                why = None
+            except UnreadableCheckpointError as err:
+                state, extra, why = None, None, str(err)
+            if np.asarray(hosts.allgather(np.int32(why is None))).min():
+                self._set_aside([s for s, _ in failures])
+                return step, state, extra
+            why = why or "another process could not read it"
+            then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
+            logging.warning("checkpoint step %d cannot be restored, %s: %s", step, then, why)
+            failures.append((step, why))
+        if failures:
+            raise UnreadableCheckpointError(
+                f"{self.directory}: no checkpoint restores ({'; '.join(f'step {s}: {w}' for s, w in failures)}); "
+                f"not starting from scratch over them. Move {self.directory} aside to start a new run")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable steps out of Orbax's sight (process 0; the others wait)."""
+        from llada_jax.parallel import hosts
+
+        if not steps:
+            return
+        self.wait()
+        if hosts.is_primary():
+            for step in steps:
+                target, n = self._path / f"unrestorable_step_{step}", 1
+                while target.exists():
+                    target, n = self._path / f"unrestorable_step_{step}.{n}", n + 1
+                (self._path / str(step)).rename(target)
+        hosts.barrier(f"checkpoint_set_aside/{max(steps)}")
+        self._mngr.reload()
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
@@ -216,7 +363,7 @@ def _stored_extra(ckpt: "Checkpointer", directory: str, step: Optional[int]) -> 
     """(step, the JSON `extra` saved with it): the latest step when `step` is None."""
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}")
+        raise FileNotFoundError(f"no checkpoint in {as_path(directory)}")
     return step, ckpt._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
 
@@ -240,19 +387,46 @@ def read_config(directory: str, step: Optional[int] = None, *, config: Optional[
 
 def run_file(checkpoints: str, name: str) -> Optional[str]:
     """A file or directory of the run that wrote `checkpoints` (its `tokenizer.json`, its prepared
-    `data/`): beside the checkpoints directory (launch/train.py's and launch/rl.py's workdir), else
-    one level up (the quickstart's workdir, whose sft/ and rl_<algorithm>/ runs share them).
-    None when neither exists."""
+    `data/`): inside the directory (a converted checkpoint's tokenizer files), beside it
+    (launch/train.py's and launch/rl.py's workdir), else one level up (the quickstart's workdir,
+    whose sft/ and rl_<algorithm>/ runs share them). None when none exists. Local paths or URLs."""
     for candidate in run_file_candidates(checkpoints, name):
-        if os.path.exists(candidate):
+        if as_path(candidate).exists():
             return candidate
     return None
 
 
 def run_file_candidates(checkpoints: str, name: str) -> list[str]:
-    """Where `run_file` looks, in order."""
-    run = os.path.dirname(os.path.abspath(checkpoints.rstrip("/")))
-    return [os.path.join(run, name), os.path.join(os.path.dirname(run), name)]
+    """Where `run_file` looks, in order: inside the directory (a converted checkpoint carries its
+    tokenizer files, `copy_tokenizer_files`), beside it, one level up."""
+    here = as_path(os.fspath(checkpoints).rstrip("/"))
+    return [os.fspath(here / name), os.fspath(here.parent / name), os.fspath(here.parent.parent / name)]
+
+
+# What a Hugging Face directory holds besides weights and config.json that a run needs back.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(source: str, target: str, *, beside: bool = False) -> list[str]:
+    """Copies `TOKENIZER_FILES` from `source` into `target` (each written to a temporary name and
+    renamed; process 0 only). With `beside`, `source` is a checkpoint and each file is looked up
+    where `run_file` looks. Returns the names copied."""
+    from llada_jax.parallel import hosts
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = run_file(source, name) if beside else os.fspath(as_path(source) / name)
+        if not src or not as_path(src).exists():
+            continue
+        copied.append(name)
+        if hosts.is_primary():
+            dst = as_path(target)
+            dst.mkdir(parents=True, exist_ok=True)
+            tmp = dst / f"{name}.tmp"
+            tmp.write_bytes(as_path(src).read_bytes())
+            tmp.rename(dst / name)
+    hosts.barrier(f"copy_tokenizer_files/{target}")
+    return copied
 
 
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,

@@ -7,7 +7,9 @@ multiply-add of every matmul a token goes through: the active parameters (each t
 does not count) plus attention, `2 * 2 * heads * head_dim` per (query, allowed key) pair for
 QK^T and PV. Attention counts only the pairs the mask allows (the block-diffusion composite
 mask of REFERENCE §3 allows `B^2 * nb * (nb + 1)` pairs over its 2L tokens, nb = L / B blocks),
-so the figure is the useful work whatever kernel skips or does not skip masked tiles.
+so the figure is the useful work whatever kernel skips or does not skip masked tiles. The body
+(every layer) runs on all 2L tokens of `[x_t ; x_0]`, the `lm_head` only on the L noisy ones:
+the clean half's last hidden states are never scored (objectives.denoiser_hidden slices them off).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def training_flops_per_sequence(config: ModelConfig, length: int, block_size: in
     """Model FLOPs of forward + backward for ONE (noised) sequence of `length` tokens."""
     c = config
     tokens = length if (mdlm or block_size >= length) else 2 * length  # the composite input
-    matmul_params = c.param_counts()["active"] - c.vocab_size * c.hidden_size  # the embedding is a gather
-    forward = 2 * matmul_params * tokens
+    head = c.vocab_size * c.hidden_size
+    body = c.param_counts()["active"] - 2 * head  # the embedding is a gather; the lm_head below
+    forward = 2 * body * tokens + 2 * head * length  # the lm_head sees the noisy half only
     forward += 4 * c.num_layers * c.num_heads * c.head_dim * attention_pairs(length, block_size, mdlm)
     return 3.0 * forward
 

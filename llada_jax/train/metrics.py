@@ -7,6 +7,10 @@ resume, lines beyond the restored step are dropped first (the killed run logged 
 its last checkpoint and the resumed run logs them again), and the event writer is opened
 with `purge_step` so that TensorBoard hides that run's events past the restored step too.
 
+The workdir may be a URL (gs://, through etils.epath): object stores cannot append, so there
+the file is rewritten whole at each write (small: one line per logged step), and TensorBoard
+events are skipped.
+
 Every writer goes through this class, so a multi-host run can make only one process write
 by guarding its construction in one place (`enabled=False` makes it a no-op).
 
@@ -23,6 +27,7 @@ import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
 
 
@@ -32,7 +37,7 @@ class MetricsLog:
 
     def __init__(self, workdir: str, resume_step: int = 0, *, tensorboard: bool = True,
                  enabled: Optional[bool] = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"  # a local path or a URL
         if enabled is None:  # one writer per run: the primary process (metrics are global values)
             from llada_jax.parallel import hosts
 
@@ -41,15 +46,20 @@ class MetricsLog:
         self._writer = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        if tensorboard:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Object stores (gs://) cannot append: there the whole file is rewritten at each write.
+        self._append = "://" not in os.fspath(self.path)
+        self._rows: list[str] = []
+        if self.path.exists():
+            keep = [line + "\n" for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self._rewrite(keep)
+        if tensorboard and not self._append:
+            from absl import logging
+
+            logging.warning("%s: TensorBoard events are written for local workdirs only; metrics.jsonl has "
+                            "every logged value", workdir)
+        elif tensorboard:
             # the file name holds the second only: a writer opened within the same second (a quick
             # resume) would overwrite the last one's file without a suffix of its own, which also
             # keeps TensorBoard's reading order (by name) the writing order
@@ -60,13 +70,23 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._append:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            self._rewrite(self._rows + [json.dumps(row) + "\n"])
         if self._writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._writer.add_scalar(k, v, step)
             self._writer.flush()
+
+    def _rewrite(self, lines: list[str]) -> None:
+        """The file holds exactly `lines`, replaced in one rename."""
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(lines))
+        tmp.replace(self.path)
+        self._rows = list(lines) if not self._append else []
 
     def close(self) -> None:
         if self._writer is not None:
@@ -80,8 +100,8 @@ def _to_py(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (epath.Path(workdir) / "metrics.jsonl").read_text()  # a local path or a URL
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_events(logdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -15,6 +15,10 @@ folded with its row (objectives.noise), the data iterator state is checkpointed 
 and `metrics.jsonl` is cut back to the restored step, so a killed run that resumes logs the same
 numbers as one that never stopped.
 
+Preemption: SIGTERM (a TPU maintenance event, a scheduler's stop) saves a checkpoint at the step
+every process agrees on (`parallel.preemption`, checked every `preemption_check_every` steps
+with several processes) and returns; the rerun resumes from it exactly.
+
 Many hosts (`hosts`): each process reads its rows of every global batch, which become one global
 array; process 0 alone writes metrics, the tokenizer and prepared data; every process takes
 part in checkpoints, each saving its own data-iterator state.
@@ -34,10 +38,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import model
-from llada_jax.parallel import hosts, sharding
+from llada_jax.parallel import hosts, preemption, sharding
 from llada_jax.train import checkpoint, flops, objectives
 from llada_jax.model.config import ModelConfig, get_config
 from llada_jax.train.metrics import MetricsLog, read_metrics  # noqa: F401 - the one metrics writer, re-exported
@@ -316,18 +321,18 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
 
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
-    path = os.path.join(workdir, "tokenizer.json")
+    path = checkpoint.as_path(workdir) / "tokenizer.json"  # a local path or a URL
 
     def build_or_read():
-        if os.path.exists(path):
+        if path.exists():
             return Tokenizer.from_file(path)
         if not hosts.is_primary():
             raise FileNotFoundError(f"{path}: process 0 should have written it before the barrier")
         tok = build_task_tokenizer()
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / (path.name + ".tmp")
         tok.save(tmp)
-        os.replace(tmp, path)
+        tmp.replace(path)
         return tok
 
     # Process 0 builds and writes it; the others read that file after the barrier.
@@ -395,7 +400,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
     the step's block size comes from it (logged as `block_size`), with one compiled step per size.
     """
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(cfg)
     tx = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
@@ -405,10 +410,13 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
     sizes = block_schedule(cfg)
 
-    start = ckpt.latest_step()
-    if start is not None:
+    # The newest step that restores (an unreadable one is logged, set aside, and the one before tried).
+    restored = None
+    if ckpt.latest_step() is not None:
         abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
-        state, extra = ckpt.restore(abstract, step=start, config=model_config)
+        restored = ckpt.restore_latest_good(abstract, config=model_config)
+    if restored is not None:
+        start, state, extra = restored
         data_state = checkpoint.data_state_for_process(extra, start, local_rows)
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
@@ -418,12 +426,21 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     log = MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
 
+    def save(done, state, metrics):
+        loss_now = float(jax.device_get(metrics["loss"]))
+        if not np.isfinite(loss_now):
+            raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
+                                     f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+        ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
+
     programs = {}  # block size -> (compiled step, its model FLOPs)
     bar = _progress(start, cfg.total_steps, progress)
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     profile = _profile_window(cfg, workdir)
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES), \
+                preemption.PreemptionGuard(check_every=cfg.get("preemption_check_every", 1)) as guard:
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
                 batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
@@ -465,14 +482,16 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     if on_log:
                         on_log(done, metrics)
                     bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{float(metrics.get('masked_acc', 0)):.3f}")
-                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-                    loss_now = float(jax.device_get(metrics["loss"]))
-                    if not np.isfinite(loss_now):
-                        raise NonFiniteLossError(f"step {done}: loss is {loss_now}; not saving. The last good "
-                                                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-                    ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
+                saved = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
+                if saved:
+                    save(done, state, metrics)
                 bar.update(1)
+                if guard.should_stop(done) and done < cfg.total_steps:
+                    if not saved:
+                        save(done, state, metrics)
+                    logging.warning("preempted (%s): saved step %d of %d in %s; rerun the same command to "
+                                    "resume", guard.reason, done, cfg.total_steps, ckpt.directory)
+                    break
     finally:
         profile(None)
         bar.close()
@@ -509,7 +528,7 @@ def make_checkpointer(cfg: ml_collections.ConfigDict, workdir: str, abstract_sta
     enable_async = cfg.get("checkpoint_async", None)
     if enable_async is None:
         enable_async = checkpoint.tree_bytes(abstract_state) > checkpoint.ASYNC_ABOVE_BYTES
-    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+    return checkpoint.Checkpointer(os.fspath(checkpoint.as_path(workdir) / "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                                    enable_async=enable_async)
 
 

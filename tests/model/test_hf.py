@@ -103,6 +103,25 @@ def test_unexpected_tensor_is_named(fixture_dir, tmp_path):
         load_hf_checkpoint(d)
 
 
+def test_extra_tensors_are_skipped_by_ignore_patterns(tiny_hf, fixture_dir, tmp_path):
+    """An exporter's extra router bias on every MoE layer (names in the checkpoint's own style):
+    the error names them and suggests the pattern; with it the load equals the clean one."""
+    config, params = tiny_hf
+    d = _copy_fixture(fixture_dir, tmp_path)
+    extras = {f"model.layers.{i}.mlp.gate.bias": np.ones((16,), np.float32) for i in (1, 2)}
+    _rewrite(d, lambda t: t.update(extras))
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(d)
+    msg = str(err.value)
+    assert "unexpected tensor 'model.layers.1.mlp.gate.bias' (shape (16,)); 2 unexpected in all" in msg, msg
+    assert "ignore=('model.layers.*.mlp.gate.bias',)" in msg and "--ignore=model.layers.*.mlp.gate.bias" in msg, msg
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.2\.mlp\.gate\.bias'"):
+        load_hf_checkpoint(d, ignore=("model.layers.1.*",))  # a pattern skips only what it matches
+    config2, params2 = load_hf_checkpoint(d, ignore=("model.layers.*.mlp.gate.bias",))
+    assert config2 == config
+    _assert_trees_equal(params2, params)
+
+
 def test_wrong_shape_names_key_expected_and_found(fixture_dir, tmp_path):
     d = _copy_fixture(fixture_dir, tmp_path)
     _rewrite(d, lambda t: t.update({"model.norm.weight": np.ones((63,), np.float32)}))

@@ -154,6 +154,34 @@ def test_both_processes_killed_and_restarted_resume_exactly(sft_runs):
 
 
 @pytest.mark.multihost
+def test_sigterm_to_one_host_stops_both_at_one_step(sft_runs, data_dir, tmp_path):
+    """SIGTERM to process 1 alone: both processes save the same step (each its own data state)
+    and exit 0, and rerunning resumes bit for bit (same topology as the `two` run)."""
+    root, _ = sft_runs
+    workdir = tmp_path / "preempted"
+    procs = _sft(workdir, data_dir, processes=2, devices=4, extra=["--config.checkpoint_every=10"])
+    try:
+        deadline = time.time() + 900
+        while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().count("\n") >= 5):
+            assert all(p.poll() is None for p in procs), "the run ended early:\n" + open(procs[0].log_path).read()[-4000:]
+            assert time.time() < deadline, "no step 5 in time"
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        _wait(procs)  # both exit 0
+    finally:
+        _kill(procs)
+    stopped = max(r["step"] for r in _metrics(workdir))
+    assert 5 <= stopped < 20, stopped
+    assert sorted(os.listdir(workdir / "checkpoints" / str(stopped) / "data"))[-2:] == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    logs = [open(p.log_path).read() for p in procs]
+    assert f"preempted (another process was signalled): saved step {stopped} of 20" in logs[0], logs[0][-2000:]
+    assert f"preempted (SIGTERM received): saved step {stopped} of 20" in logs[1], logs[1][-2000:]
+    _wait(_sft(workdir, data_dir, processes=2, devices=4, extra=["--config.checkpoint_every=10"]))
+    assert _metrics(workdir) == _metrics(root / "two")
+
+
+@pytest.mark.multihost
 def test_checkpoint_of_two_processes_resumes_on_one(sft_runs, data_dir):
     root, _ = sft_runs
     _wait(_sft(root / "killed_copy", data_dir, processes=1, devices=8, extra=["--config.checkpoint_every=4"]))

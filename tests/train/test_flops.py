@@ -17,12 +17,22 @@ def test_attention_pairs_equal_the_composite_mask():
 def test_training_flops_by_hand():
     c = get_config("tiny")
     length, block = 32, 8
-    active = c.param_counts()["active"] - c.vocab_size * c.hidden_size
+    # tiny, counted by hand: D=64, V=512, 3 layers (1 dense, 2 MoE), 4 heads + 2 kv heads of 16.
+    attn = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 2 * 64 + 2 * 16  # q,k,v,o + norms = 12448
+    dense = 3 * 64 * 128  # 24576
+    moe = 4 * 3 * 64 * 32 + 3 * 64 * 32 + 64 * 16 + 16  # 4 active experts + shared + router = 31760
+    body = 3 * attn + dense + 2 * moe + 64  # + final norm = 125504
+    assert body == 125504
+    head = 512 * 64  # the lm_head: on the 32 noisy tokens only, not the 32 clean ones
     pairs = 8 * 8 * 4 * 5  # B^2 nb (nb + 1)
-    forward = 2 * active * 64 + 4 * c.num_layers * c.num_heads * c.head_dim * pairs
+    forward = 2 * body * 64 + 2 * head * 32 + 4 * c.num_layers * c.num_heads * c.head_dim * pairs
+    assert forward == 19_144_704  # 16_064_512 body + 2_097_152 lm_head + 983_040 attention
     assert flops.training_flops_per_sequence(c, length, block) == 3 * forward
     assert flops.training_flops_per_step(c, 4, length, block) == 8 * 3 * forward
     assert flops.training_flops_per_step(c, 4, length, block, complementary=False, mtf=True) == 8 * 3 * forward
+    # MDLM (one block): no clean half, so every token reaches the lm_head.
+    mdlm = 2 * (body + head) * 32 + 4 * c.num_layers * c.num_heads * c.head_dim * 32 * 32
+    assert flops.training_flops_per_sequence(c, length, length) == 3 * mdlm
 
 
 def test_mfu_table():

@@ -76,6 +76,255 @@ def test_sigkill_then_resume_is_exact(tmp_path, data_dir):
     assert np.mean([r["loss"] for r in ref_rows[-4:]]) < 0.7 * np.mean([r["loss"] for r in ref_rows[:4]])
 
 
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory, data_dir):
+    """The metrics of one uninterrupted SMALL_RUN, for the interrupted runs below to equal."""
+    workdir = tmp_path_factory.mktemp("reference")
+    out, _ = _launch(workdir, data_dir).communicate(timeout=600)
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 25)), out
+    return workdir, rows
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    """Waits until the run in `workdir` has logged `step` (or ended, or timed out)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if any(r["step"] >= step for r in _metrics(workdir)):
+                return
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            pass
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resume_is_exact(tmp_path, data_dir, reference_rows):
+    workdir = tmp_path / "run"
+    victim = _launch(workdir, data_dir)
+    _wait_for_step(victim, workdir, 5)  # past the scheduled save at 4: the next save is the signal's
+    assert victim.poll() is None, "the run ended before it could be signalled:\n" + victim.stdout.read()
+    victim.send_signal(signal.SIGTERM)
+    out, _ = victim.communicate(timeout=300)
+    assert victim.returncode == 0, out
+    stopped = max(r["step"] for r in _metrics(workdir))
+    assert 5 <= stopped < 24, "SIGTERM arrived after the run finished"
+    assert f"preempted at step {stopped} of 24" in out and "preempted (SIGTERM received)" in out, out
+    assert checkpoint.Checkpointer(str(workdir / "checkpoints")).latest_step() == stopped
+    resumed = _launch(workdir, data_dir)
+    out2, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out2
+    assert _metrics(workdir) == reference_rows[1]  # every metric of every step, bit for bit
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir, reference_rows):
+    """64 zero bytes at the start of the largest array file of the newest step (24): the rerun
+    says in one line that step 24 cannot be restored and why, resumes from 20 and logs steps
+    21-24 exactly as the uninterrupted run did."""
+    import shutil
+
+    ref_dir, ref_rows = reference_rows
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / "24" / "state") for f in fs]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.write(bytes(64))
+    rerun = _launch(workdir, data_dir)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    line = next((l for l in out.splitlines() if "checkpoint step 24 cannot be restored" in l), None)
+    assert line is not None, out
+    assert "trying step 20" in line and "ZSTD_decompressStream() failed" in line, line
+    assert "Traceback" not in out, out
+    assert _metrics(workdir) == ref_rows  # 1-20 kept, 21-24 logged again, bit for bit
+    steps = checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps()
+    assert steps == [16, 20, 24] and (workdir / "checkpoints" / "unrestorable_step_24").is_dir()
+
+
+def test_init_from_a_params_checkpoint(tmp_path, data_dir, reference_rows):
+    """launch/train.py --init_from=<params-only Orbax checkpoint>: with the learning rate at zero
+    one step leaves the params where they started, so the run's step-1 checkpoint holds exactly the
+    params it was given (the reference run's last), and its loss is the trained model's."""
+    ref_dir, ref_rows = reference_rows
+    config, params = checkpoint.load_params(str(ref_dir / "checkpoints"))
+    checkpoint.save_params(str(tmp_path / "params"), config, params)
+    workdir = tmp_path / "run"
+    run = _launch(workdir, data_dir, ["--config.total_steps=1", "--config.checkpoint_every=1", "--config.optim.lr=0",
+                                      f"--init_from={tmp_path / 'params'}"])
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out
+    _, got = checkpoint.load_params(str(workdir / "checkpoints"), config=config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(params))
+    (row,) = _metrics(workdir)
+    assert row["loss"] < 0.7 * ref_rows[0]["loss"]  # not a fresh init
+
+
+def test_files_that_read_back_other_values_are_caught(tmp_path, caplog):
+    """zstd frames carry no checksum, so a damaged array file can decode without error into other
+    numbers (seen here with 64 zero bytes in the middle of one). The fingerprint stored with each
+    step catches what reads back differently from what was written; here, deterministically,
+    step 2's state files are valid but hold step 1's values. That step is set aside like one
+    that fails to decode."""
+    import shutil
+
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 2, "checkpoint_every": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "state")
+    shutil.copytree(tmp_path / "checkpoints" / "1" / "state", tmp_path / "checkpoints" / "2" / "state")
+    tx = train.make_optimizer(cfg)
+    abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    step, state, extra = ckpt.restore_latest_good(abstract, config=model_config)
+    ckpt.close()
+    assert step == 1 and int(state.step) == 1 and "state_fingerprint" not in extra
+    (warning,) = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert "step 2 cannot be restored, trying step 1" in warning
+    assert "state: cannot be read (fingerprint of .step expected" in warning and "leaves differ" in warning, warning
+
+
+def _small_checkpoints(directory, steps=(1, 2, 3)):
+    ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=5)
+    for s in steps:
+        ckpt.save(s, {"w": jnp.arange(8.0) * s}, extra={"s": s}, data_state={"i": s}, force=True)
+    ckpt.close()
+    return checkpoint.abstract_with_shardings({"w": jnp.zeros(8)})
+
+
+def test_truncated_metadata_falls_back_and_no_good_step_is_an_error(tmp_path, caplog):
+    abstract = _small_checkpoints(tmp_path)
+    (tmp_path / "3" / "state" / "_METADATA").write_text('{"tree_metadata": {"')  # truncated JSON
+    (tmp_path / "2" / "extra" / "metadata").write_text('{"s": ')
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5)
+    step, state, extra = ckpt.restore_latest_good(abstract)
+    assert step == 1 and extra["s"] == 1 and extra["data_states"] == {0: {"i": 1}}
+    np.testing.assert_array_equal(state["w"], np.arange(8.0))
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 2 and "step 3 cannot be restored, trying step 2" in warnings[0], warnings
+    assert "state: cannot be read (JSONDecodeError" in warnings[0], warnings
+    assert "step 2 cannot be restored, trying step 1" in warnings[1] and "extra: cannot be read" in warnings[1]
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    ckpt.save(2, {"w": jnp.ones(8)}, force=True)  # the set-aside step can be written again
+    ckpt.close()
+
+    other = tmp_path / "all_bad"
+    abstract = _small_checkpoints(other, steps=(1, 2))
+    for s in (1, 2):
+        (other / str(s) / "state" / "_METADATA").write_text("{")
+    ckpt = checkpoint.Checkpointer(str(other))
+    with pytest.raises(checkpoint.UnreadableCheckpointError,
+                       match=r"no checkpoint restores \(step 2: .*JSONDecodeError.*; step 1: .*\); not starting from"):
+        ckpt.restore_latest_good(abstract)
+    assert sorted(os.listdir(other)) == ["1", "2"]  # nothing set aside, nothing deleted
+    ckpt.close()
+
+
+def test_a_run_over_unreadable_checkpoints_refuses_to_start_from_scratch(tmp_path):
+    cfg = quickstart_config(**{"objective.block_size": 8, "total_steps": 2, "checkpoint_every": 2, "log_every": 1})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").write_text("{")
+    cfg.total_steps = 4
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match=r"step 2: .*state: cannot be read"):
+        train.run_training(cfg, str(tmp_path), model_config, obj, _Batches(), progress=False)
+    assert [r["step"] for r in train.read_metrics(str(tmp_path))] == [1, 2]  # the log was not cut back
+
+
+def _gs_on_local(root):
+    """etils.epath with every gs://bucket path served from the local directory `root` (no network
+    here): what reaches the backend is the URL as the code built it, so a mangled URL (made
+    absolute, joined with os.path on a local prefix) would not land under `root`."""
+    from etils.epath import testing
+
+    seen = []
+
+    def local(path):
+        path = os.fspath(path)
+        if path.startswith(str(root)):  # the backend calling itself on a path already mapped
+            return path
+        seen.append(path)
+        assert path.startswith("gs://bucket/"), path
+        return os.path.join(str(root), path[len("gs://bucket/"):])
+
+    def one(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, path, dst, *args, **kwargs):
+        return fn(local(path), local(dst), *args, **kwargs)
+
+    def glob(fn, pattern):
+        return ["gs://bucket/" + os.path.relpath(p, str(root)) for p in fn(local(pattern))]
+
+    return testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
+                              stat=one, rename=two, replace=two, glob=glob), seen
+
+
+def test_url_workdirs_are_not_made_local(tmp_path):
+    from llada_jax.data.tokenizer import Tokenizer
+    from llada_jax.train.metrics import MetricsLog
+
+    url = "gs://bucket/run/checkpoints"
+    assert os.fspath(checkpoint.as_path(url)) == url and checkpoint.is_url(url)
+    assert os.fspath(checkpoint.as_path("rel/dir")) == os.path.abspath("rel/dir")
+    assert checkpoint.run_file_candidates(url, "tokenizer.json") == [
+        "gs://bucket/run/checkpoints/tokenizer.json", "gs://bucket/run/tokenizer.json", "gs://bucket/tokenizer.json"]
+    mock, seen = _gs_on_local(tmp_path)
+    with mock:
+        # The run's tokenizer, written and found through the URL.
+        cfg = quickstart_config(**{"data.tokenizer": ""})
+        tok = train.load_tokenizer(cfg, "gs://bucket/run")
+        assert (tmp_path / "run" / "tokenizer.json").is_file()
+        assert checkpoint.run_file(url, "tokenizer.json") == "gs://bucket/run/tokenizer.json"
+        assert Tokenizer.from_file("gs://bucket/run").encode("12+34=") == tok.encode("12+34=")
+        # metrics.jsonl: rewritten whole (no append on object stores), cut back on resume.
+        log = MetricsLog("gs://bucket/run", tensorboard=True, enabled=True)
+        for step in (1, 2, 3):
+            log.write(step, {"loss": float(step)})
+        log.close()
+        MetricsLog("gs://bucket/run", resume_step=2, enabled=True).close()
+        assert [r["step"] for r in train.read_metrics("gs://bucket/run")] == [1, 2]
+        # Per-process data states are globbed through epath.
+        (tmp_path / "run" / "checkpoints" / "4" / "data").mkdir(parents=True)
+        checkpoint.ProcessStateHandler().save(checkpoint.as_path(url) / "4" / "data", checkpoint.ProcessStateSave({"i": 4}))
+        assert checkpoint.ProcessStateHandler().restore(checkpoint.as_path(url) / "4" / "data") == {0: {"i": 4}}
+    assert json.loads((tmp_path / "run" / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()) == {"i": 4}
+    assert not (tmp_path / "run" / "tb").exists() and len(seen) > 10
+
+
+def test_preemption_guard_agrees_across_processes(tmp_path):
+    """Two processes, only process 1 is signalled (at step 3): both stop at the same step, the
+    first one where the flags are exchanged (check_every=2 -> step 4)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = (
+        "import os, signal, sys, jax\n"
+        "from llada_jax.parallel import hosts, preemption\n"
+        "pid = int(sys.argv[1])\n"
+        f"hosts.initialize('127.0.0.1:{port}', 2, pid)\n"
+        "with preemption.PreemptionGuard(check_every=2) as guard:\n"
+        "    for step in range(1, 20):\n"
+        "        if pid == 1 and step == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        if guard.should_stop(step):\n"
+        "            print('stopped at', step, guard.reason, flush=True)\n"
+        "            break\n"
+        "    else:\n"
+        "        print('never stopped', flush=True)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "stopped at 4 another process was signalled" in outs[0], outs[0]
+    assert "stopped at 4 SIGTERM received" in outs[1], outs[1]
+
+
 def _run_steps(mesh, cfg, n=2):
     from llada_jax.train import objectives
 
