@@ -155,9 +155,15 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
         x = x.astype(jnp.uint8)
     # 1- and 2-byte elements widen to uint32; 8-byte ones (x64) become two uint32 words each.
     width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
-    weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.sum(bits * weight, dtype=jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    # The flat index from per-axis iotas of the leaf's own shape (no reshape, no [size] arange):
+    # the weights are partitioned like the leaf, so a sharded 16B-parameter state is fingerprinted
+    # shard by shard, and a leaf of more than 2^32 elements wraps like the rest of the sum.
+    index, stride = jnp.zeros((), jnp.uint32), 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride & 0xFFFFFFFF)
+        stride *= bits.shape[axis]
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
 _fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
