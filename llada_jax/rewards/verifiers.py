@@ -520,6 +520,7 @@ def _pool(one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | 
                 if index is None:
                     return
                 started[index] = time.monotonic()
+                lock.notify_all()  # the waiter's deadline now includes this call
             outcome = one(index)
             with lock:
                 if outcomes[index] is not None:  # cut off meanwhile: a replacement took over
