@@ -535,10 +535,9 @@ def _pool(one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | 
     for _ in range(min(workers, n)):
         spawn()
     with lock:
-        while any(o is None for o in outcomes):
-            wait = None
-            if timeout_s is not None and started:
-                now = time.monotonic()
+        while True:
+            now, wait = time.monotonic(), None
+            if timeout_s is not None:
                 for index, t in list(started.items()):
                     if now - t >= timeout_s:
                         outcomes[index] = (None, TimeoutError(f"reward still running after {timeout_s:g} s"))
@@ -546,5 +545,7 @@ def _pool(one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | 
                         spawn()
                 if started:
                     wait = max(min(started.values()) + timeout_s - now, 1e-3)
+            if all(o is not None for o in outcomes):  # checked after the cut-offs: the last may be one
+                break
             lock.wait(wait)
     return outcomes
