@@ -6,6 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llada_jax.model.config import ModelConfig
+from llada_jax.rewards.sandbox import SandboxConfig
 
 
 # ModelConfig field annotations (strings: `from __future__ import annotations`) -> placeholder types;
@@ -107,7 +108,16 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
     c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
     c.gen_length = 16
-    c.reward = "by_task"  # a name in rewards.REWARDS
+    c.reward = "by_task"  # a name in rewards.REWARDS, or a user's verifier "package.module:function"
+    # Scoring: reward_workers threads (0 = one after another in the loop's thread, no timeout); a
+    # completion still being scored after reward_timeout_s gets reward 0 (metrics: reward_timeouts).
+    c.reward_workers = 8
+    c.reward_timeout_s = 60.0
+    # The code reward's sandbox limits (rewards.sandbox.SandboxConfig fields; None keeps its default),
+    # e.g. --config.rl.sandbox.timeout_s=5 --config.rl.sandbox.memory_bytes=536870912.
+    c.sandbox = ml_collections.ConfigDict(
+        {f.name: config_dict.placeholder(_PLACEHOLDER_TYPES[f.type if isinstance(f.type, str) else f.type.__name__])
+         for f in dataclasses.fields(SandboxConfig)})
     c.skip_no_signal = True  # no update when all advantages are zero (rl_loop docstring, step 5)
     # Loss settings; None keeps the algorithm's default.
     c.num_timesteps = config_dict.placeholder(int)  # likelihood N (EBPO 8, ESPO 2 coupled)
@@ -124,6 +134,7 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.dipo_step_bucket = 8  # DiPO num_steps rounded up to a multiple of this (fewer compiles)
     # Held-out evaluation (greedy) every eval_every steps and before the first; 0 = off.
     c.eval_every = 10
+    c.eval_split = "validation"  # settings are chosen on validation; test is reported once, at the end
     c.eval_examples = 256
     c.eval_modes = ("S", "Q")
     return c

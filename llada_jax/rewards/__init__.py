@@ -8,11 +8,11 @@ touches a model.
 
 from llada_jax.rewards.verifiers import (REWARDS, RewardError, RewardFn, by_task, code_check, code_reward,
                                          code_reward_with, extract_boxed, extract_code, final_number, get_reward,
-                                         gsm8k_reward, judge, math_equal, math_reward, normalise_math, parse_number,
-                                         score)
+                                         gsm8k_reward, judge, load_reward, math_equal, math_reward, normalise_math,
+                                         parse_number, reward_fn, score)
 
 __all__ = [
     "REWARDS", "RewardError", "RewardFn", "by_task", "code_check", "code_reward", "code_reward_with",
-    "extract_boxed", "extract_code", "final_number", "get_reward", "gsm8k_reward", "judge", "math_equal",
-    "math_reward", "normalise_math", "parse_number", "score",
+    "extract_boxed", "extract_code", "final_number", "get_reward", "gsm8k_reward", "judge", "load_reward",
+    "math_equal", "math_reward", "normalise_math", "parse_number", "reward_fn", "score",
 ]

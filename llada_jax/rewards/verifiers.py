@@ -15,7 +15,14 @@ reasons for code), for evaluation reports.
 
 `score` applies a reward to a batch and never raises for a reward that does: the sample gets
 `on_error` (0) and is reported, with its index, text and meta, in the returned list and by
-`logging.warning`.
+`logging.warning`. With `workers > 0` it scores in a pool of that many threads (the code reward
+spends its time in a sandbox subprocess, so threads run programs in parallel) and cuts off a
+sample still running after `timeout_s`: that sample gets `on_error` as a `TimeoutError` report,
+a fresh thread takes its place, and the rest of the batch is scored (the stuck thread is a
+daemon, abandoned: Python cannot kill a thread, and a sandboxed program dies at its own limit).
+
+`reward_fn` resolves a reward's name, including `package.module:function` for a user's
+verifier, with the code reward under given sandbox limits.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import functools
+import importlib
 import logging
 import math
 import re
+import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -374,9 +384,43 @@ REWARDS: dict[str, RewardFn] = {
 
 
 def get_reward(name: str) -> RewardFn:
+    """A reward by name: one of `REWARDS`, or `package.module:function` (`load_reward`)."""
+    if ":" in name:
+        return load_reward(name)
     if name not in REWARDS:
-        raise ValueError(f"reward: expected one of {sorted(REWARDS)}, found {name!r}")
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or 'package.module:function', found {name!r}")
     return REWARDS[name]
+
+
+def load_reward(spec: str) -> RewardFn:
+    """The user's verifier `package.module:function` (a `RewardFn`), imported from `sys.path`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward: expected 'package.module:function', found {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward: expected an importable module {module_name!r} (on PYTHONPATH), found "
+                         f"{type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward: expected a function {attr!r} in module {module_name!r}, found "
+                         f"{'nothing' if fn is None else type(fn).__name__}")
+    return fn
+
+
+def reward_fn(name: str, sandbox_config: sandbox.SandboxConfig | None = None) -> RewardFn:
+    """`get_reward(name)`, with the code reward (alone or under `by_task`) run under `sandbox_config`."""
+    if sandbox_config is None or name not in ("code", "by_task"):
+        return get_reward(name)
+    code = code_reward_with(sandbox_config)
+    if name == "code":
+        return code
+
+    def by_task_with_sandbox(completion: str, meta: Mapping[str, Any]) -> float:
+        return (code if meta["task"] == "code" else get_reward(meta["task"]))(completion, meta)
+
+    return by_task_with_sandbox
 
 
 def judge(completion: str, meta: Mapping[str, Any], reward: str = "by_task",
@@ -416,28 +460,92 @@ class RewardError:
 
 
 def score(completions: Sequence[str], metas: Sequence[Mapping[str, Any]], reward_fn: RewardFn | str = "by_task",
-          *, on_error: float = 0.0, max_chars: int = 200) -> tuple[np.ndarray, list[RewardError]]:
+          *, on_error: float = 0.0, max_chars: int = 200, workers: int = 0,
+          timeout_s: float | None = None) -> tuple[np.ndarray, list[RewardError]]:
     """Rewards of a batch, float32 [len(completions)], and the samples whose reward failed.
 
-    A reward function that raises an `Exception` or returns a non-finite value does not stop
-    the caller: that sample gets `on_error` and is reported (index, completion truncated to
-    `max_chars`, meta, exception type and message) in the returned list and by
-    `logging.warning`, so that an RL step survives a verifier bug or a hostile completion.
+    A reward function that raises an `Exception`, returns a non-finite value or (with `workers`)
+    runs longer than `timeout_s` seconds does not stop the caller: that sample gets `on_error`
+    and is reported (index, completion truncated to `max_chars`, meta, exception type and
+    message; `TimeoutError` for a cut-off one) in the returned list, ordered by index, and by
+    `logging.warning`, so that an RL step survives a verifier bug, a hang or a hostile completion.
+    `workers`: 0 scores one sample after another in the calling thread (no timeout possible);
+    n > 0 scores in n threads, each sample's reward in its slot whatever the finishing order.
     """
     if len(completions) != len(metas):
         raise ValueError(f"score: {len(completions)} completions but {len(metas)} metas")
+    if workers < 0 or (timeout_s is not None and not timeout_s > 0):
+        raise ValueError(f"score: expected workers >= 0 and timeout_s None or > 0, found {workers}, {timeout_s}")
     fn = get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
-    rewards = np.full(len(completions), on_error, np.float32)
-    errors: list[RewardError] = []
-    for index, (completion, meta) in enumerate(zip(completions, metas)):
+
+    def one(index: int):
         try:
-            value = float(fn(completion, meta))
+            value = float(fn(completions[index], metas[index]))
             if not math.isfinite(value):
                 raise ValueError(f"non-finite reward {value}")
-            rewards[index] = value
+            return value, None
         except Exception as e:  # noqa: BLE001 - any verifier failure is reported, not raised
-            shown = completion if len(completion) <= max_chars else completion[:max_chars] + "..."
-            errors.append(RewardError(index, shown, meta, type(e).__name__, str(e)))
-            _log.warning("reward %s failed on sample %d (%s: %s); reward set to %s. completion=%r meta=%r",
-                         getattr(fn, "__name__", fn), index, type(e).__name__, e, on_error, shown, meta)
+            return None, e
+
+    if workers == 0:
+        outcomes = [one(i) for i in range(len(completions))]
+    else:
+        outcomes = _pool(one, len(completions), workers, timeout_s)
+    rewards = np.full(len(completions), on_error, np.float32)
+    errors: list[RewardError] = []
+    for index, (value, e) in enumerate(outcomes):
+        if e is None:
+            rewards[index] = value
+            continue
+        completion = completions[index]
+        shown = completion if len(completion) <= max_chars else completion[:max_chars] + "..."
+        errors.append(RewardError(index, shown, metas[index], type(e).__name__, str(e)))
+        _log.warning("reward %s failed on sample %d (%s: %s); reward set to %s. completion=%r meta=%r",
+                     getattr(fn, "__name__", fn), index, type(e).__name__, e, on_error, shown, metas[index])
     return rewards, errors
+
+
+def _pool(one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | None) -> list[tuple]:
+    """`[one(i) for i in range(n)]` in `workers` daemon threads; a call still running `timeout_s`
+    after it started gives `(None, TimeoutError)` and its thread is replaced (and abandoned)."""
+    outcomes: list = [None] * n
+    started: dict[int, float] = {}  # running calls: index -> start time
+    lock = threading.Condition()
+    queue = iter(range(n))
+
+    def worker():
+        while True:
+            with lock:
+                index = next(queue, None)
+                if index is None:
+                    return
+                started[index] = time.monotonic()
+                lock.notify_all()  # the waiter's deadline now includes this call
+            outcome = one(index)
+            with lock:
+                if outcomes[index] is not None:  # cut off meanwhile: a replacement took over
+                    return
+                outcomes[index] = outcome
+                del started[index]
+                lock.notify_all()
+
+    def spawn():
+        threading.Thread(target=worker, name="reward-worker", daemon=True).start()
+
+    for _ in range(min(workers, n)):
+        spawn()
+    with lock:
+        while True:
+            now, wait = time.monotonic(), None
+            if timeout_s is not None:
+                for index, t in list(started.items()):
+                    if now - t >= timeout_s:
+                        outcomes[index] = (None, TimeoutError(f"reward still running after {timeout_s:g} s"))
+                        del started[index]
+                        spawn()
+                if started:
+                    wait = max(min(started.values()) + timeout_s - now, 1e-3)
+            if all(o is not None for o in outcomes):  # checked after the cut-offs: the last may be one
+                break
+            lock.wait(wait)
+    return outcomes

@@ -8,7 +8,8 @@
   2. rollouts with `decode.generate` on the CURRENT params, in place (the state the last update
      returned: no host copy, no checkpoint round trip, as DiRL argues), sampled at
      `rl.temperature` with key `fold_in(rollout_key, s)`;
-  3. rewards (`rewards.score`, which turns a raising verifier into reward 0 and a report) and the
+  3. rewards (`rewards.score` in `rl.reward_workers` threads, which turns a verifier that raises or
+     runs past `rl.reward_timeout_s` into reward 0 and a report, never a failed step) and the
      algorithm's advantages (EBPO group-normalised, ESPO leave-one-out, DiPO z-score with
      zero-variance groups dropped);
   4. `rl.pack_rollouts` (DiPO: `rl.pack_trajectory`, the decoder's every write) and, when
@@ -198,6 +199,23 @@ def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
     return out
 
 
+def resolve_reward(cfg: ml_collections.ConfigDict) -> rewards.RewardFn:
+    """`rl.reward` (a name in `rewards.REWARDS` or `package.module:function`), with the code reward
+    under `rl.sandbox`'s limits; resolved at start-up so that a bad name fails before any step."""
+    from llada_jax.rewards import sandbox
+
+    r = cfg.rl
+    if not (isinstance(r.reward_workers, int) and r.reward_workers >= 0):
+        raise ConfigError(f"rl.reward_workers: expected an integer >= 0, found {r.reward_workers!r}")
+    if r.reward_timeout_s is not None and not r.reward_timeout_s > 0:
+        raise ConfigError(f"rl.reward_timeout_s: expected None or a value > 0, found {r.reward_timeout_s!r}")
+    limits = {k: v for k, v in dict(r.get("sandbox", {}) or {}).items() if v is not None}
+    try:
+        return rewards.reward_fn(r.reward, sandbox.SandboxConfig(**limits) if limits else None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"rl.{'reward' if 'reward' in str(e) else 'sandbox'}: {e}") from None
+
+
 def _check_lengths(cfg: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]]) -> None:
     longest = max(len(p) for p in prompts)
     if longest + cfg.rl.gen_length > cfg.data.seq_len:
@@ -238,7 +256,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     ckpt = train.make_checkpointer(cfg, workdir, train.init_state_abstract(model_config, tx))
     rng = jax.random.key(cfg.seed)
     rollout_key, noise_key = jax.random.fold_in(rng, _ROLLOUT_STREAM), jax.random.fold_in(rng, _NOISE_STREAM)
-    reward = reward_fn or r.reward
+    reward = reward_fn or resolve_reward(cfg)
     prompts_it = prompt_iterator(cfg, workdir, tokenizer, mesh)
     proc_index, proc_count = prompt_split(cfg, mesh)
     local_rows = r.prompts_per_step // proc_count * r.group_size  # this process's rollouts per step
@@ -263,7 +281,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     del init_params  # without a KL term, no second copy of the model stays on device
     log = train.MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
-    eval_examples = (list(train.open_examples(cfg, workdir, "test"))[:r.eval_examples] if r.eval_every > 0 else [])
+    eval_examples = (list(train.open_examples(cfg, workdir, r.eval_split))[:r.eval_examples]
+                     if r.eval_every > 0 else [])
 
     terms_fns: dict = {}  # jitted programs per RLConfig (DiPO: one per num_steps bucket)
     step_fns: dict = {}
@@ -321,13 +340,15 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
                 out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
                 texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
-                scores, errors = rewards.score(texts, metas, reward)
+                scores, errors = rewards.score(texts, metas, reward, workers=r.reward_workers,
+                                               timeout_s=r.reward_timeout_s)
                 adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
                 # Every process's rows, in global order: the metrics and the skip decision are global.
                 every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
                     scores=np.asarray(scores, np.float32), adv=adv, keep=keep.astype(np.int32), generated=out.num_generated,
                     forwards=np.asarray(out.forwards), length=np.array([len(t) for t in out.tokens]),
-                    errors=np.array([len(errors)]))).items()}
+                    errors=np.array([len(errors)]),
+                    timeouts=np.array([sum(e.error_type == "TimeoutError" for e in errors)]))).items()}
                 t1 = time.perf_counter()
                 signal = bool(np.any((every["adv"] != 0) & (every["keep"] > 0)))
                 metrics, t2 = {"updated": int(signal or not r.skip_no_signal)}, t1
@@ -345,6 +366,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 metrics.update(
                     reward_mean=float(all_scores.mean()), reward_std=float(all_scores.std()),
                     accuracy=float(np.mean(all_scores >= 1.0)), reward_errors=int(every["errors"].sum()),
+                    reward_timeouts=int(every["timeouts"].sum()),
                     samples_kept=float(every["keep"].mean()),
                     rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
                     completion_tokens=float(np.mean(every["length"])))

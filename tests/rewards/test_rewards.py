@@ -1,12 +1,14 @@
 """Rewards (llada_jax.rewards) and the code sandbox (llada_jax.rewards.sandbox): parsing, dispatch,
 error reporting, and hostile programs that must get reward 0 without hurting the caller."""
 
+import dataclasses
 import functools
 import logging
 import os
 import select
 import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -432,3 +434,70 @@ def test_exposing_the_import_path_hides_the_rest_of_its_directory():
     program = "import os\ndef seen(p):\n    return os.path.exists(p)\n"
     result = sandbox.run_assert_tests(program, [f"assert not seen({others[0]!r})", f"assert seen({exposed[0]!r})"], FAST)
     assert result.results == (True, True), result.reasons
+
+
+def test_score_pool_cuts_off_a_hanging_verifier_and_scores_the_rest():
+    """More hanging samples than workers: each is cut off at the timeout and a fresh thread takes
+    its place, so the other samples are still scored, and the batch returns in a few timeouts."""
+    release = threading.Event()
+
+    def verifier(completion, meta):
+        if completion == "hang":
+            release.wait(60)  # past any timeout here; released at the end so no thread lingers
+        return float(len(completion))
+
+    completions = ["a", "hang", "bbb", "hang", "hang", "cc"]
+    try:
+        t0 = time.monotonic()
+        values, errors = rewards.score(completions, [{}] * 6, verifier, workers=2, timeout_s=0.5)
+        elapsed = time.monotonic() - t0
+    finally:
+        release.set()
+    np.testing.assert_array_equal(values, [1, 0, 3, 0, 0, 2])
+    assert [(e.index, e.error_type) for e in errors] == [(1, "TimeoutError"), (3, "TimeoutError"),
+                                                         (4, "TimeoutError")]
+    assert "0.5 s" in errors[0].message
+    assert elapsed < 10, elapsed  # not the 60 s of a hang
+
+
+def test_score_pool_runs_samples_in_parallel_and_a_raise_costs_one_sample():
+    def verifier(completion, meta):
+        time.sleep(0.4)
+        if completion == "bad":
+            raise RuntimeError("verifier bug")
+        return 1.0
+
+    completions = ["ok"] * 7 + ["bad"]
+    t0 = time.monotonic()
+    values, errors = rewards.score(completions, [{}] * 8, verifier, workers=8, timeout_s=30)
+    elapsed = time.monotonic() - t0
+    np.testing.assert_array_equal(values, [1] * 7 + [0])
+    assert [(e.index, e.error_type, e.message) for e in errors] == [(7, "RuntimeError", "verifier bug")]
+    assert elapsed < 8 * 0.4 / 2, elapsed  # serial scoring would take 3.2 s
+
+
+def test_load_reward_from_module_path(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_verifiers"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "length.py").write_text("def reward(completion, meta):\n    return len(completion) / meta['n']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = rewards.get_reward("my_verifiers.length:reward")
+    assert fn("abcd", {"n": 8}) == 0.5
+    values, _ = rewards.score(["ab"], [{"n": 4}], "my_verifiers.length:reward")
+    assert values.tolist() == [0.5]
+    with pytest.raises(ValueError, match="expected a function 'nope' in module 'my_verifiers.length', found nothing"):
+        rewards.get_reward("my_verifiers.length:nope")
+    with pytest.raises(ValueError, match="expected an importable module 'no_such_pkg.x'"):
+        rewards.get_reward("no_such_pkg.x:reward")
+
+
+def test_reward_fn_runs_code_under_the_given_sandbox_limits():
+    """`by_task` and `code` take the sandbox settings (the RL config's `rl.sandbox`)."""
+    slow = "```python\nimport time\ntime.sleep(5)\ndef f():\n    return 1\n```"
+    meta = {"task": "code", "tests": ["assert f() == 1"]}
+    tight = dataclasses.replace(FAST, timeout_s=1.0, test_timeout_s=1.0)
+    for name in ("code", "by_task"):
+        t0 = time.monotonic()
+        assert rewards.reward_fn(name, tight)(slow, meta) == 0.0
+        assert time.monotonic() - t0 < 4

@@ -2,6 +2,9 @@
 switch, a raising reward, and rollouts on the current params."""
 
 import math
+import subprocess
+import sys
+import threading
 import os
 
 import jax
@@ -157,3 +160,66 @@ def test_no_signal_skips_update(data_dir, tmp_path):
     rows = train.read_metrics(str(tmp_path))
     assert [(r["updated"], r["reward_mean"], "loss" in r) for r in rows] == [(0, 1.0, False)] * 2
     assert int(state.step) == 0
+
+
+def test_hanging_reward_costs_its_sample_not_the_step(data_dir, tmp_path):
+    """Scoring runs in the pool: the one sample whose verifier hangs is cut off at
+    rl.reward_timeout_s (reward 0, counted), the others are scored and the step completes."""
+    release, calls = threading.Event(), []
+
+    def sometimes_hangs(completion, meta):
+        calls.append(completion)
+        if len(calls) == 3:
+            release.wait(120)
+        return digit_fraction(completion, meta)
+
+    cfg = rl_config(data_dir, **{"total_steps": 1, "rl.reward_timeout_s": 1.0, "rl.reward_workers": 2})
+    try:
+        run(cfg, tmp_path, reward_fn=sometimes_hangs)
+    finally:
+        release.set()
+    (row,) = train.read_metrics(str(tmp_path))
+    assert row["reward_timeouts"] == 1 and row["reward_errors"] == 1
+    assert len(calls) == cfg.rl.prompts_per_step * cfg.rl.group_size and math.isfinite(row["reward_mean"])
+
+
+def test_launcher_uses_a_module_function_reward(tmp_path):
+    """`--config.rl.reward=package.module:function` loads a user's verifier from PYTHONPATH."""
+    pkg = tmp_path / "user_pkg" / "my_rewards"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "verify.py").write_text(
+        "import os\n\ndef quarter(completion, meta):\n"
+        "    open(os.environ['REWARD_LOG'], 'a').write('x')\n    return 0.25\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               REWARD_LOG=str(tmp_path / "calls"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "user_pkg"), root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "launch/rl.py", "--config=configs/rl.py", f"--workdir={tmp_path}/rl",
+         "--config.rl.reward=my_rewards.verify:quarter", "--config.total_steps=2", "--config.checkpoint_every=2",
+         "--config.data.num_train=64", "--config.data.num_test=16", "--config.rl.prompts_per_step=2",
+         "--config.rl.group_size=4", "--config.rl.num_timesteps=2", "--config.rl.eval_every=0"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = train.read_metrics(str(tmp_path / "rl"))
+    assert [(r["step"], r["reward_mean"]) for r in rows] == [(1, 0.25), (2, 0.25)]
+    assert (tmp_path / "calls").read_text() == "x" * 16
+
+
+def test_eval_uses_the_validation_split_by_default(data_dir, tmp_path, monkeypatch):
+    """Settings are chosen on validation: the loop's held-out eval reads rl.eval_split."""
+    opened = []
+    open_examples = train.open_examples
+
+    def recording(cfg, workdir, split):
+        opened.append(split)
+        return open_examples(cfg, workdir, split)
+
+    monkeypatch.setattr(train, "open_examples", recording)
+    cfg = rl_config(data_dir, **{"total_steps": 1, "rl.eval_every": 1, "rl.eval_examples": 4,
+                                 "rl.eval_modes": ("S",)})
+    assert cfg.rl.eval_split == "validation"
+    run(cfg, tmp_path, reward_fn=digit_fraction)
+    assert "validation" in opened and "test" not in opened
+    assert "eval_S_accuracy" in train.read_metrics(str(tmp_path))[-1]
