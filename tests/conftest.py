@@ -4,7 +4,9 @@ import fcntl
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from helpers import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # A persistent compilation cache shared by the test processes and the launchers they start:
 # identical programs (e.g. the runs of the resume test) compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llada_jax_test_xla_cache"))

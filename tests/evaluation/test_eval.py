@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import xla_flags
 from llada_jax import launcher, rewards
 from llada_jax.evaluation import benchmarks
 from llada_jax.rewards import sandbox
@@ -196,7 +197,7 @@ def test_eval_launcher_decodes_end_to_end_on_a_mesh(fixture_dir, tokenizer, tmp_
     _, tok_path = tokenizer
     bench = _write(tmp_path / "add.jsonl", [{"prompt": f"{a}+{b}=", "meta": {"task": "addition", "a": a, "b": b}}
                                             for a, b in [(1, 2), (12, 30), (5, 5)]])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     args = [sys.executable, "launch/eval.py", f"--checkpoint={fixture_dir}", f"--tokenizer={tok_path}",
             f"--benchmark={bench}", "--template=plain", "--modes=S,Q+mbe", "--gen_length=16", "--block_length=8",
             "--batch_size=2", "--moe_impl=dense", f"--out_dir={tmp_path}/out", "--noprogress",

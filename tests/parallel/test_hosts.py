@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, xla_flags
 from llada_jax import train
 from llada_jax.parallel import hosts, sharding
 
@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _spawn(args, *, processes: int, devices: int, log_dir) -> list[subprocess.Popen]:
     """`processes` copies of `python args...`, each with `devices` fake CPU devices; with more
     than one, they form one JAX run through a coordinator on a free local port."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
     port = _free_port()
     procs = []

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import load_config
+from helpers import load_config, xla_flags
 from llada_jax import decode, train
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
@@ -192,7 +192,7 @@ def test_launcher_uses_a_module_function_reward(tmp_path):
         "import os\n\ndef quarter(completion, meta):\n"
         "    open(os.environ['REWARD_LOG'], 'a').write('x')\n    return 0.25\n")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                REWARD_LOG=str(tmp_path / "calls"),
                PYTHONPATH=os.pathsep.join([str(tmp_path / "user_pkg"), root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(

@@ -18,6 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from helpers import xla_flags
 from llada_jax import decode  # noqa: E402
 from llada_jax.decode import engine
 from llada_jax.serve import server
@@ -282,7 +283,7 @@ def test_launcher_serves_the_readme_quickstart_command(fixture_dir, tmp_path):
     build_task_tokenizer().save(tok_path)
     port = _free_port()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "launch/serve.py", f"--checkpoint={fixture_dir}",
                              f"--tokenizer={tok_path}", "--block_length=5", "--max_length=64", f"--port={port}",
                              "--slots=2", "--moe_impl=dense"], cwd=root, env=env, stdout=subprocess.PIPE,

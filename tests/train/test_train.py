@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, xla_flags
 from llada_jax import train
 from llada_jax.parallel import sharding
 from llada_jax.train import checkpoint
@@ -31,7 +31,7 @@ SMALL_RUN = ["--config.data.num_train=2000", "--config.data.num_test=50", "--con
 
 
 def _launch(workdir, data_dir, extra=()):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={QUICKSTART}", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", *SMALL_RUN, *extra]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -315,7 +315,7 @@ def test_preemption_guard_agrees_across_processes(tmp_path):
         "            break\n"
         "    else:\n"
         "        print('never stopped', flush=True)\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
