@@ -381,6 +381,11 @@ def read_config(directory: str, step: Optional[int] = None, *, config: Optional[
         step, extra = _stored_extra(ckpt, directory, step)
     finally:
         ckpt.close()
+    return _stored_config(extra, config, directory, step)
+
+
+def _stored_config(extra: dict, config: Optional[ModelConfig], directory: str, step: int) -> ModelConfig:
+    """`config` checked against the one stored in `extra`, or the stored one when `config` is None."""
     saved = extra.get("model_config")
     if config is not None:
         if saved is not None:
@@ -443,10 +448,10 @@ def load_params(directory: str, config: Optional[ModelConfig] = None, shardings:
 
     from llada_jax.model import abstract_params
 
-    config = read_config(directory, step, config=config)
     ckpt = Checkpointer(directory)
     try:
-        step = ckpt.latest_step() if step is None else step
+        step, extra = _stored_extra(ckpt, directory, step)
+        config = _stored_config(extra, config, directory, step)
         abstract = nn.meta.unbox(abstract_params(config))
         if shardings is None:  # one device, explicitly (Orbax would otherwise read the saved topology)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
