@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import train
+from llada_jax import launcher, train
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
 
@@ -112,10 +112,7 @@ def main(argv):
     train.enable_compilation_cache()
     model_config = train.build_model_config(base)
     source = os.path.abspath(FLAGS.init_from)
-    with base.unlocked():  # the SFT run's tokenizer and data, found beside its checkpoints
-        for field, name in (("tokenizer", "tokenizer.json"), ("data_dir", "data")):
-            if not base.data.get(field):
-                setattr(base.data, field, checkpoint.run_file(source, name) or "")
+    launcher.adopt_run_files(base, source)  # the SFT run's tokenizer and data, beside its checkpoints
     model_config, init_params = checkpoint.load_params(source, config=model_config)
     result = {"init_from": source, "steps": FLAGS.steps, "gen_length": FLAGS.gen_length,
               "block": base.objective.block_size, "inner_updates": FLAGS.inner_updates, "lr": FLAGS.lr,

@@ -79,18 +79,27 @@ def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
     params = None
     if source:
         if init_from:
-            hf_tok = os.path.join(init_from, "tokenizer.json")
-            found = ({"tokenizer": hf_tok if os.path.exists(hf_tok) else None} if is_hf_dir(init_from) else
-                     {"tokenizer": checkpoint.run_file(init_from, "tokenizer.json"),
-                      "data_dir": checkpoint.run_file(init_from, "data")})
-            with cfg.unlocked():
-                for field, path in found.items():
-                    if path and not cfg.data.get(field):
-                        setattr(cfg.data, field, path)
+            adopt_run_files(cfg, init_from)
         model_config, params = load_params(source, model_config, mesh)
     tokenizer = trainer.load_tokenizer(cfg, workdir)
     trainer.check_tokenizer(model_config, tokenizer)
     return Run(model_config, params, tokenizer, mesh)
+
+
+def adopt_run_files(cfg, init_from: str) -> None:
+    """Fills the unset `cfg.data.tokenizer` / `cfg.data.data_dir` from what `init_from` brings:
+    an HF directory's own tokenizer.json, or the tokenizer.json and prepared data of the run that
+    wrote those checkpoints (`checkpoint.run_file`)."""
+    if is_hf_dir(init_from):
+        hf_tok = os.path.join(init_from, "tokenizer.json")
+        found = {"tokenizer": hf_tok if os.path.exists(hf_tok) else None}
+    else:
+        found = {"tokenizer": checkpoint.run_file(init_from, "tokenizer.json"),
+                 "data_dir": checkpoint.run_file(init_from, "data")}
+    with cfg.unlocked():
+        for field, path in found.items():
+            if path and not cfg.data.get(field):
+                setattr(cfg.data, field, path)
 
 
 def run_tokenizer(checkpoints: str) -> str:
