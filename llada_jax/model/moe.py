@@ -102,10 +102,7 @@ def received_experts(recv_group_sizes: Int[Array, "P El"], recv_sizes: Int[Array
     if chunk is not None:
         src, pos = r // chunk, r % chunk
     else:
-        # the last sender whose chunk starts at or before r; a compare-all count rather than
-        # jnp.searchsorted, whose scan mixes the shard-varying starts with the invariant rows
-        # (an error inside shard_map on jax 0.7.1: "lt_to requires varying manual axes to match")
-        src = jnp.clip(jnp.sum(chunk_starts[None, :] <= r[:, None], axis=-1) - 1, 0, num_shards - 1)
+        src = jnp.clip(jnp.searchsorted(chunk_starts, r, side="right") - 1, 0, num_shards - 1)
         pos = r - chunk_starts[src]
     ends = jnp.cumsum(recv_group_sizes, axis=-1)[src]  # [R, El]
     expert = jnp.sum(pos[:, None] >= ends, axis=-1)
