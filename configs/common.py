@@ -118,6 +118,13 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.sandbox = ml_collections.ConfigDict(
         {f.name: config_dict.placeholder(_PLACEHOLDER_TYPES[f.type if isinstance(f.type, str) else f.type.__name__])
          for f in dataclasses.fields(SandboxConfig)})
+    # Prompts: the data section's train split (default), or a file as launch/eval.py reads it
+    # (GSM8K / MATH / HumanEval / MBPP JSONL, task records, or chat JSONL whose turns stop before
+    # the answer: `{"messages": [...], <other keys: the verifier's meta>}`); format "auto" detects it.
+    # Prompts longer than data.seq_len - gen_length are dropped at start-up (metrics: prompts_dropped).
+    c.prompts_file = ""
+    c.prompts_format = "auto"
+    c.eval_file = ""  # held-out evaluation from this file (same formats) instead of data's eval_split
     c.skip_no_signal = True  # no update when all advantages are zero (rl_loop docstring, step 5)
     # Loss settings; None keeps the algorithm's default.
     c.num_timesteps = config_dict.placeholder(int)  # likelihood N (EBPO 8, ESPO 2 coupled)

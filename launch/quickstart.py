@@ -59,6 +59,9 @@ flags.DEFINE_string("workdir", "/tmp/llada_quickstart", "Checkpoints, metrics, t
 flags.DEFINE_integer("eval_examples", 256, "Held-out examples decoded per mode.")
 flags.DEFINE_list("modes", ["S", "Q"], "Decoding presets to evaluate.")
 flags.DEFINE_integer("rl_steps", None, "RL steps (default: the config's rl_stage.steps; 0 skips RL).")
+flags.DEFINE_integer("rl_eval_every", 10, "RL stage: greedy held-out evaluation (validation split, first of "
+                     "--modes) every this many steps and before the first, for the curves (0: off).")
+flags.DEFINE_integer("rl_eval_examples", 64, "RL stage: validation examples of those evaluations.")
 flags.DEFINE_list("seeds", [], "Training seeds, each a whole SFT -> RL pipeline (default: the config's seed); "
                   "the report gives the mean, std, min and max over them.")
 flags.DEFINE_list("algorithms", [], "RL algorithms run from each seed's SFT model (default: config.rl.algorithm).")
@@ -71,7 +74,11 @@ def rl_stage_config(cfg, workdir: str):
     out = rl_loop.stage_config(cfg, FLAGS.rl_steps)
     with out.unlocked():
         out.data.data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
-        out.rl.eval_every = 0  # stage 4 evaluates
+        # Stage 4 reports the test split; during RL, points on validation show the run working.
+        out.rl.eval_every = FLAGS.rl_eval_every
+        out.rl.eval_split = "validation"
+        out.rl.eval_examples = FLAGS.rl_eval_examples
+        out.rl.eval_modes = tuple(FLAGS.modes[:1])
     return out
 
 
@@ -244,12 +251,15 @@ def main(argv):
               "train": {"steps": cfg.total_steps, "final_loss": last["loss"], "masked_acc": last.get("masked_acc")}}
     if alg0 in runs[first]:
         rl_cfg, rl_dir = runs[first][alg0]
-        rows = train.read_metrics(rl_dir)
+        every = train.read_metrics(rl_dir)
+        rows = [r for r in every if "reward_mean" in r]  # step 0 holds only the held-out point
+        key = f"eval_{rl_cfg.rl.eval_modes[0]}_accuracy" if rl_cfg.rl.eval_modes else None
         report["rl"] = {m: v for m, v in by_seed[str(first)][alg0].items() if m != "steps"}
         report["rl_run"] = {"algorithm": alg0, "steps": rl_cfg.total_steps,
                             "inner_updates": rl_loop.inner_updates(rl_cfg),
                             "rollout_reward_first": rows[0].get("reward_mean"),
-                            "rollout_reward_last": rows[-1].get("reward_mean")}
+                            "rollout_reward_last": rows[-1].get("reward_mean"),
+                            "validation_accuracy_by_step": {r["step"]: r[key] for r in every if key in r}}
     report["rl_by_algorithm"] = {a: m for a, m in merged.get(str(first), {}).items() if a in rl_loop.INNER_UPDATES}
     if cost is not None:
         report["likelihood_cost"] = cost

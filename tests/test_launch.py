@@ -115,16 +115,19 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
                "--eval_examples=16", "--rl_steps=2", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
-               "--config.rl.num_timesteps=2")
+               "--config.rl.num_timesteps=2", "--rl_eval_examples=8")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task"] == "addition" and report["train"]["steps"] == 6
     assert report["rl_run"]["algorithm"] == "ebpo" and report["rl_run"]["steps"] == 2
+    assert list(report["rl_run"]["validation_accuracy_by_step"]) == ["0", "2"]
+    assert report["rl_run"]["rollout_reward_first"] is not None
     for stage in ("sft", "rl"):
         for mode in ("S", "Q"):
             # A few steps teach little (often an immediate EOS): check the numbers are there and sane.
             assert 0.0 <= report[stage][mode]["accuracy"] <= 1.0 and report[stage][mode]["tpf"] >= 0.0
     assert len(train_rows := _jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2 and train_rows[-1]["step"] == 6
-    assert [r["step"] for r in _jsonl(tmp_path / "rl_ebpo" / "metrics.jsonl")] == [1, 2]
+    rl_rows = _jsonl(tmp_path / "rl_ebpo" / "metrics.jsonl")  # step 0: the held-out point of the SFT model
+    assert [r["step"] for r in rl_rows] == [0, 1, 2] and all("eval_S_accuracy" in rl_rows[i] for i in (0, 2))
     assert f"report: {tmp_path}/report.json" in out.stdout
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000  # the README's curves (tests/evaluation/test_plots.py)
     from llada_jax.train.metrics import read_events
@@ -141,7 +144,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
                "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
-               "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2", "--modes=S")
+               "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2", "--modes=S", "--rl_eval_every=0")
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["rl_by_algorithm"]) == {"ebpo", "dipo"} and report["rl_run"]["algorithm"] == "dipo"
     assert report["seeds"] == [0, 1] and set(report["by_seed"]["0"]) == {"sft", "sft_longer", "ebpo", "dipo"}

@@ -6,7 +6,8 @@ with and without Multi-Block Editing. `run_eval` produces that table for any che
 - `read_benchmark` reads a JSONL file in its public format (detected from the first record's
   keys, or named): GSM8K `question` / `answer` (`#### n`), MATH `problem` / `solution`
   (`\\boxed{}`), HumanEval `prompt` / `test` / `entry_point`, MBPP `text` / `test_list`, and
-  the project's own task records (`messages` or `prompt`, with `meta`). Each becomes an
+  the project's own task records (`messages` or `prompt`, with `meta`), and chat records
+  (`messages` up to the answer, the other keys as the verifier's meta). Each becomes an
   `Example`: the user turn(s), the reward's `meta`, a gold answer text (for few-shot turns).
 - `parse_mode` names a decoding setting: a preset of `decode.PRESETS` (`S`, `Q`, `no_edit`,
   `llada20`), `+mbe` for Multi-Block Editing (its window's attention, bidirectional or
@@ -43,7 +44,7 @@ from llada_jax import decode, rewards
 from llada_jax.rewards import sandbox
 from llada_jax.train import metrics
 
-FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "task")
+FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "task", "chat")
 _MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 _CODE_FENCE = "```"
 
@@ -75,9 +76,11 @@ def detect_format(record: Mapping[str, Any]) -> str:
         return "mbpp"
     if "meta" in keys and ({"messages", "prompt"} & keys):
         return "task"
+    if "messages" in keys:
+        return "chat"
     raise BenchmarkError(f"record keys: expected those of one of {FORMATS} (gsm8k: question/answer, math: "
                          f"problem/solution, humaneval: prompt/test/entry_point, mbpp: text/test_list, task: "
-                         f"messages or prompt with meta), found {sorted(keys)}")
+                         f"messages or prompt with meta, chat: messages), found {sorted(keys)}")
 
 
 def _user(content: str) -> list:
@@ -121,6 +124,12 @@ def to_example(record: Mapping[str, Any], fmt: str, index: int) -> Example:
                 return Example(rid, messages[:-1], meta, messages[-1].get("content", ""))
             return Example(rid, messages, meta)
         return Example(rid, _user(record["prompt"]), meta, str(record.get("response", "")))
+    if fmt == "chat":  # turns up to the answer; the record's other keys are the verifier's meta
+        messages = list(record["messages"])
+        meta = {k: v for k, v in record.items() if k != "messages"}
+        if messages and messages[-1].get("role") == "assistant":
+            return Example(rid, messages[:-1], meta, messages[-1].get("content", ""))
+        return Example(rid, messages, meta)
     raise BenchmarkError(f"format: expected one of {FORMATS}, found {fmt!r}")
 
 

@@ -4,7 +4,8 @@
 tokens per forward, one point per mode, the presets named, and the Pareto front (the modes no
 other mode beats on both axes) joined by a line: the speed-accuracy trade-off of LLaDA2.1's
 threshold / editing_threshold knobs. `training_curves` draws a quickstart work directory's
-metrics.jsonl files: the SFT loss, and the RL rollout reward and accuracy per step.
+metrics.jsonl files: the SFT loss, and the RL rollout reward and accuracy per step (raw and
+smoothed) with the held-out evaluation points beside them.
 Both use matplotlib's Agg back end (no display) and return the Figure, so tests can read the
 axes' labels; the PNG is written to `path`.
 """
@@ -16,6 +17,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,17 +66,33 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training_curves(workdir: str, path: str | None = None, rl_dir: str | None = None) -> "plt.Figure":
-    """The SFT loss (`<workdir>/sft/metrics.jsonl`) and the RL rollout reward and accuracy
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the up to `window - 1` before it (a trailing window: a point
+    never uses later steps)."""
+    csum = np.concatenate([[0.0], np.cumsum(np.asarray(values, np.float64))])
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return list((csum[idx] - csum[start]) / (idx - start))
+
+
+def training_curves(workdir: str, path: str | None = None, rl_dir: str | None = None,
+                    smooth: int = 5) -> "plt.Figure":
+    """The SFT loss (`<workdir>/sft/metrics.jsonl`) and the RL run's curves
     (`<workdir>/<rl_dir>/metrics.jsonl`; by default the quickstart's most recent `rl_<algorithm>`
-    run, or `rl`) per step, as a PNG (default `<workdir>/training_curves.png`). A stage without
-    metrics is left out; none at all is an error naming the files."""
+    run, or `rl`) per step, as a PNG (default `<workdir>/training_curves.png`): the rollout
+    reward (raw, and its trailing mean over `smooth` steps), the rollout accuracy (smoothed) and
+    the held-out evaluation points (`eval_<mode>_accuracy`, greedy decoding, every
+    `rl.eval_every` steps). A stage without metrics is left out; none at all is an error naming
+    the files."""
     if rl_dir is None:
         runs = [d for d in os.listdir(workdir) if d.startswith("rl") and
                 os.path.exists(os.path.join(workdir, d, "metrics.jsonl"))] if os.path.isdir(workdir) else []
         rl_dir = max(runs, key=lambda d: os.path.getmtime(os.path.join(workdir, d, "metrics.jsonl"))) if runs else "rl"
     sft = [r for r in _rows(os.path.join(workdir, "sft", "metrics.jsonl")) if "loss" in r]
-    rl = [r for r in _rows(os.path.join(workdir, rl_dir, "metrics.jsonl")) if "reward_mean" in r]
+    rl_rows = _rows(os.path.join(workdir, rl_dir, "metrics.jsonl"))
+    rl = [r for r in rl_rows if "reward_mean" in r]
+    held_out = sorted({k[len("eval_"):-len("_accuracy")] for r in rl_rows for k in r
+                       if k.startswith("eval_") and k.endswith("_accuracy")})
     if not sft and not rl:
         raise FileNotFoundError(f"training_curves: expected metrics in {workdir}/sft/metrics.jsonl or "
                                 f"{workdir}/{rl_dir}/metrics.jsonl, found none")
@@ -87,9 +105,15 @@ def training_curves(workdir: str, path: str | None = None, rl_dir: str | None = 
             ax.set_title("SFT")
         else:
             steps = [r["step"] for r in rl]
-            ax.plot(steps, [r["reward_mean"] for r in rl], c="C1", label="rollout reward")
+            reward = [r["reward_mean"] for r in rl]
+            ax.plot(steps, reward, c="C1", alpha=0.3, lw=0.8, label="rollout reward")
+            ax.plot(steps, moving_average(reward, smooth), c="C1", label=f"rollout reward, mean of {smooth}")
             if all("accuracy" in r for r in rl):
-                ax.plot(steps, [r["accuracy"] for r in rl], c="C2", label="rollout accuracy")
+                ax.plot(steps, moving_average([r["accuracy"] for r in rl], smooth), c="C2",
+                        label=f"rollout accuracy, mean of {smooth}")
+            for i, mode in enumerate(held_out):  # greedy decoding of held-out problems
+                points = [(r["step"], r[f"eval_{mode}_accuracy"]) for r in rl_rows if f"eval_{mode}_accuracy" in r]
+                ax.plot(*zip(*points), c=f"C{3 + i}", marker="o", ls="--", label=f"held-out accuracy ({mode}, greedy)")
             ax.set_ylabel("reward / accuracy")
             ax.set_title("RL")
             ax.legend(fontsize=8)

@@ -5,8 +5,10 @@ problem's `meta` (what the verifier needs). `REWARDS` names them:
 
 - `addition`, `countdown`, `sudoku4x4`: the offline tasks' verifiers of `llada_jax.data.tasks`,
 - `gsm8k`: 1/0 on the final number (`\\boxed{}` content, else the last number in the text),
-- `math`: 1/0 on the `\\boxed{}` answer, equal to the reference up to MATH-style normalisation
-  or numerically / symbolically (a small safe parser, see `math_equal`),
+- `math`: 1/0 on the `\\boxed{}` answer, equal to the reference by the field's equivalence
+  checker (`math-verify` on sympy, as open-r1 and verl use: sets, intervals, matrices, units) or,
+  as a fallback, up to MATH-style normalisation or numerically / symbolically (a small safe
+  parser, see `math_equal`),
 - `code`: the fraction of unit tests passed in `llada_jax.rewards.sandbox`,
 - `by_task`: dispatch on `meta["task"]` to one of the above.
 
@@ -38,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import math_verify
 import numpy as np
 
 from llada_jax.rewards import sandbox
@@ -312,14 +315,48 @@ def math_equal(answer: str, reference: str) -> bool:
     return all(x == y or _numerically_equal(x, y) for x, y in zip(items_a, items_b))
 
 
+_EXPONENT = re.compile(r"\^\s*(\{(?:[^{}]|\{[^{}]*\})*\}|\d+)")
+_FACTORIAL = re.compile(r"(\d+)\s*!")
+
+
+def _sympy_safe(text: str) -> bool:
+    """Whether sympy may evaluate `text` exactly in bounded time: short, no power of a power, no
+    integer exponent above `_MAX_EXPONENT` and no factorial above 1000."""
+    if len(text) > _MAX_MATH_CHARS:
+        return False
+    for exponent in _EXPONENT.findall(text):
+        if "^" in exponent or any(int(n) > _MAX_EXPONENT for n in re.findall(r"\d+", exponent)):
+            return False
+    return all(int(n) <= 1000 for n in _FACTORIAL.findall(text))
+
+
+def math_verify_equal(answer: str, reference: str) -> bool:
+    """Whether `math-verify` (Hugging Face's checker on sympy, used by open-r1 and verl) finds the
+    two LaTeX answers equivalent: unordered sets, intervals, matrices, units and sympy's
+    simplification. Its own signal-based timeouts are off (they work only in the main thread and
+    `score` runs rewards in a pool that has its own cut-off); inputs longer than a MATH answer
+    are refused, as `math_equal` does, and so are towers of powers and huge exponents or factorials
+    (`9^{9^{9}}`), which sympy would evaluate exactly for ever (`_sympy_safe`)."""
+    if not (_sympy_safe(answer) and _sympy_safe(reference)):
+        return False
+    gold = math_verify.parse(f"${reference}$", parsing_timeout=None)
+    pred = math_verify.parse(f"${answer}$", parsing_timeout=None)
+    return bool(gold and pred and math_verify.verify(gold, pred, timeout_seconds=None))
+
+
 def math_reward(completion: str, meta: Mapping[str, Any]) -> float:
-    """1.0 iff the completion's `\\boxed{}` answer (else its last number) `math_equal`s the reference."""
+    """1.0 iff the completion's `\\boxed{}` answer (else its last number) equals the reference by
+    `math_verify_equal`, or by the fallback `math_equal` (MATH normalisation, numeric and probed
+    symbolic equality) where math-verify cannot parse the answer's form."""
     text = tasks.answer_text(completion)
     answer = extract_boxed(text)
     if answer is None:
         numbers = _NUMBER.findall(text)
         answer = numbers[-1] if numbers else None
-    return float(answer is not None and math_equal(answer, _reference(meta)))
+    if answer is None:
+        return 0.0
+    reference = _reference(meta)
+    return float(math_verify_equal(answer, reference) or math_equal(answer, reference))
 
 
 # --------------------------------------------------------------------------------- code

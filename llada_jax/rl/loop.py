@@ -44,6 +44,7 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
+from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ import numpy as np
 import optax
 
 from llada_jax import decode, model, rewards, rl, train
-from llada_jax.evaluation import heldout
+from llada_jax.evaluation import benchmarks, heldout
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint
 from llada_jax.model.config import ConfigError, ModelConfig
@@ -145,19 +146,47 @@ def prompt_split(cfg: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
     return index, count
 
 
-def prompt_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer, mesh=None) -> grain.DatasetIterator:
-    """Checkpointable iterator of lists of `{"prompt": ids, "meta": ...}` rows from the train
-    split, reshuffled each epoch with the run seed: `rl.prompts_per_step` of them, or with
-    `mesh` this process's share of them (`prompt_split`; the same global list on any number of
-    processes)."""
+def _file_examples(path: str, fmt: str, field: str) -> list[dict]:
+    """The examples of a benchmark-format file as chat examples (`messages` ending with the gold
+    answer, or an empty one, as the dataset's are) for `prompts_and_metas` / `heldout.evaluate`."""
+    try:
+        examples = benchmarks.read_benchmark(path, fmt)
+    except (OSError, benchmarks.BenchmarkError) as e:
+        raise ConfigError(f"{field}: {e}") from None
+    return [{"messages": list(e.messages) + [{"role": "assistant", "content": e.reference}], "meta": dict(e.meta)}
+            for e in examples]
+
+
+def prompt_rows(cfg: ml_collections.ConfigDict, workdir: str, tokenizer) -> tuple[list[dict], int]:
+    """Every RL prompt as a `{"prompt": ids, "meta": ...}` row, in source order, and the number
+    dropped because the prompt leaves fewer than `rl.gen_length` positions of the canvas
+    (`data.seq_len`). The source is `rl.prompts_file` (any format `launch/eval.py` reads, or chat
+    JSONL without assistant turns) or else the data section's train split."""
+    r = cfg.rl
+    examples = (_file_examples(r.prompts_file, r.prompts_format, "rl.prompts_file") if r.prompts_file
+                else train.open_examples(cfg, workdir, "train"))
+    limit = cfg.data.seq_len - r.gen_length
+    rows = [_prompt_row(ex, tokenizer, cfg.data.template) for ex in examples]
+    kept = [row for row in rows if len(row["prompt"]) <= limit]
+    if not kept:
+        raise ConfigError(f"data.seq_len: expected room for a prompt and rl.gen_length ({r.gen_length}) tokens, "
+                          f"found every one of the {len(rows)} prompts longer than {limit} tokens "
+                          f"(data.seq_len {cfg.data.seq_len} - rl.gen_length)")
+    return kept, len(rows) - len(kept)
+
+
+def prompt_iterator(cfg: ml_collections.ConfigDict, rows: Sequence[Mapping[str, Any]],
+                    mesh=None) -> grain.DatasetIterator:
+    """Checkpointable iterator of lists of `prompt_rows`, reshuffled each epoch with the run seed:
+    `rl.prompts_per_step` of them, or with `mesh` this process's share of them (`prompt_split`;
+    the same global list on any number of processes)."""
     from llada_jax import data
 
     index, count = prompt_split(cfg, mesh) if mesh is not None else (0, 1)
-    rows = cfg.rl.prompts_per_step // count
-    examples = train.open_examples(cfg, workdir, "train")
-    ds = data.rows_for_process(examples.shuffle(cfg.seed).repeat(None), rows, index, count).map(functools.partial(
-        _prompt_row, tokenizer=tokenizer, template=cfg.data.template))
-    return iter(ds.to_iter_dataset().batch(rows, batch_fn=list))
+    per_step = cfg.rl.prompts_per_step // count
+    ds = data.rows_for_process(grain.MapDataset.source(list(rows)).shuffle(cfg.seed).repeat(None),
+                               per_step, index, count)
+    return iter(ds.to_iter_dataset().batch(per_step, batch_fn=list))
 
 
 # ------------------------------------------------------------------------------ pieces of a step
@@ -216,13 +245,6 @@ def resolve_reward(cfg: ml_collections.ConfigDict) -> rewards.RewardFn:
         raise ConfigError(f"rl.{'reward' if 'reward' in str(e) else 'sandbox'}: {e}") from None
 
 
-def _check_lengths(cfg: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]]) -> None:
-    longest = max(len(p) for p in prompts)
-    if longest + cfg.rl.gen_length > cfg.data.seq_len:
-        raise ConfigError(f"data.seq_len: expected >= longest prompt ({longest}) + rl.gen_length "
-                          f"({cfg.rl.gen_length}), found {cfg.data.seq_len}")
-
-
 def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: ml_collections.ConfigDict,
                   mesh=None) -> dict:
     """`heldout.evaluate` in each of `rl.eval_modes` (greedy), flattened as `eval_<mode>_<field>`.
@@ -257,7 +279,12 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     rng = jax.random.key(cfg.seed)
     rollout_key, noise_key = jax.random.fold_in(rng, _ROLLOUT_STREAM), jax.random.fold_in(rng, _NOISE_STREAM)
     reward = reward_fn or resolve_reward(cfg)
-    prompts_it = prompt_iterator(cfg, workdir, tokenizer, mesh)
+    rows, dropped = prompt_rows(cfg, workdir, tokenizer)
+    if dropped:
+        logging.warning("RL prompts: dropped %d of %d longer than data.seq_len - rl.gen_length = %d tokens",
+                        dropped, len(rows) + dropped, cfg.data.seq_len - r.gen_length)
+    prompts_it = prompt_iterator(cfg, rows, mesh)
+    del rows
     proc_index, proc_count = prompt_split(cfg, mesh)
     local_rows = r.prompts_per_step // proc_count * r.group_size  # this process's rollouts per step
 
@@ -281,8 +308,9 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     del init_params  # without a KL term, no second copy of the model stays on device
     log = train.MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
-    eval_examples = (list(train.open_examples(cfg, workdir, r.eval_split))[:r.eval_examples]
-                     if r.eval_every > 0 else [])
+    eval_examples = [] if r.eval_every <= 0 else (
+        _file_examples(r.eval_file, "auto", "rl.eval_file")
+        if r.eval_file else list(train.open_examples(cfg, workdir, r.eval_split)))[:r.eval_examples]
 
     terms_fns: dict = {}  # jitted programs per RLConfig (DiPO: one per num_steps bucket)
     step_fns: dict = {}
@@ -336,7 +364,6 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 t0 = time.perf_counter()
                 rows = next(prompts_it)
                 prompts = [row["prompt"] for row in rows]
-                _check_lengths(cfg, prompts)
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
                 out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
                 texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
@@ -369,7 +396,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                     reward_timeouts=int(every["timeouts"].sum()),
                     samples_kept=float(every["keep"].mean()),
                     rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
-                    completion_tokens=float(np.mean(every["length"])))
+                    completion_tokens=float(np.mean(every["length"])), prompts_dropped=dropped)
                 metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):

@@ -3,6 +3,7 @@
 import json
 
 import matplotlib.image
+import numpy as np
 
 from llada_jax.evaluation import plots
 
@@ -37,8 +38,20 @@ def test_training_curves_from_metrics_files(tmp_path):
                                                             for s in range(1, 20)))
     (tmp_path / "rl" / "metrics.jsonl").write_text(
         json.dumps({"step": 0, "eval_S_accuracy": 0.1}) + "\n" +
-        "".join(json.dumps({"step": s, "reward_mean": s / 10, "accuracy": s / 12}) + "\n" for s in range(1, 8)))
-    fig = plots.training_curves(str(tmp_path))
+        "".join(json.dumps({"step": s, "reward_mean": s / 10, "accuracy": s / 12,
+                            **({"eval_S_accuracy": 0.1 + s / 20} if s % 3 == 0 else {})}) + "\n" for s in range(1, 8)))
+    fig = plots.training_curves(str(tmp_path), smooth=3)
     assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == [("step", "SFT loss"), ("step", "reward / accuracy")]
-    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["rollout reward", "rollout accuracy"]
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert list(lines) == ["rollout reward", "rollout reward, mean of 3", "rollout accuracy, mean of 3",
+                           "held-out accuracy (S, greedy)"]
+    np.testing.assert_allclose(lines["rollout reward, mean of 3"].get_ydata(), [.1, .15, .2, .3, .4, .5, .6])
+    held_out = lines["held-out accuracy (S, greedy)"]  # the step-0 evaluation of the init included
+    assert list(held_out.get_xdata()) == [0, 3, 6]
+    np.testing.assert_allclose(held_out.get_ydata(), [0.1, 0.25, 0.4])
     _png_ok(tmp_path / "training_curves.png")
+
+
+def test_moving_average_uses_no_later_step():
+    np.testing.assert_allclose(plots.moving_average([4.0, 0.0, 2.0, 6.0], 2), [4.0, 2.0, 1.0, 4.0])
+    np.testing.assert_allclose(plots.moving_average([1.0, 2.0], 5), [1.0, 1.5])

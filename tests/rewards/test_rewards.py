@@ -141,6 +141,29 @@ def test_math_reward_uses_boxed_and_reference_solution():
     assert rewards.math_reward("no answer", meta) == 0.0
 
 
+@pytest.mark.parametrize("answer, reference, reward", [
+    ("\\{1,2\\}", "\\{2,1\\}", 1.0),  # unordered sets: math-verify; the normaliser alone says no
+    ("10!", "3628800", 1.0),
+    ("[0,1)\\cup(2,3]", "[0,1) \\cup (2,3]", 1.0),
+    ("\\{1,2\\}", "\\{1,3\\}", 0.0),
+    ("(1,2)", "(1,2]", 0.0),
+    ("0.3333", "\\frac{1}{3}", 0.0),
+    ("\\frac{\\sqrt3}{2}", "\\dfrac{\\sqrt{3}}{2}", 1.0),
+])
+def test_math_reward_with_the_equivalence_checker(answer, reference, reward):
+    meta = {"answer": f"Hence $\\boxed{{{reference}}}$."}
+    assert rewards.math_reward(f"so the answer is \\boxed{{{answer}}}", meta) == reward
+
+
+def test_math_reward_refuses_what_sympy_would_evaluate_for_ever():
+    """`9^{9^{9}}` has ~370 million digits: sympy would compute it exactly, in a pool thread that no
+    timeout can stop. It is refused before sympy sees it (the pool's cut-off is not the guard)."""
+    completions = ["\\boxed{9^{9^{9}}}", "\\boxed{2^{100}}", "\\boxed{100000!}", "\\boxed{1}"]
+    scores, errors = rewards.score(completions, [{"task": "math", "answer": "\\boxed{1}"}] * 4, "math",
+                                   workers=2, timeout_s=20)
+    assert list(scores) == [0.0, 0.0, 0.0, 1.0] and errors == []
+
+
 # ------------------------------------------------------------------------------- code
 _ADD = "```python\ndef add(a, b):\n    return a + b\n```"
 _ADD_BUGGY = "def add(a, b):\n    return a + b if a < 5 else 0\n"

@@ -1,6 +1,7 @@
 """The RL loop end to end on the tiny model (rl_loop.run_rl): metrics, exact resume, the algorithm
 switch, a raising reward, and rollouts on the current params."""
 
+import json
 import math
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from helpers import load_config, xla_flags
-from llada_jax import decode, train
+from llada_jax import decode, rewards, train
+from llada_jax.model.config import ConfigError
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
 
@@ -223,3 +225,49 @@ def test_eval_uses_the_validation_split_by_default(data_dir, tmp_path, monkeypat
     run(cfg, tmp_path, reward_fn=digit_fraction)
     assert "validation" in opened and "test" not in opened
     assert "eval_S_accuracy" in train.read_metrics(str(tmp_path))[-1]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_a_gsm8k_file_drives_rl_and_its_overlong_prompts_are_dropped(data_dir, tmp_path):
+    """`rl.prompts_file` in GSM8K's public format: the rollouts' prompts and the verifier's metas
+    come from it, and the prompts with no room for rl.gen_length tokens are dropped at start-up
+    and counted in every metrics row."""
+    short = [{"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+             for a, b in ((12, 30), (7, 8), (40, 2), (3, 9))]
+    long = [{"question": "What is " + "1+" * 40 + "1?", "answer": "#### 41"}] * 2
+    path = _write_jsonl(tmp_path / "gsm8k.jsonl", [long[0], *short[:2], long[1], *short[2:]])
+    seen = []
+
+    def reward(completion, meta):
+        seen.append(dict(meta))
+        return digit_fraction(completion, meta)
+
+    cfg = rl_config(data_dir, **{"rl.prompts_file": path, "data.seq_len": 100, "total_steps": 2})
+    run(cfg, tmp_path / "run", reward_fn=reward)
+    rows = train.read_metrics(str(tmp_path / "run"))
+    assert [(r["step"], r["prompts_dropped"]) for r in rows] == [(1, 2), (2, 2)]
+    assert any(r["updated"] for r in rows)
+    assert len(seen) == 2 * cfg.rl.prompts_per_step * cfg.rl.group_size
+    assert {m["task"] for m in seen} == {"gsm8k"} and {m["answer"] for m in seen} <= {s["answer"] for s in short}
+    # The metas are the gsm8k verifier's: a right final answer scores 1.
+    assert rewards.by_task("so \\boxed{42}", {"task": "gsm8k", "answer": short[0]["answer"]}) == 1.0
+
+
+def test_prompt_rows_from_chat_jsonl_and_when_nothing_fits(data_dir, tmp_path):
+    """Chat JSONL without assistant turns: the turns are the prompt, the other keys the meta; a
+    file whose every prompt is too long is refused naming data.seq_len."""
+    path = _write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "1+2"}], "answer": "3", "task": "gsm8k"},
+        {"messages": [{"role": "user", "content": "4+4"}], "answer": "8", "task": "gsm8k"}])
+    cfg = rl_config(data_dir, **{"rl.prompts_file": path})
+    tokenizer = train.load_tokenizer(cfg, str(tmp_path))
+    rows, dropped = rl_loop.prompt_rows(cfg, str(tmp_path), tokenizer)
+    assert dropped == 0 and [r["meta"] for r in rows] == [{"answer": "3", "task": "gsm8k"}, {"answer": "8", "task": "gsm8k"}]
+    assert [tokenizer.decode(r["prompt"]) for r in rows] == ["1+2", "4+4"]
+    cfg.data.seq_len, cfg.rl.gen_length = 20, 18
+    with pytest.raises(ConfigError, match=r"data.seq_len: .* every one of the 2 prompts longer than 2 tokens"):
+        rl_loop.prompt_rows(cfg, str(tmp_path), tokenizer)
