@@ -102,6 +102,33 @@ def adopt_run_files(cfg, init_from: str) -> None:
                 setattr(cfg.data, field, path)
 
 
+def parse_mesh(text: str, devices=None):
+    """A mesh from a `--mesh` flag: four sizes `data,fsdp,tensor,expert`, one of them may be -1."""
+    try:
+        d, f, t, e = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh: expected four integers data,fsdp,tensor,expert, found {text!r}") from None
+    return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e, devices=devices)
+
+
+def define_model_flags() -> None:
+    """The flags of a checkpoint-driven program that pick how the model runs: `--dtype`,
+    `--quantize`, `--quant_block` (passed on to `load` by `load_from_flags`)."""
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Compute dtype of activations and the KV cache (default: the checkpoint's: an HF "
+                      "directory's torch_dtype, an Orbax run's training dtype).")
+    flags.DEFINE_enum("quantize", None, list(quant.QUANT_KINDS),
+                      "Store the layers' attention / expert / MLP projections as int8 or FP8 (e4m3fn) with "
+                      "per-block scales, dequantized in the matmul (weight-only; model/quant.py).")
+    flags.DEFINE_integer("quant_block", 128, "With --quantize: values per scale along the contraction dimension.")
+
+
+def model_flag_values() -> dict:
+    """`load`'s keywords from the flags of `define_model_flags`."""
+    f = flags.FLAGS
+    return dict(dtype=f.dtype, quantize=f.quantize, quant_block=f.quant_block)
+
+
 def run_tokenizer(checkpoints: str) -> str:
     """The tokenizer.json of the run that wrote `checkpoints` (`checkpoint.run_file`); the error
     names every place looked at."""
