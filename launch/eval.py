@@ -14,8 +14,11 @@ Multi-Block Editing (--mbe_window blocks, --mbe_attention bidirectional or block
 Writes to --out_dir: samples/<mode>.jsonl (every sample: prompt, completion, reward, why it
 failed, tokens, forwards), summary.json (per mode: accuracy, reward, TPF, TPS with compilation
 excluded, tokens) and table.md, printed at the end. A rerun with the same --out_dir skips the
-samples already written (an interrupted run resumes). Decodes on a mesh of all devices, the
-batch split over the data axis, parameters loaded straight into their shards.
+samples already written (an interrupted run resumes). Decodes on --mesh=data,fsdp,tensor,expert
+(default every device on data; tensor / expert shard the weights instead of replicating them),
+the batch split over the batch axes, parameters loaded straight into their shards. --dtype
+(default: the checkpoint's) and --quantize=int8|fp8 (weight-only, per-block scales) choose how
+the model runs.
 
 On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
 --coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") each

@@ -13,8 +13,11 @@ r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.serve.serve
 launch/generate.py. The engine's shapes are flags (slots, canvas length, block length, MBE
 window); requests choose everything else (mode, thresholds, max_post_steps, ...).
 
-One process on one host: the engine decodes on this process's devices (no distributed
-runtime; for batch decoding across hosts use launch/generate.py or launch/eval.py).
+One process on one host: the engine decodes on one device, or with --mesh=data,fsdp,tensor,expert
+on this host's devices (weights sharded by the training rule table, slots over the batch axes;
+no distributed runtime: for batch decoding across hosts use launch/generate.py or
+launch/eval.py). --dtype (default: the checkpoint's) and --quantize=int8|fp8 (weight-only,
+per-block scales) choose how the model runs.
 """
 
 import math
