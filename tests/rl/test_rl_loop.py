@@ -223,3 +223,20 @@ def test_eval_uses_the_validation_split_by_default(data_dir, tmp_path, monkeypat
     run(cfg, tmp_path, reward_fn=digit_fraction)
     assert "validation" in opened and "test" not in opened
     assert "eval_S_accuracy" in train.read_metrics(str(tmp_path))[-1]
+
+
+def test_rollouts_decode_in_rl_rollout_dtype(data_dir, monkeypatch):
+    """`rl.rollout_dtype` sets the rollouts' compute dtype (None keeps the model's); a bad one is
+    refused when the RL config is built, before any step."""
+    from llada_jax.model.config import ConfigError
+
+    seen = []
+    monkeypatch.setattr(decode, "generate", lambda params, config, rows, **kw: seen.append(config.dtype))
+    cfg = rl_config(data_dir)
+    model_config = train.build_model_config(cfg)
+    rl_loop.rollout(None, model_config, [[1, 2]], cfg, jax.random.key(0))
+    cfg = rl_config(data_dir, **{"rl.rollout_dtype": "bfloat16"})
+    rl_loop.rollout(None, model_config, [[1, 2]], cfg, jax.random.key(0))
+    assert seen == [model_config.dtype, "bfloat16"]
+    with pytest.raises(ConfigError, match="rl.rollout_dtype: expected None or one of"):
+        rl_loop.build_rl_config(rl_config(data_dir, **{"rl.rollout_dtype": "bf16"}))
