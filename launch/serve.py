@@ -70,8 +70,8 @@ def main(argv):
     api = server.App(eng, tok, model_name=name, default_max_tokens=FLAGS.default_max_tokens)
     how = f"{config.dtype}" + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
-    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens, "
-          f"{how}{where})", flush=True)
+    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens) "
+          f"in {how}{where}", flush=True)
     uvicorn.run(api.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")
 
 
