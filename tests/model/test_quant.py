@@ -52,8 +52,8 @@ def test_quantized_forward_is_the_forward_on_the_dequantized_weights(tiny_hf, fi
     config, params = tiny_hf
     tokens = jnp.asarray(np.load(f"{fixture_dir}/forward.npz")["ids_bidir"])
     q = quant.quantize_params(params, "int8", block_size=16)
-    widened = jax.tree_util.tree_map(lambda x: quant.dequantize(x, jnp.float32), q,
-                                     is_leaf=lambda x: isinstance(x, quant.QArray))
+    widened = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: quant.dequantize(x, jnp.float32), t,
+                                                       is_leaf=lambda x: isinstance(x, quant.QArray)))(q)
     assert_close_to_scale(model.forward(q, config, tokens), model.forward(widened, config, tokens), 1e-6)
 
 
