@@ -60,8 +60,9 @@ def test_quantized_forward_is_the_forward_on_the_dequantized_weights(tiny_hf, fi
 # Tolerance against the bf16 model's logits (both in bf16 compute), as the mean |difference| over
 # every position and vocabulary entry relative to the largest |logit|. The fixture is a random
 # MoE whose router flips experts under any perturbation (bf16 against fp32 alone changes the
-# expert set of 9% of its token-layers, 15% of its tokens in some layer, and moves single logits by 8 on a scale of 21), so a
-# maximum is dominated by those discrete flips; the mean is the stated measure. Measured at
+# expert set of 9% of its token-layers, of 15% of its tokens in some layer, and moves single
+# logits by 8 on a scale of 21), so a maximum is dominated by those discrete flips; the mean is
+# the stated measure. Measured at
 # block 16 / 128: int8 0.6% / 0.7%, FP8 1.7% / 1.7% of the scale; bf16 itself is 0.9% from fp32.
 TOLERANCE = {"int8": 0.01, "fp8": 0.025}
 
