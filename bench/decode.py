@@ -3,6 +3,7 @@ r"""Draft-and-Edit decoding benchmark, printed as one JSON object (not a test).
   python bench/decode.py                                  # hidden 256, 4 layers, 16 experts, block 32
   python bench/decode.py --baseline_rev=main~5            # 'before' = the package at that git revision
   python bench/decode.py --parts=forward,modes            # skip the engine comparison
+  python bench/decode.py --parts=quant --gen_length=128   # bf16 vs int8 vs FP8 weights
   # side by side with the official PyTorch generate(): torch + transformers 4.57 in a venv made with
   # --system-site-packages (not a dependency of llada_jax), the official code from ZHZisZZ/dllm @ ca176752
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -27,6 +28,10 @@ Parts, all on one random-weight model in one process (ratios are side by side):
   engine   64 requests of ragged prompt and generation lengths: the continuous-batching engine
            (`--slots` slots) vs static batches of the same size in arrival order (each batch
            decoded to its longest request), useful tokens/s of both; engine compile time.
+  quant    tokens/s of `generate` (mode S) with bf16 weights vs int8 / FP8 weights (per-block
+           scales, `model.quant`), all in bf16 compute, and each one's stored parameter bytes. On
+           CPU the weights are widened before each matmul and the run is not memory-bound: a real
+           gain needs an accelerator;
   official (only with `--torch_reference`) the official PyTorch LLaDA2.1 `generate()` on the same
            weights (written with `save_hf_checkpoint`, loaded by the official code) and the same
            `--official_prompts` prompts, one at a time, against ours one at a time: time of each,
@@ -71,7 +76,8 @@ flags.DEFINE_integer("prompt_length", 64, "Prompt length.")
 flags.DEFINE_integer("gen_length", 512, "Tokens to generate.")
 flags.DEFINE_integer("block_length", 32, "Block length.")
 flags.DEFINE_list("modes", ["S", "Q"], "Presets to time.")
-flags.DEFINE_list("parts", ["forward", "modes", "engine"], "What to measure.")
+flags.DEFINE_list("parts", ["forward", "modes", "engine", "quant"], "What to measure.")
+flags.DEFINE_list("quant_kinds", ["bf16", "int8", "fp8"], "Quant part: weights to time (the first is the reference).")
 flags.DEFINE_string("baseline_rev", "f9611db", "Git revision whose package is 'before' (the commit before the "
                     "cache-in-carry decoder, 64c2e22, landed; empty: skip).")
 flags.DEFINE_integer("step_block", 10, "Block index of the timed cached step.")
@@ -280,6 +286,41 @@ def part_modes(config, params):
     return out
 
 
+def part_quant(config, params):
+    """tokens/s of `generate` (mode S, the modes part's prompts) with bf16 weights and compute
+    against int8 / FP8 weights (model.quant, block 128) in bf16 compute, side by side; stored
+    parameter bytes and whether the tokens agree with bf16's. Weight-only quantization saves
+    memory and HBM bandwidth; XLA:CPU is not bandwidth-bound at this size and widens the weights
+    before each matmul, so a speed gain needs an accelerator (read the bytes, not the speed)."""
+    from llada_jax.model import quant
+
+    rng = np.random.default_rng(FLAGS.seed)
+    prompts = rng.integers(0, config.vocab_size - 2, size=(FLAGS.batch, FLAGS.prompt_length)).tolist()
+    bf16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 and x.ndim > 1 else x, params)
+    base["moe_layers"]["moe"]["router"] = params["moe_layers"]["moe"]["router"]  # fp32, as loaded
+    rows, ref = [], None
+    for kind in FLAGS.quant_kinds:
+        p = base if kind == "bf16" else quant.quantize_params(base, kind)
+
+        def run(p=p):
+            return decode.generate(p, bf16, prompts, gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
+                                   preset="S")
+        t0 = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = run()
+        run_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        ref = res.tokens if ref is None else ref
+        row = {"weights": kind, "compute": "bfloat16", "tokens_per_s": round(int(res.num_generated.sum()) / run_s, 1),
+               "run_s": round(run_s, 3), "cpu_s": round(cpu_s, 3), "first_call_s": round(compile_s, 2),
+               "param_bytes": quant.stored_bytes(p), "same_tokens_as_first": res.tokens == ref}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def part_engine(config, params):
     rng = np.random.default_rng(FLAGS.seed + 1)
     b = FLAGS.block_length
@@ -431,6 +472,8 @@ def main(_):
         report["modes"] = part_modes(config, params)
     if "engine" in FLAGS.parts:
         report["engine"] = part_engine(config, params)
+    if "quant" in FLAGS.parts:
+        report["quant"] = part_quant(config, params)
     if "official" in FLAGS.parts or FLAGS.torch_reference:
         if not FLAGS.torch_reference:
             raise ValueError("--parts=official: needs --torch_reference=<dir of modeling_llada21_moe.py>")

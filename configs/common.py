@@ -107,6 +107,9 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.inner_updates = config_dict.placeholder(int)
     c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
     c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
+    # Compute dtype of the rollouts' decoding (activations, KV cache): None = the model's
+    # (`model.overrides.dtype`); "bfloat16" decodes as a bf16 release is served.
+    c.rollout_dtype = config_dict.placeholder(str)
     c.gen_length = 16
     c.reward = "by_task"  # a name in rewards.REWARDS, or a user's verifier "package.module:function"
     # Scoring: reward_workers threads (0 = one after another in the loop's thread, no timeout); a

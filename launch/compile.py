@@ -49,6 +49,7 @@ flags.DEFINE_integer("prompt_length", 1024, "--job=decode: prompt tokens per row
 flags.DEFINE_integer("gen_length", 2048, "--job=decode: tokens to generate per row.")
 flags.DEFINE_float("temperature", 0.0, "--job=decode: 0 compiles greedy decoding, > 0 sampling.")
 flags.DEFINE_integer("mbe_window", 0, "--job=decode: Multi-Block Editing window (0 = off).")
+flags.DEFINE_enum("quantize", None, ["int8", "fp8"], "--job=decode: weights stored int8 / FP8 (per-block scales).")
 flags.DEFINE_integer("hbm_mib", None, "Compile as if each chip had this much HBM (MiB); default: the chip's.")
 flags.mark_flag_as_required("config")
 
@@ -60,7 +61,8 @@ def main(argv):
     report = aot.plan(FLAGS.job, FLAGS.config, topology, data=FLAGS.data, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
                       expert=FLAGS.expert, hbm_mib=FLAGS.hbm_mib,
                       **(dict(prompt_length=FLAGS.prompt_length, gen_length=FLAGS.gen_length,
-                              temperature=FLAGS.temperature, mbe_window=FLAGS.mbe_window)
+                              temperature=FLAGS.temperature, mbe_window=FLAGS.mbe_window,
+                              quantize=FLAGS.quantize)
                          if FLAGS.job == "decode" else {}))
     print(json.dumps(report), flush=True)
     if "required_bytes" in report:  # XLA refused: out of HBM

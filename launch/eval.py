@@ -14,8 +14,11 @@ Multi-Block Editing (--mbe_window blocks, --mbe_attention bidirectional or block
 Writes to --out_dir: samples/<mode>.jsonl (every sample: prompt, completion, reward, why it
 failed, tokens, forwards), summary.json (per mode: accuracy, reward, TPF, TPS with compilation
 excluded, tokens) and table.md, printed at the end. A rerun with the same --out_dir skips the
-samples already written (an interrupted run resumes). Decodes on a mesh of all devices, the
-batch split over the data axis, parameters loaded straight into their shards.
+samples already written (an interrupted run resumes). Decodes on --mesh=data,fsdp,tensor,expert
+(default every device on data; tensor / expert shard the weights instead of replicating them),
+the batch split over the batch axes, parameters loaded straight into their shards. --dtype
+(default: the checkpoint's) and --quantize=int8|fp8 (weight-only, per-block scales) choose how
+the model runs.
 
 On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
 --coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") each
@@ -37,7 +40,7 @@ from absl import app, flags
 
 from llada_jax import launcher
 from llada_jax.evaluation import benchmarks, plots
-from llada_jax.parallel import hosts, sharding
+from llada_jax.parallel import hosts
 from llada_jax.rewards import sandbox
 
 FLAGS = flags.FLAGS
@@ -66,6 +69,9 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_list("sweep_thresholds", [], "Grid of unmasking thresholds tau_mask (with --sweep_editing).")
 flags.DEFINE_list("sweep_editing", [], "Grid of editing thresholds tau_edit (with --sweep_thresholds).")
 flags.DEFINE_bool("plot", False, "Write speed_accuracy.png (always on with a sweep).")
+flags.DEFINE_string("mesh", "-1,1,1,1", "Mesh as data,fsdp,tensor,expert sizes (-1: the remaining devices); "
+                    "weights sharded by the rule table, batches over data x fsdp x expert.")
+launcher.define_model_flags()  # --dtype, --quantize, --quant_block
 
 
 def main(argv):
@@ -81,8 +87,9 @@ def main(argv):
     grid = [f"Q:threshold={t},editing_threshold={e}" for t in FLAGS.sweep_thresholds for e in FLAGS.sweep_editing]
     modes = [benchmarks.parse_mode(m, FLAGS.mbe_window, FLAGS.mbe_attention) for m in [*FLAGS.modes, *grid]]
     launcher.start_runtime()  # before the mesh touches a device
-    mesh = sharding.make_mesh(data=-1)
-    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
+    mesh = launcher.parse_mesh(FLAGS.mesh)
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh,
+                                           **launcher.model_flag_values())
     prompts = benchmarks.render_prompts(examples, tok, FLAGS.template)
     complete = benchmarks.decoder(params, config, tok, gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
                                   batch_size=FLAGS.batch_size, mesh=mesh, max_post_steps=FLAGS.max_post_steps)
@@ -91,6 +98,10 @@ def main(argv):
                 "block_length": FLAGS.block_length, "max_post_steps": FLAGS.max_post_steps}
     if FLAGS.mbe_attention != "bidirectional":  # only then, so that runs from before the flag still resume
         settings["mbe_attention"] = FLAGS.mbe_attention
+    if FLAGS.dtype:  # likewise: a different precision is a different run
+        settings["dtype"] = FLAGS.dtype
+    if FLAGS.quantize:
+        settings.update(quantize=FLAGS.quantize, quant_block=FLAGS.quant_block)
     code_config = sandbox.SandboxConfig(timeout_s=FLAGS.code_timeout_s)
     summary = benchmarks.run_eval(examples, prompts, complete, modes, FLAGS.out_dir, batch_size=FLAGS.batch_size,
                                   workers=FLAGS.workers, code_config=code_config, settings=settings,

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from llada_jax import decode, launcher
 from llada_jax.evaluation import heldout
-from llada_jax.parallel import hosts, sharding
+from llada_jax.parallel import hosts
 
 FLAGS = flags.FLAGS
 hosts.define_flags()  # --coordinator_address, --num_processes, --process_id
@@ -53,6 +53,7 @@ flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faste
 flags.DEFINE_bool("stream", True, "Print each block as it is finished.")
 flags.DEFINE_string("output", None, "Write one JSON object per prompt (text and statistics) here.")
 flags.DEFINE_string("mesh", "-1,1,1,1", "Mesh as data,fsdp,tensor,expert sizes (-1: the remaining devices).")
+launcher.define_model_flags()  # --dtype, --quantize, --quant_block
 
 
 def read_prompts():
@@ -76,10 +77,9 @@ def read_prompts():
 
 def make_mesh():
     try:
-        d, f, t, e = (int(x) for x in FLAGS.mesh.split(","))
-    except ValueError:
-        raise app.UsageError(f"--mesh: expected four integers data,fsdp,tensor,expert, found {FLAGS.mesh!r}")
-    return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e)
+        return launcher.parse_mesh(FLAGS.mesh)
+    except ValueError as err:
+        raise app.UsageError(str(err))
 
 
 def main(argv):
@@ -87,7 +87,8 @@ def main(argv):
     launcher.start_runtime()  # before anything touches a device
     items = read_prompts()
     mesh = make_mesh()
-    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh)
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh,
+                                           **launcher.model_flag_values())
     ways = hosts.batch_ways(mesh)
 
     def encode(item):

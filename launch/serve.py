@@ -13,14 +13,19 @@ r"""OpenAI-compatible server for Draft-and-Edit decoding (`llada_jax.serve.serve
 launch/generate.py. The engine's shapes are flags (slots, canvas length, block length, MBE
 window); requests choose everything else (mode, thresholds, max_post_steps, ...).
 
-One process on one host: the engine decodes on this process's devices (no distributed
-runtime; for batch decoding across hosts use launch/generate.py or launch/eval.py).
+One process on one host: the engine decodes on one device, or with --mesh=data,fsdp,tensor,expert
+on this host's devices (weights sharded by the training rule table, slots over the batch axes;
+no distributed runtime: for batch decoding across hosts use launch/generate.py or
+launch/eval.py). --dtype (default: the checkpoint's) and --quantize=int8|fp8 (weight-only,
+per-block scales) choose how the model runs.
 """
 
 import math
 import os
 
 from absl import app, flags
+
+from llada_jax import launcher
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or Hugging Face directory.", required=True)
@@ -37,28 +42,36 @@ flags.DEFINE_bool("sampling", False, "Compile in sampling (temperature/top_k/top
 flags.DEFINE_integer("steps_per_call", 8, "Loop iterations per engine call (streaming granularity).")
 flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives none.")
 flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
+flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes over this host's devices (-1: the "
+                    "remaining ones), e.g. 1,1,2,4: weights sharded by the rule table, slots over the batch "
+                    "axes; default: one device.")
+launcher.define_model_flags()  # --dtype, --quantize, --quant_block
 
 
 def main(argv):
     del argv
     import uvicorn
 
-    from llada_jax import launcher
     from llada_jax.decode import engine
     from llada_jax.serve import server
 
-    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl)
+    launcher.start_runtime()  # before the mesh touches a device
+    mesh = launcher.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    config, params, tok, _ = launcher.load(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.moe_impl, mesh=mesh,
+                                           **launcher.model_flag_values())
     # The flag is what a user can fit per slot; the engine's max_length is a compiled shape and
     # must be whole blocks, so the launcher (not the engine, whose callers choose shapes) rounds up.
     max_length = math.ceil(FLAGS.max_length / FLAGS.block_length) * FLAGS.block_length
     eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
                         mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
-                        steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id)
+                        steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id, mesh=mesh)
     name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
     api = server.App(eng, tok, model_name=name, default_max_tokens=FLAGS.default_max_tokens)
-    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens)",
-          flush=True)
+    how = f"{config.dtype}" + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
+    where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
+    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens) "
+          f"in {how}{where}", flush=True)
     uvicorn.run(api.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")
 
 

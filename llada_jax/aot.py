@@ -247,8 +247,10 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
 
 
 def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_length: int,
-               temperature: float = 0.0, mbe_window: int = 0, use_cache: bool = True) -> Job:
-    """The decoding loop on `data.batch_size` prompts of `prompt_length` tokens, `gen_length` new ones."""
+               temperature: float = 0.0, mbe_window: int = 0, use_cache: bool = True,
+               quantize: Optional[str] = None) -> Job:
+    """The decoding loop on `data.batch_size` prompts of `prompt_length` tokens, `gen_length` new ones;
+    `quantize` ("int8" / "fp8"): the layers' projections stored quantized (`model.quant`)."""
     from llada_jax import decode, model, train
     from llada_jax.parallel import sharding
 
@@ -264,6 +266,10 @@ def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_
                          f"{model_config.max_position_embeddings}, found {length}")
     p_sh = sharding.param_shardings(model.abstract_params(model_config), mesh)
     params = _abstract(_unboxed_params(model_config), p_sh)
+    if quantize:
+        from llada_jax.model import quant
+
+        params = quant.abstract_quantized(params, quantize)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=sharding.logical_sharding(("act_batch",) + (None,) * (len(shape) - 1), shape, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -279,7 +285,8 @@ def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_
     fn = jax.jit(lambda *a: decode.decode(*a, config=model_config, settings=settings))
     args = (params, rows((n, length), jnp.int32), rows((n,), jnp.int32), rows((n,), jnp.int32), knobs, _key(mesh))
     info = dict(_model_info(cfg, model_config), batch=n, prompt_length=prompt_length, gen_length=gen_length,
-                canvas=length, block_size=block, greedy=settings.greedy, use_cache=use_cache, mbe_window=mbe_window)
+                canvas=length, block_size=block, greedy=settings.greedy, use_cache=use_cache, mbe_window=mbe_window,
+                quantize=quantize)
     return Job(fn, args, info)
 
 

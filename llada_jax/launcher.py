@@ -24,8 +24,8 @@ from typing import Any, NamedTuple, Optional
 from absl import flags, logging
 
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.model import abstract_params, hf
-from llada_jax.model.config import ModelConfig
+from llada_jax.model import abstract_params, hf, quant
+from llada_jax.model.config import DTYPES, ModelConfig
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint, trainer
 
@@ -102,6 +102,33 @@ def adopt_run_files(cfg, init_from: str) -> None:
                 setattr(cfg.data, field, path)
 
 
+def parse_mesh(text: str, devices=None):
+    """A mesh from a `--mesh` flag: four sizes `data,fsdp,tensor,expert`, one of them may be -1."""
+    try:
+        d, f, t, e = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh: expected four integers data,fsdp,tensor,expert, found {text!r}") from None
+    return sharding.make_mesh(data=d, fsdp=f, tensor=t, expert=e, devices=devices)
+
+
+def define_model_flags() -> None:
+    """The flags of a checkpoint-driven program that pick how the model runs: `--dtype`,
+    `--quantize`, `--quant_block` (passed on to `load` by `load_from_flags`)."""
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Compute dtype of activations and the KV cache (default: the checkpoint's: an HF "
+                      "directory's torch_dtype, an Orbax run's training dtype).")
+    flags.DEFINE_enum("quantize", None, list(quant.QUANT_KINDS),
+                      "Store the layers' attention / expert / MLP projections as int8 or FP8 (e4m3fn) with "
+                      "per-block scales, dequantized in the matmul (weight-only; model/quant.py).")
+    flags.DEFINE_integer("quant_block", 128, "With --quantize: values per scale along the contraction dimension.")
+
+
+def model_flag_values() -> dict:
+    """`load`'s keywords from the flags of `define_model_flags`."""
+    f = flags.FLAGS
+    return dict(dtype=f.dtype, quantize=f.quantize, quant_block=f.quant_block)
+
+
 def run_tokenizer(checkpoints: str) -> str:
     """The tokenizer.json of the run that wrote `checkpoints` (`checkpoint.run_file`); the error
     names every place looked at."""
@@ -112,23 +139,39 @@ def run_tokenizer(checkpoints: str) -> str:
     return path
 
 
-def load(path: str, tokenizer: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None) -> Run:
+def load(path: str, tokenizer: Optional[str] = None, moe_impl: Optional[str] = None, mesh=None, *,
+         dtype: Optional[str] = None, quantize: Optional[str] = None, quant_block: int = 128) -> Run:
     """The start of a checkpoint-driven program (evaluation, generation, serving).
 
     `path`: an Orbax directory (training or converted; the tokenizer defaults to the run's,
     `run_tokenizer`) or a Hugging Face directory (its own tokenizer.json by default; parameters in
     its stored dtype). With `mesh`, the parameters are read straight into their shards on it;
-    without, whole onto one device. `moe_impl` overrides the MoE back end."""
+    without, whole onto one device. `moe_impl` overrides the MoE back end.
+
+    `dtype`: the compute dtype of activations and of the KV cache (`ModelConfig.dtype`). By
+    default the checkpoint's: an HF directory's `torch_dtype` (bf16 for the released models; fp32
+    when it does not say), an Orbax checkpoint's stored compute dtype (the one its run trained
+    with). `quantize` ("int8" or "fp8"): the layers' projections stored quantized with one scale
+    per `quant_block` values of their contraction dimension (`model.quant`), in their shards."""
     start_runtime()
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, found {dtype!r}")
+    if quantize is not None and quantize not in quant.QUANT_KINDS:
+        raise ValueError(f"quantize: expected one of {quant.QUANT_KINDS}, found {quantize!r}")
     if is_hf_dir(path):
         config = ModelConfig.from_hf_config(path)
-        dtype = hf.hf_param_dtype(path)
-        config = config.replace(param_dtype=dtype) if dtype else config
+        stored = hf.hf_param_dtype(path)
+        config = config.replace(param_dtype=stored, dtype=stored) if stored else config
         tok_path = tokenizer or path
     else:
         config = checkpoint.read_config(path)
         tok_path = tokenizer or run_tokenizer(path)
     config, params = load_params(path, config, mesh)
+    if dtype:
+        config = config.replace(dtype=dtype)
     if moe_impl:
         config = config.replace(moe_impl=moe_impl)
+    if quantize:
+        shardings = None if mesh is None else sharding.param_shardings(abstract_params(config), mesh)
+        params = quant.quantize_params(params, quantize, quant_block, shardings=shardings)
     return Run(config, params, Tokenizer.from_file(tok_path), mesh)

@@ -83,12 +83,13 @@ _TINY = {  # the tiny model's jobs at small shapes; rl: 2 prompts x 4 completion
     "decode": ["--config=configs/quickstart.py", "--config.data.batch_size=8", "--prompt_length=16",
                "--gen_length=32"],
 }
+_TINY["decode_int8"] = _TINY["decode"] + ["--quantize=int8"]  # weights stored int8 (model.quant)
 
 
 @needs_libtpu
-@pytest.mark.parametrize("job", ["sft", "rl", "decode"])
+@pytest.mark.parametrize("job", ["sft", "rl", "decode", "decode_int8"])
 def test_tiny_jobs_compile_for_a_tpu_slice(job):
-    out = compile_job(f"--job={job}", "--topology=v5e:2x2", *_TINY[job])
+    out = compile_job(f"--job={job.split('_')[0]}", "--topology=v5e:2x2", *_TINY[job])
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
     assert report["topology"] == "v5e:2x2" and report["chips"] == 4
@@ -104,8 +105,9 @@ def test_tiny_jobs_compile_for_a_tpu_slice(job):
         assert report["attention"] == "splash" and report["seq_len"] == 64
     if job == "rl":
         assert (report["rollouts"], report["num_timesteps"], report["grad_mode"]) == (8, 2, "direct")
-    if job == "decode":
+    if job.startswith("decode"):
         assert report["canvas"] == 50 and report["batch"] == 8  # 16 + 32 tokens in blocks of 5
+        assert report["quantize"] == ("int8" if job == "decode_int8" else None)
 
 
 @needs_libtpu

@@ -161,3 +161,24 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_load_computes_in_the_checkpoints_dtype_unless_told(fixture_dir, task_tokenizer, tmp_path):
+    """A bf16 release (torch_dtype) computes and caches in bf16 by default, fp32 on request; an
+    Orbax run keeps the dtype it trained in (the quickstart's fp32); --quantize packs the weights."""
+    from llada_jax import launcher
+    from llada_jax.model import hf, quant
+    from llada_jax.train import checkpoint
+
+    config, params = hf.load_hf_checkpoint(fixture_dir)
+    hf.save_hf_checkpoint(tmp_path / "bf16", config, params, dtype="bfloat16")
+    tok = str(task_tokenizer)
+    run = launcher.load(str(tmp_path / "bf16"), tok)
+    assert (run.config.dtype, run.config.param_dtype) == ("bfloat16", "bfloat16")
+    assert launcher.load(str(tmp_path / "bf16"), tok, dtype="float32").config.dtype == "float32"
+    checkpoint.save_params(str(tmp_path / "orbax"), config, params)  # trained in fp32
+    assert launcher.load(str(tmp_path / "orbax"), tok).config.dtype == "float32"
+    q = launcher.load(str(tmp_path / "orbax"), tok, quantize="int8", quant_block=16)
+    assert isinstance(q.params["moe_layers"]["moe"]["wi_gate"], quant.QArray)
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        launcher.load(str(tmp_path / "orbax"), tok, dtype="fp16")

@@ -24,6 +24,7 @@ client that went away) and frees its slot for the next `poll`. The engine is sin
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -33,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 
 from llada_jax.decode import kvcache
@@ -78,6 +80,25 @@ class Slots:
     num_blocks: Int[Array, "S"]
     knobs: decode_options.Knobs
     row_keys: jax.Array
+
+
+def _slot_shardings(slots: Slots, mesh) -> Slots:
+    """Rows (slots) over the mesh's batch axes, the KV cache's heads over `tensor` as in the forward."""
+    from llada_jax.parallel import sharding
+
+    n = slots.prompt_lens.shape[0]
+
+    def one(x):
+        shape = x.shape
+        if len(shape) == 5:  # cache [layers, N, S, K, H]
+            names = (None, "act_batch", None, "act_kv_heads", None)
+        elif len(shape) >= 1 and shape[0] == n:
+            names = ("act_batch",) + (None,) * (len(shape) - 1)
+        else:
+            names = (None,) * len(shape)
+        return sharding.logical_sharding(names, shape, mesh)
+
+    return jax.tree.map(one, slots)
 
 
 def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_row, key_row, *, config, settings):
@@ -132,10 +153,18 @@ class Engine:
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_length: int = 512,
                  block_length: int = 32, mbe_window: int = 0, mbe_attention: str = "bidirectional",
                  sampling: bool = False, steps_per_call: int = 8, mask_id: Optional[int] = None,
-                 eos_id: Optional[int] = None):
+                 eos_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
         if max_length % block_length or max_length > config.max_position_embeddings:
             decode_options.fail("max_length", f"a multiple of block_length={block_length} <= "
                            f"max_position_embeddings={config.max_position_embeddings}", max_length)
+        self.mesh = mesh
+        if mesh is not None:
+            from llada_jax.parallel import hosts
+
+            ways = hosts.batch_ways(mesh)
+            if slots % ways:
+                decode_options.fail("slots", f"a multiple of the mesh's batch axes (data x fsdp x expert = {ways})",
+                                    slots)
         self.params, self.config = params, config
         self.num_slots, self.max_length, self.steps_per_call = slots, max_length, steps_per_call
         self.mask_id = config.mask_token_id if mask_id is None else mask_id
@@ -145,9 +174,15 @@ class Engine:
             greedy=not sampling, filter_top=sampling, use_cache=True, mbe_window=mbe_window,
             mbe_attention=mbe_attention)
         statics = dict(config=config, settings=self.settings)
-        self._admit_fn = jax.jit(functools.partial(_admit, **statics), donate_argnums=(1,))
-        self._run_fn = jax.jit(functools.partial(_run, **statics), donate_argnums=(1,))
         self._slots = self._empty_slots()
+        out = {}
+        if mesh is not None:  # the slot state keeps its layout across calls (no re-layout, no recompile)
+            shardings = _slot_shardings(self._slots, mesh)
+            self._slots = jax.device_put(self._slots, shardings)
+            out = dict(admit=dict(out_shardings=shardings),
+                       run=dict(out_shardings=(shardings, NamedSharding(mesh, PartitionSpec()))))
+        self._admit_fn = jax.jit(functools.partial(_admit, **statics), donate_argnums=(1,), **out.get("admit", {}))
+        self._run_fn = jax.jit(functools.partial(_run, **statics), donate_argnums=(1,), **out.get("run", {}))
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}  # slot -> request
         self._emitted: dict[int, int] = {}  # slot -> blocks already streamed
@@ -170,6 +205,19 @@ class Engine:
         keys = jax.vmap(jax.random.key)(jnp.arange(n))
         return Slots(state=state, prompt_lens=jnp.zeros((n,), jnp.int32), num_blocks=jnp.ones((n,), jnp.int32),
                      knobs=knobs, row_keys=keys)
+
+    def _on_mesh(self):
+        """The mesh and the rule table the model's sharding constraints read (nothing without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+
+        from llada_jax.parallel import sharding
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.DEFAULT_RULES))
+        return stack
 
     # ------------------------------------------------------------------ requests
     def check(self, prompt, options: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
@@ -238,8 +286,9 @@ class Engine:
             mbe=o["mbe_window"] > 0)
         key = jax.random.fold_in(jax.random.key(req.seed), 0)
         canvas_len = math.ceil((p + o["gen_length"]) / b) * b
-        self._slots = self._admit_fn(self.params, self._slots, jnp.int32(slot), jnp.asarray(canvas), jnp.int32(p),
-                                     jnp.int32(canvas_len // b), knobs, key)
+        with self._on_mesh():
+            self._slots = self._admit_fn(self.params, self._slots, jnp.int32(slot), jnp.asarray(canvas),
+                                         jnp.int32(p), jnp.int32(canvas_len // b), knobs, key)
         self._active[slot] = req
         self._emitted[slot] = p // b
 
@@ -250,7 +299,8 @@ class Engine:
             self._admit(free.pop(0), self._waiting.popleft())
         if not self._active:
             return []
-        self._slots, n = self._run_fn(self.params, self._slots, jnp.int32(self.steps_per_call))
+        with self._on_mesh():
+            self._slots, n = self._run_fn(self.params, self._slots, jnp.int32(self.steps_per_call))
         self.forwards += int(n)
         st = self._slots.state
         phase, block = np.asarray(st.phase), np.asarray(st.block)

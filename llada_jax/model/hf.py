@@ -289,7 +289,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
     """Loads an HF directory (config.json + model.safetensors or a sharded index).
 
     Returns `(config, params)`. `dtype` sets the parameter dtype (default: the checkpoint's
-    `torch_dtype`, else `config.param_dtype`); the router stays fp32. `shardings`, a pytree of
+    `torch_dtype`, else `config.param_dtype`); the router stays fp32. Without `config`, the
+    returned config computes in that dtype too (activations and KV cache in the release's bf16);
+    a given `config` keeps its compute dtype (training's mixed precision). `shardings`, a pytree of
     `jax.sharding.Sharding` matching the params (e.g. `sharding.param_shardings` on the run's
     mesh): each leaf becomes a global array of which every process reads only the slices its
     devices hold. Without it, each leaf is read whole onto the default device.
@@ -301,11 +303,14 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, *, shardings=None,
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if config is None:
+    from_file = config is None
+    if from_file:
         config = ModelConfig.from_hf_config(path)
     dtype = dtype if dtype is not None else hf_param_dtype(path)
     if dtype is not None:
         config = config.replace(param_dtype=jax.numpy.dtype(dtype).name)
+        if from_file:  # the release's dtype is its compute dtype too (a given `config` keeps its own)
+            config = config.replace(dtype=config.param_dtype)
     entries = _entries(config)
     reader = _Reader(path)
     try:

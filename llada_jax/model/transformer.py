@@ -27,6 +27,7 @@ from llada_jax.model.config import ModelConfig
 from llada_jax.kernels import AttentionMask
 from llada_jax.kernels.logits import chunked_output_stats, rms_norm
 from llada_jax.model.moe import EXPERT_IMPLS, route
+from llada_jax.model.quant import QArray, dequantize
 from llada_jax.parallel import sharding
 from llada_jax.parallel.sharding import constrain
 
@@ -160,6 +161,9 @@ class MoE(nn.Module):
         wi_up = _param(self, "wi_up", _KERNEL_INIT, (e, d, f), ("exp", "embed", "expert_mlp"), pdt)
         wo = _param(self, "wo", _KERNEL_INIT, (e, f, d), ("exp", "expert_mlp", "embed"), pdt)
 
+        # Quantized expert stacks (`model.quant`) are widened here, before routing, so that every
+        # back end (and the expert-parallel shard_map) contracts plain arrays.
+        wi_gate, wi_up, wo = (dequantize(w, dt) if isinstance(w, QArray) else w for w in (wi_gate, wi_up, wo))
         b, t, _ = x.shape
         if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/model/moe.py)
             from llada_jax.model.moe import expert_parallel

@@ -56,7 +56,7 @@ from llada_jax import decode, model, rewards, rl, train
 from llada_jax.evaluation import benchmarks, heldout
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint
-from llada_jax.model.config import ConfigError, ModelConfig
+from llada_jax.model.config import DTYPES, ConfigError, ModelConfig
 
 ALGORITHMS = ("ebpo", "espo", "dipo")
 # μ, the inner updates per rollout batch, when `rl.inner_updates` is None (ESPO's paper uses 8).
@@ -75,6 +75,8 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
     r = cfg.rl
     if r.algorithm not in ALGORITHMS:
         raise ConfigError(f"rl.algorithm: expected one of {ALGORITHMS}, found {r.algorithm!r}")
+    if r.get("rollout_dtype") and r.rollout_dtype not in DTYPES:
+        raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {r.rollout_dtype!r}")
     block = cfg.objective.block_size
     common = {k: r[k] for k in ("eps_low", "eps_high", "beta") if r[k] is not None}
     # Log-probs of the distribution the rollouts were sampled from (greedy rollouts: temperature 1).
@@ -214,6 +216,11 @@ def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]],
     this process's and the rows are decoded as part of the global batch."""
     r = cfg.rl
     rows = [p for p in prompts for _ in range(r.group_size)]
+    dtype = r.get("rollout_dtype")
+    if dtype:
+        if dtype not in DTYPES:
+            raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {dtype!r}")
+        model_config = model_config.replace(dtype=dtype)
     return decode.generate(params, model_config, rows, gen_length=r.gen_length,
                              block_length=cfg.objective.block_size, preset=r.preset,
                              temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo", mesh=mesh)

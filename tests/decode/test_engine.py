@@ -2,6 +2,7 @@
 request at a time: token for token, with requests of random lengths and mixed knobs arriving
 while others decode, and with a bounded number of compiled programs."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -105,3 +106,50 @@ def test_engine_rejects_bad_requests(tiny_hf, opts, field):
     eng = engine.Engine(params, config, slots=2, max_length=128, block_length=B)
     with pytest.raises(decode.OptionError, match=field):
         eng.submit([1, 2, 3], dict(dict(gen_length=GEN, preset="S"), **opts))
+
+
+def test_quantized_engine_equals_quantized_generate(tiny_hf):
+    """Weights stored int8 (model.quant): the engine's answers, statistics and log-probs equal
+    `generate`'s on the same quantized weights. In fp32 compute: in bf16 the two programs' shapes
+    differ (slots x max_length against a power-of-two canvas) and so does their rounding, which
+    flips argmaxes of this random model with or without quantization."""
+    from llada_jax.model import quant
+
+    config, params = tiny_hf
+    qparams = quant.quantize_params(params, "int8", block_size=16)
+    eng = engine.Engine(qparams, config, slots=2, max_length=96, block_length=B)
+    reqs = _requests(2, seed=5, max_len=40)
+    for (prompt, opts), got in zip(reqs, eng.run(reqs)):
+        want = decode.generate(qparams, config, [prompt], **opts)
+        assert got.tokens == want.tokens[0]
+        assert (got.forwards, got.steps) == (want.forwards[0], want.steps[0])
+        np.testing.assert_allclose(got.logprobs, want.logprobs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_kv_cache_follows_the_compute_dtype(tiny_hf):
+    config, params = tiny_hf
+    for dtype in ("bfloat16", "float32"):
+        eng = engine.Engine(params, config.replace(dtype=dtype), slots=2, max_length=96, block_length=B)
+        assert {x.dtype for x in jax.tree.leaves(eng._slots.state.cache)} == {np.dtype(dtype)}
+
+
+def test_engine_on_a_tensor_and_expert_mesh_equals_one_device(tiny_hf):
+    """8 fake devices, tensor=2 x expert=4: weights sharded by the training rule table, slots over
+    the batch axes; greedy answers equal the one-device engine's, token for token."""
+    from llada_jax.model import abstract_params
+    from llada_jax.parallel import sharding
+
+    config, params = tiny_hf
+    mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, expert=4)
+    sharded = jax.device_put(params, sharding.param_shardings(abstract_params(config), mesh))
+    assert sharded["moe_layers"]["moe"]["wi_gate"].sharding.spec[1] == "expert"  # [L, E, D, F]: experts split
+    reqs = _requests(4, seed=7, max_len=40)
+    one = engine.Engine(params, config, slots=4, max_length=96, block_length=B).run(reqs)
+    eng = engine.Engine(sharded, config, slots=4, max_length=96, block_length=B, mesh=mesh)
+    assert eng._slots.state.canvas.sharding.spec[0] == "expert"  # rows over the batch axes
+    got = eng.run(reqs)
+    for a, b in zip(got, one):
+        assert a.tokens == b.tokens and a.forwards == b.forwards
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(decode.OptionError, match="slots: expected a multiple of the mesh's batch axes"):
+        engine.Engine(sharded, config, slots=2, max_length=96, block_length=B, mesh=mesh)

@@ -271,3 +271,18 @@ def test_prompt_rows_from_chat_jsonl_and_when_nothing_fits(data_dir, tmp_path):
     cfg.data.seq_len, cfg.rl.gen_length = 20, 18
     with pytest.raises(ConfigError, match=r"data.seq_len: .* every one of the 2 prompts longer than 2 tokens"):
         rl_loop.prompt_rows(cfg, str(tmp_path), tokenizer)
+
+
+def test_rollouts_decode_in_rl_rollout_dtype(data_dir, monkeypatch):
+    """`rl.rollout_dtype` sets the rollouts' compute dtype (None keeps the model's); a bad one is
+    refused when the RL config is built, before any step."""
+    seen = []
+    monkeypatch.setattr(decode, "generate", lambda params, config, rows, **kw: seen.append(config.dtype))
+    cfg = rl_config(data_dir)
+    model_config = train.build_model_config(cfg)
+    rl_loop.rollout(None, model_config, [[1, 2]], cfg, jax.random.key(0))
+    cfg = rl_config(data_dir, **{"rl.rollout_dtype": "bfloat16"})
+    rl_loop.rollout(None, model_config, [[1, 2]], cfg, jax.random.key(0))
+    assert seen == [model_config.dtype, "bfloat16"]
+    with pytest.raises(ConfigError, match="rl.rollout_dtype: expected None or one of"):
+        rl_loop.build_rl_config(rl_config(data_dir, **{"rl.rollout_dtype": "bf16"}))

@@ -294,7 +294,7 @@ def test_launcher_serves_the_readme_quickstart_command(fixture_dir, tmp_path):
             printed.append(line)
             if line.startswith("serving"):
                 break
-        assert "(2 slots of 65 tokens)" in printed[-1], "".join(printed)
+        assert "(2 slots of 65 tokens) in float32" in printed[-1], "".join(printed)  # the fixture's torch_dtype
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         _wait(lambda: _port_open(port), seconds=60)
         chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "07+3512+4955+6680+09"}],
