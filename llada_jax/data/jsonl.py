@@ -45,7 +45,7 @@ def _parse(obj: Any, unknown_keys: Optional[collections.Counter] = None) -> dict
     else:
         raise DataError(f"expected the key 'messages' or the keys 'prompt' and 'response', found {sorted(obj)}")
     if unknown_keys is not None:
-        unknown_keys.update(obj)  # the top-level keys left: kept in meta, not trained on
+        unknown_keys.update(list(obj))  # the top-level keys left: kept in meta, not trained on
     return {"messages": messages, "meta": {**obj, **meta}}
 
 
