@@ -13,7 +13,7 @@ from llada_jax.train.trainer import (Batch, NonFiniteLossError, TrainState, batc
                                      enable_compilation_cache, eval_batches, expert_load_metrics, init_state, init_state_abstract,
                                      jit_train_step, learning_rate_schedule, load_tokenizer, make_checkpointer,
                                      make_eval_step, make_optimizer, make_train_step, mesh_from_config, open_examples,
-                                     real_tokens, run_training,
+                                     real_mask, real_tokens, run_training,
                                      state_shardings, train_iterator, trainable_labels, update_expert_bias)
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "build_model_config", "build_objective", "check_tokenizer", "decay_mask", "enable_compilation_cache",
     "eval_batches", "expert_load_metrics", "init_state", "init_state_abstract", "jit_train_step", "learning_rate_schedule",
     "load_tokenizer", "make_checkpointer", "make_eval_step", "make_optimizer", "make_train_step", "mesh_from_config", "open_examples",
-    "read_metrics", "real_tokens", "run_training", "state_shardings", "train_iterator", "trainable_labels", "update_expert_bias",
+    "read_metrics", "real_mask", "real_tokens", "run_training", "state_shardings", "train_iterator", "trainable_labels", "update_expert_bias",
 ]

@@ -186,6 +186,8 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
+        batch = dict(batch)
+        real = batch.pop("real", None)  # bool [B, L]: real tokens (not padding), counted, not trained on
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
         if accum_steps == 1:
@@ -216,6 +218,8 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
             if expert_bias_rate > 0:
                 params = update_expert_bias(params, load, expert_bias_rate)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        if real is not None:  # the global batch's share of real tokens: the same on any process count
+            metrics["real_token_fraction"] = jnp.mean(real.astype(jnp.float32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -245,15 +249,21 @@ def make_eval_step(model_config: ModelConfig, obj_config: objectives.ObjectiveCo
     return eval_step
 
 
-def real_tokens(batch: Batch) -> tuple[int, int]:
-    """(real tokens, all positions) of a host batch: `real` where the pipeline marks it (SFT rows),
-    else the positions with `doc_ids > 0` (packed rows: 0 is padding), else every position."""
+def real_mask(batch: Batch) -> np.ndarray:
+    """bool [B, L], True on real tokens of a host batch: `real` where the pipeline marks it (SFT
+    rows), else the positions with `doc_ids > 0` (packed rows: 0 is padding), else every position."""
     tokens = np.asarray(batch["tokens"])
     if "real" in batch:
-        return int(np.sum(batch["real"])), tokens.size
+        return np.asarray(batch["real"], bool)
     if "doc_ids" in batch:
-        return int(np.sum(np.asarray(batch["doc_ids"]) > 0)), tokens.size
-    return tokens.size, tokens.size
+        return np.asarray(batch["doc_ids"]) > 0
+    return np.ones(tokens.shape, bool)
+
+
+def real_tokens(batch: Batch) -> tuple[int, int]:
+    """(real tokens, all positions) of a host batch (`real_mask`)."""
+    mask = real_mask(batch)
+    return int(np.sum(mask)), mask.size
 
 
 # ------------------------------------------------------------------------------ run
@@ -459,8 +469,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
     the step's block size comes from it (logged as `block_size`), with one compiled step per size.
 
-    `tokens_per_s` and the MFU count real tokens only (`real_tokens`: padding excluded), and
-    `real_token_fraction` is their share of the positions computed. With `eval_data` (the
+    `tokens_per_s` and the MFU count real tokens only (`real_mask`: padding excluded), and
+    `real_token_fraction` is their share of the logged step's global batch. With `eval_data` (the
     fixed batches of `eval_batches`) the mean loss over them is logged as `val_loss` (with
     `val_m2t_loss`, `val_masked_acc`) every `cfg.eval_every` steps and at the last step.
     """
@@ -519,17 +529,17 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
 
     bar = _progress(start, cfg.total_steps, progress)
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-    real_since, positions_since = 0, 0
     profile = _profile_window(cfg, workdir)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES), \
                 preemption.PreemptionGuard(check_every=cfg.get("preemption_check_every", 1)) as guard:
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
-                real, positions = real_tokens(batch)  # this process's rows; the others' are alike
-                batch = {k: v for k, v in batch.items() if k in keep}
-                tokens_since += real * (cfg.data.batch_size // local_rows)
-                real_since, positions_since = real_since + real, positions_since + positions
+                real = real_mask(batch)
+                # tokens/s and MFU from this process's rows (the others' are alike); the logged
+                # real_token_fraction is the global batch's, computed in the step
+                tokens_since += int(real.sum()) * (cfg.data.batch_size // local_rows)
+                batch = {k: v for k, v in batch.items() if k in keep} | {"real": real}
                 batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 block_size = obj_config.block_size if sizes is None else objectives.block_size_at(step, sizes)
                 if block_size not in programs:
@@ -545,7 +555,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 step_fn, step_flops = programs[block_size]
                 profile(step)
                 state, metrics = step_fn(state, batch, rng)
-                flops_since += step_flops * real / max(positions, 1)  # the useful FLOPs: real tokens only
+                flops_since += step_flops * float(real.mean())  # the useful FLOPs: real tokens only
                 done = step + 1
                 profile(done, state)
                 val = {}
@@ -562,12 +572,10 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     # the global batch's FLOPs over every device of the run
                     metrics.update(model_flops_per_step=step_flops, **flops.mfu(
                         flops_since, now - t_last, jax.device_count(), jax.devices()[0].device_kind))
-                    metrics["real_token_fraction"] = real_since / max(positions_since, 1)
                     metrics.update(val)
                     if sizes is not None:
                         metrics["block_size"] = block_size
                     t_last, tokens_since, flops_since = now, 0, 0.0
-                    real_since, positions_since = 0, 0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})
                     if on_log:
