@@ -1,7 +1,7 @@
 r"""Chat SFT with one conversation per padded row against packed rows, printed as one JSON object.
 
   python bench/pack.py                              # small preset, L = 4096, block 32, 3 steps each
-  python bench/pack.py --steps=1 --rows=32          # quicker
+  python bench/pack.py --seq_len=1024 --steps=2     # what fits a 23 GB CPU host (see below)
 
 A synthetic chat JSONL (multi-turn conversations whose rendered lengths follow a lognormal,
 median --median tokens, sigma --sigma, at most --seq_len tokens) is read with the user-data
@@ -18,7 +18,11 @@ second. Both modes run the same compiled step (same shapes), one after the other
 vocabulary is cut to the locally built task tokenizer's (512 ids, its mask / EOS ids), so the
 benchmark needs no download; `attention_impl=blocked` (the CPU choice of `auto`).
 
-On CPU only ratios measured side by side in one run are meaningful.
+On CPU only ratios measured side by side in one run are meaningful. Memory: at L = 4096 (a
+composite input of 8192 positions, two rows with complementary masking) XLA:CPU asks for 39.6 GB
+of temporaries with `--remat=none` and 31.3 GB with `--remat=full` (measured 2026-12-06), so on a
+23 GB host the step runs at --seq_len=1024; the data-side figures (real-token fractions) are
+logged before the step is compiled and stand on their own.
 """
 
 import json
@@ -53,8 +57,8 @@ flags.DEFINE_integer("packing_bins", 64, "Open rows of the packer (data.packing_
 flags.DEFINE_integer("batch", 1, "Rows per timed step.")
 flags.DEFINE_integer("steps", 3, "Timed steps per mode (after one compile / warm-up step).")
 flags.DEFINE_integer("seed", 0, "Data seed.")
-flags.DEFINE_string("remat", "full", "remat_policy of the timed step (`full` keeps L = 4096 of the small preset "
-                    "within this machine's 23 GB; `none` asked XLA:CPU for 39.6 GB of temporaries).")
+flags.DEFINE_string("remat", "full", "remat_policy of the timed step (`none` asked XLA:CPU for 39.6 GB of "
+                    "temporaries at L = 4096, `full` for 31.3 GB).")
 
 _WORDS = ("12+34", "=46", "7*8", "(3-1)", "sum", "of", "the", "and", "99", "0,", "1", "x=", "4/2")
 
