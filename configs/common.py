@@ -22,6 +22,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.checkpoint_async = config_dict.placeholder(bool)  # None: asynchronous above 2 GiB of train state
     c.log_every = 10
+    # Validation loss (metrics.jsonl `val_loss`) every eval_every steps and at the last, over the first
+    # eval_batches batches of the split data.eval_split of the run's dataset(s); 0 = off.
+    c.eval_every = 0
+    c.eval_batches = 4
     # SIGTERM saves and stops at a step every process agrees on; with several processes they
     # exchange a flag every this many steps (a tiny all-gather that waits for the step in flight).
     c.preemption_check_every = 1
@@ -51,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 64  # a multiple of objective.block_size
     c.data.template = "chat"  # "chat" (LLaDA2 chat format) or "plain" (prompt, answer, EOS padding)
     c.data.too_long = "drop"
+    c.data.eval_split = "validation"  # the held-out split of the validation loss (eval_every)
+    # Several prepared datasets mixed by weight instead of `dataset`: "name1:w1,name2:w2" (or a list of
+    # "name:weight"); each is shuffled on its own and interleaved in proportion to its weight.
+    c.data.mixture = ""
+    # Chat SFT: pack whole conversations into rows of seq_len (per-conversation attention and RoPE,
+    # loss on every assistant turn, never on padding) instead of one conversation per padded row.
+    c.data.pack_conversations = False
+    c.data.packing_bins = 64  # rows the packer keeps open: more pack tighter
 
     c.objective = ml_collections.ConfigDict()  # ObjectiveConfig fields (REFERENCE §4)
     c.objective.block_size = 32

@@ -4,7 +4,7 @@
     python launch/make_data.py --data_dir=/tmp/llada_data --tasks=countdown --name=small \\
         --num_train=5000 --task_set=countdown.high=30
     python launch/make_data.py --data_dir=/tmp/llada_data --tasks= \\
-        --jsonl_name=my_sft --jsonl_train=a.jsonl,b.jsonl --jsonl_test=c.jsonl
+        --jsonl_name=my_sft --jsonl_train=a.jsonl,b.jsonl --jsonl_validation=v.jsonl --jsonl_test=c.jsonl
 
 Results: `<data_dir>/<task>/<name>/1.0.0/` and `<data_dir>/chat_jsonl/<jsonl_name>/1.0.0/`
 (array_record, read with `llada_jax.data.open_split`), and `<data_dir>/tokenizer.json`.
@@ -33,6 +33,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Generation seed (the train/test split d
 _TASK_SET = flags.DEFINE_list("task_set", [], "Task settings as task.field=value, e.g. countdown.high=30.")
 _JSONL_NAME = flags.DEFINE_string("jsonl_name", None, "Name of the imported JSONL dataset.")
 _JSONL_TRAIN = flags.DEFINE_list("jsonl_train", [], "JSONL files of the train split.")
+_JSONL_VALIDATION = flags.DEFINE_list("jsonl_validation", [], "JSONL files of the validation split (the "
+                                      "trainer's validation loss, --config.eval_every).")
 _JSONL_TEST = flags.DEFINE_list("jsonl_test", [], "JSONL files of the test split.")
 _TOKENIZER = flags.DEFINE_bool("tokenizer", True, "Write the task tokenizer to <data_dir>/tokenizer.json.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate datasets that already exist.")
@@ -75,7 +77,8 @@ def write(configs):
                                  overwrite=_OVERWRITE.value)
         logging.info("%s: %s", task, path)
     if _JSONL_NAME.value:
-        files = {split: paths for split, paths in (("train", _JSONL_TRAIN.value), ("test", _JSONL_TEST.value)) if paths}
+        splits = (("train", _JSONL_TRAIN.value), ("validation", _JSONL_VALIDATION.value), ("test", _JSONL_TEST.value))
+        files = {split: paths for split, paths in splits if paths}
         path = data.import_jsonl(_JSONL_NAME.value, files, _DATA_DIR.value, overwrite=_OVERWRITE.value)
         logging.info("jsonl %s: %s", _JSONL_NAME.value, path)
     if _TOKENIZER.value:

@@ -12,7 +12,8 @@ or an HF directory; the tokenizer.json it carries (or its run's) is used unless
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. SIGTERM (a TPU
 maintenance event, a scheduler's stop) saves a checkpoint at the current step and exits 0.
-Metrics: <workdir>/metrics.jsonl (one JSON object per logged step).
+Metrics: <workdir>/metrics.jsonl (one JSON object per logged step; `val_loss` every
+--config.eval_every steps when that is > 0).
 """
 
 from absl import app, flags
@@ -36,7 +37,9 @@ def main(argv):
     run = launcher.setup(cfg, FLAGS.workdir, init_from=FLAGS.init_from)  # else --config.model.hf_dir, else random
     obj_config = train.build_objective(cfg, run.config, extra_special_ids=run.tokenizer.special_ids)
     it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
-    state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params)
+    held_out = train.eval_batches(cfg, FLAGS.workdir, run.tokenizer)  # None unless --config.eval_every > 0
+    state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params,
+                               eval_data=held_out)
     if not hosts.is_primary():  # the others have nothing of their own to report
         return
     if int(state.step) < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues

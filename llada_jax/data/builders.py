@@ -14,6 +14,7 @@ as a grain `MapDataset` of `{"messages", "meta"}` examples.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import grain
 import tensorflow_datasets as tfds
+from absl import logging
 
 from llada_jax.data import tasks
 from llada_jax.data.jsonl import read_jsonl
@@ -178,10 +180,14 @@ def import_jsonl(name: str, files: Mapping[str, Sequence[str]], data_dir: str, *
     """
     if not files or not all(files.values()):
         raise DataError(f"files: expected at least one JSONL file per split, found {dict(files)}")
+    unknown_keys = collections.Counter()
     for paths in files.values():
         for path in paths:
-            for _ in read_jsonl(path):
+            for _ in read_jsonl(path, unknown_keys):
                 pass
+    if unknown_keys:  # set aside, not rejected: say how often, so a misspelt key is noticed
+        logging.warning("import_jsonl %s: ignored record keys (kept in meta at the top level, dropped in "
+                        "messages): %s", name, ", ".join(f"{k} x {n}" for k, n in sorted(unknown_keys.items())))
     config = JsonlConfig(name=name, files={split: tuple(paths) for split, paths in files.items()})
     return _prepare(ChatJsonl(config=config, data_dir=data_dir, file_format=FILE_FORMAT), overwrite)
 

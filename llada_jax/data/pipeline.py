@@ -8,7 +8,8 @@ numpy batches:
   response in SFT (the prompt is never masked), every real token in CPT;
 - `doc_ids`   int32 [B, L]: document of each position for the same-document attention mask
   (REFERENCE §3): 1 everywhere in SFT (one conversation per row, its padding included),
-  1, 2, ... per packed document in CPT with 0 on the tail padding.
+  1, 2, ... per packed document in CPT and packed SFT (`data.packing.packed_sft_dataset`)
+  with 0 on padding.
 L is a multiple of the block size, so the sequence splits into whole diffusion blocks.
 
 Order of operations: shuffle globally with a seed (a new permutation each epoch), repeat, take
@@ -30,6 +31,7 @@ import grain
 import jax
 import numpy as np
 
+from llada_jax.data.mixture import Mixture
 from llada_jax.data.records import DataError
 from llada_jax.data.tokenizer import TEMPLATES
 
@@ -95,11 +97,14 @@ def rows_for_process(examples: grain.MapDataset, rows: int, shard_index: int | N
     return _RowsOfGlobalBatches(examples, index, count, rows)
 
 
-def _ordered(examples: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs: int | None,
+def _ordered(examples: grain.MapDataset | Mixture, *, seed: int, shuffle: bool, num_epochs: int | None,
              shard_index: int | None, shard_count: int | None, rows: int) -> grain.MapDataset:
     count = jax.process_count() if shard_count is None else shard_count
     if len(examples) < count:
         raise DataError(f"the source has {len(examples)} examples, fewer than the {count} shards")
+    if isinstance(examples, Mixture):  # each source shuffled and repeated, then mixed by weight
+        return rows_for_process(examples.ordered(seed=seed, shuffle=shuffle, num_epochs=num_epochs), rows,
+                                shard_index, shard_count)
     ds = examples
     if shuffle:
         ds = ds.shuffle(seed)  # reshuffled per epoch: the epoch number is folded into the seed
@@ -107,7 +112,12 @@ def _ordered(examples: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs
 
 
 def tokenize_sft(example: dict[str, Any], tokenizer: Tokenizer, template: str = "chat") -> dict[str, np.ndarray]:
-    """Unpadded `tokens` [n] (prompt then response) and `loss_mask` [n] (True on the response)."""
+    """Unpadded `tokens` [n] and `loss_mask` [n]. "chat": the whole conversation, True on every
+    assistant turn's `{answer}<|role_end|>` (`Tokenizer.encode_sft_turns`); "plain" (one turn):
+    the prompt then the answer, True on the answer."""
+    if template == "chat":
+        ids, trained = tokenizer.encode_sft_turns(example["messages"])
+        return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(trained, bool)}
     prompt, response = tokenizer.encode_sft(example["messages"], template=template)
     return {"tokens": np.asarray(prompt + response, np.int32),
             "loss_mask": np.arange(len(prompt) + len(response)) >= len(prompt)}
@@ -139,7 +149,8 @@ def _pad_batch(rows: Sequence[dict[str, np.ndarray]], *, seq_len: int | None, bl
         loss_mask[i, :n] = row["loss_mask"]
         # LLaDA fills the canvas after an answer with EOS; training on the padding teaches it to.
         loss_mask[i, n:] = loss_on_padding
-    return {"tokens": tokens, "loss_mask": loss_mask, "doc_ids": np.ones_like(tokens)}
+    real = np.arange(length)[None, :] < np.asarray([len(r["tokens"]) for r in rows])[:, None]
+    return {"tokens": tokens, "loss_mask": loss_mask, "doc_ids": np.ones_like(tokens), "real": real}
 
 
 def _check_lengths(seq_len: int | None, block_size: int) -> None:
@@ -155,10 +166,14 @@ def sft_dataset(examples: grain.MapDataset, tokenizer: Tokenizer, *, batch_size:
                 shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
                 shard_index: int | None = None, shard_count: int | None = None,
                 read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """SFT batches: one conversation per row, loss on its final assistant turn.
+    """SFT batches: one conversation per row, loss on every assistant turn (and, by default, the
+    EOS padding after it). `packed_sft_dataset` packs several conversations into a row instead.
+
+    Batches also carry `real` bool [B, L], True on the conversation's own tokens (not padding),
+    which the trainer counts as real tokens.
 
     Args:
-      examples: `{"messages", "meta"}` examples.
+      examples: `{"messages", "meta"}` examples, or a `Mixture` of several datasets.
       tokenizer: splits each conversation into prompt and response (`Tokenizer.encode_sft`).
       batch_size: rows per batch on this process (the global batch is batch_size × process count).
       seq_len: fixed row length, a multiple of `block_size`; None pads each batch to its longest

@@ -12,8 +12,9 @@ JSON keeps task-specific metadata free-form without a feature spec per task.
 
 from __future__ import annotations
 
+import collections
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 ROLES = ("system", "user", "assistant")
 
@@ -22,20 +23,23 @@ class DataError(ValueError):
     """Input data is missing or malformed; the message says where and what."""
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Validates a conversation for SFT and returns it as plain dicts.
+def check_messages(messages: Any, unknown_keys: Optional[collections.Counter] = None) -> list[dict[str, str]]:
+    """Validates a conversation for SFT and returns it as plain `{"role", "content"}` dicts.
 
-    Raises DataError naming the offending message unless: a non-empty list of
-    {"role", "content"} objects with string content, a system message only first, at least
-    one user message, and the last message from the assistant.
+    Raises DataError naming the offending message unless: a non-empty list of objects with a
+    `role` and a string `content`, a system message only first, at least one user message, and
+    the last message from the assistant. Any other key of a message (`name`, `tool_calls`,
+    `weight`, ...) is dropped, counted in `unknown_keys` as `"messages[].<key>"` when given.
     """
     if not isinstance(messages, list) or not messages:
         raise DataError(f"'messages': expected a non-empty list, found {messages!r:.80}")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise DataError(f"messages[{i}]: expected an object with exactly the keys 'role' and 'content', "
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            raise DataError(f"messages[{i}]: expected an object with the keys 'role' and 'content', "
                             f"found {m!r:.80}")
+        if unknown_keys is not None:
+            unknown_keys.update(f"messages[].{k}" for k in m if k not in ("role", "content"))
         if m["role"] not in ROLES:
             raise DataError(f"messages[{i}].role: expected one of {list(ROLES)}, found {m['role']!r}")
         if not isinstance(m["content"], str):

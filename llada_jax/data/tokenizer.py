@@ -175,6 +175,36 @@ class Tokenizer:
         return prompt, response
 
 
+    def encode_sft_turns(self, messages: Sequence[Message], thinking: str = "off") -> tuple[list[int], list[bool]]:
+        """A whole conversation in the chat format with a per-token "trained" flag: True on every
+        assistant turn's `{answer}<|role_end|>`, False on the system and user turns and on the
+        `<role>ASSISTANT</role>` tags (what the model is given at inference time).
+
+        The ids equal `encode_chat(messages)`. Each assistant turn is split where `encode_sft`
+        splits the last one (after the generation prompt of the turns before it), and the
+        conversation is the concatenation of these pieces, because every split falls on a
+        special token the tokenizer never merges across.
+        """
+        ids: list[int] = []
+        trained: list[bool] = []
+        answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if not answers:
+            raise TokenizerError("encode_sft_turns: expected at least one assistant message, found none")
+        for i in answers:
+            prompt = self.encode_prompt(messages[:i], template="chat", thinking=thinking)
+            if prompt[:len(ids)] != ids:
+                raise TokenizerError(f"encode_sft_turns: the ids before messages[{i}] do not extend the earlier "
+                                     "turns' (the tokenizer merges across a special token)")
+            trained += [False] * (len(prompt) - len(ids))
+            ids = prompt + self.encode(messages[i]["content"] + ROLE_END)
+            trained += [True] * (len(ids) - len(trained))
+        rest = self.encode_chat(messages, thinking=thinking)
+        if rest[:len(ids)] != ids:
+            raise TokenizerError("encode_sft_turns: the conversation's ids do not extend its assistant turns'")
+        trained += [False] * (len(rest) - len(ids))  # turns after the last answer (not trained)
+        return rest, trained
+
+
 def build_task_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512) -> Tokenizer:
     """Trains a small byte-level BPE tokenizer for the offline tasks, locally and deterministically.
 

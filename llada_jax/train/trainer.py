@@ -186,6 +186,8 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
+        batch = dict(batch)
+        real = batch.pop("real", None)  # bool [B, L]: real tokens (not padding), counted, not trained on
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
         if accum_steps == 1:
@@ -216,6 +218,8 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
             if expert_bias_rate > 0:
                 params = update_expert_bias(params, load, expert_bias_rate)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        if real is not None:  # the global batch's share of real tokens: the same on any process count
+            metrics["real_token_fraction"] = jnp.mean(real.astype(jnp.float32))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -227,6 +231,39 @@ def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch):
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(model_config: ModelConfig, obj_config: objectives.ObjectiveConfig,
+                   loss_fn: Callable = objectives.loss_fn) -> Callable:
+    """`eval_step(params, batch, key) -> {"loss", "m2t_loss", "masked_acc"}`: the training
+    objective on a held-out batch, no gradient, not yet jitted. The loop passes the same key per
+    validation batch at every evaluation, so the validation loss of two steps differs only
+    through the params."""
+
+    def eval_step(params, batch: Batch, key: jax.Array):
+        b = next(iter(batch.values())).shape[0]
+        loss, metrics = loss_fn(params, model_config, obj_config, dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32)),
+                                key)
+        return {"loss": loss, "m2t_loss": metrics["m2t_loss"], "masked_acc": metrics["masked_acc"]}
+
+    return eval_step
+
+
+def real_mask(batch: Batch) -> np.ndarray:
+    """bool [B, L], True on real tokens of a host batch: `real` where the pipeline marks it (SFT
+    rows), else the positions with `doc_ids > 0` (packed rows: 0 is padding), else every position."""
+    tokens = np.asarray(batch["tokens"])
+    if "real" in batch:
+        return np.asarray(batch["real"], bool)
+    if "doc_ids" in batch:
+        return np.asarray(batch["doc_ids"]) > 0
+    return np.ones(tokens.shape, bool)
+
+
+def real_tokens(batch: Batch) -> tuple[int, int]:
+    """(real tokens, all positions) of a host batch (`real_mask`)."""
+    mask = real_mask(batch)
+    return int(np.sum(mask)), mask.size
 
 
 # ------------------------------------------------------------------------------ run
@@ -366,39 +403,76 @@ def open_examples(cfg: ml_collections.ConfigDict, workdir: str, split: str):
                               task_config=task.config_cls(**settings) if settings else None)
         hosts.barrier("prepare_task")
         return data.open_split(data_dir, f"{cfg.data.task}/{name}", split)
+    mixture = cfg.data.get("mixture", "")
+    if mixture:
+        if cfg.data.dataset:
+            raise ValueError(f"data: expected data.dataset or data.mixture, found both ({cfg.data.dataset!r} and "
+                             f"{mixture!r})")
+        parts = data.parse_mixture(mixture)
+        return data.Mixture(tuple(data.open_split(data_dir, name, split) for name, _ in parts),
+                            tuple(w for _, w in parts), tuple(name for name, _ in parts))
     if not cfg.data.dataset:
-        raise ValueError("data: expected data.task (an offline task) or data.dataset (a prepared dataset), found neither")
+        raise ValueError("data: expected data.task (an offline task), data.dataset (a prepared dataset) or "
+                         "data.mixture (several, by weight), found none")
     return data.open_split(data_dir, cfg.data.dataset, split)
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, workdir: str, tokenizer):
     """Checkpointable iterator of this process's rows of each global batch (the rows its devices
     hold on the run's mesh, `hosts.batch_rows`), shuffled by the run seed."""
+    return iter(_dataset(cfg, workdir, tokenizer, "train", shuffle=True, num_epochs=None))
+
+
+def _dataset(cfg: ml_collections.ConfigDict, workdir: str, tokenizer, split: str, *, shuffle: bool,
+             num_epochs: Optional[int]):
     from llada_jax import data
 
     index, count = hosts.batch_rows(mesh_from_config(cfg), cfg.data.batch_size)
+    examples = open_examples(cfg, workdir, split)
+    common = dict(batch_size=cfg.data.batch_size // count, shard_index=index, shard_count=count,
+                  seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, seed=cfg.seed, shuffle=shuffle,
+                  num_epochs=num_epochs)
     if cfg.data.get("packed", False):  # CPT: documents packed back to back into rows of seq_len
-        return iter(data.cpt_dataset(open_examples(cfg, workdir, "train"), tokenizer,
-                                     batch_size=cfg.data.batch_size // count, shard_index=index, shard_count=count,
-                                     seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size,
-                                     seed=cfg.seed, shuffle=True, num_epochs=None))
-    ds = data.sft_dataset(open_examples(cfg, workdir, "train"), tokenizer, batch_size=cfg.data.batch_size // count,
-                          shard_index=index, shard_count=count,
-                          seq_len=cfg.data.seq_len, block_size=cfg.objective.block_size, template=cfg.data.template,
-                          too_long=cfg.data.too_long,
-                          seed=cfg.seed, shuffle=True, num_epochs=None)
-    return iter(ds)
+        return data.cpt_dataset(examples, tokenizer, **common)
+    if cfg.data.get("pack_conversations", False):  # chat SFT: whole conversations packed into rows
+        return data.packed_sft_dataset(examples, tokenizer, template=cfg.data.template, too_long=cfg.data.too_long,
+                                       packing_bins=cfg.data.get("packing_bins", data.packing.DEFAULT_PACKING_BINS),
+                                       **common)
+    return data.sft_dataset(examples, tokenizer, template=cfg.data.template, too_long=cfg.data.too_long, **common)
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, workdir: str, tokenizer) -> Optional[list[Batch]]:
+    """The fixed validation batches whose loss the loop logs every `cfg.eval_every` steps (None
+    when `eval_every` is 0): the first `cfg.eval_batches` batches of split `cfg.data.eval_split`
+    of the run's dataset(s), unshuffled, prepared like the training batches."""
+    every = int(cfg.get("eval_every", 0) or 0)
+    if every <= 0:
+        return None
+    num = int(cfg.get("eval_batches", 4))
+    if num < 1:
+        raise ValueError(f"config.eval_batches: expected a positive number of batches, found {num}")
+    split = cfg.data.get("eval_split", "validation")
+    # The held-out split once (epochs repeat only if it holds fewer than `num` batches).
+    ds = _dataset(cfg, workdir, tokenizer, split, shuffle=False, num_epochs=None)
+    it = iter(ds)
+    return [next(it) for _ in range(num)]
 
 
 def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig,
                  obj_config: objectives.ObjectiveConfig, train_iter, *, init_params: Optional[Any] = None,
                  on_log: Optional[Callable[[int, dict], None]] = None,
-                 progress: bool = True, loss_fn: Callable = objectives.loss_fn) -> TrainState:
+                 progress: bool = True, loss_fn: Callable = objectives.loss_fn,
+                 eval_data: Optional[list[Batch]] = None) -> TrainState:
     """The loop: restore or init, step, log, checkpoint, until `cfg.total_steps`.
 
     `train_iter` is an iterator of numpy batches with `get_state()` / `set_state()` (grain);
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
     the step's block size comes from it (logged as `block_size`), with one compiled step per size.
+
+    `tokens_per_s` and the MFU count real tokens only (`real_mask`: padding excluded), and
+    `real_token_fraction` is their share of the logged step's global batch. With `eval_data` (the
+    fixed batches of `eval_batches`) the mean loss over them is logged as `val_loss` (with
+    `val_m2t_loss`, `val_masked_acc`) every `cfg.eval_every` steps and at the last step.
     """
     checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(cfg)
@@ -435,6 +509,24 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
         ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
 
     programs = {}  # block size -> (compiled step, its model FLOPs)
+    evals = {}  # block size -> compiled eval step
+    eval_every = int(cfg.get("eval_every", 0) or 0)
+    eval_key = jax.random.fold_in(rng, (1 << 30) + 1)
+    keep = ("tokens", "loss_mask", "doc_ids")
+    if eval_data is not None:
+        eval_data = [hosts.global_batch(mesh, {k: v for k, v in b.items() if k in keep}, cfg.data.batch_size)
+                     for b in eval_data]
+
+    def validate(state, block_size):
+        if block_size not in evals:
+            obj = dataclasses.replace(obj_config, block_size=block_size)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            evals[block_size] = jax.jit(make_eval_step(model_config, obj, loss_fn), in_shardings=(
+                shardings.params, batch_sharding(mesh, dict(eval_data[0])), replicated), out_shardings=replicated)
+        outs = jax.device_get([evals[block_size](state.params, b, jax.random.fold_in(eval_key, i))
+                               for i, b in enumerate(eval_data)])
+        return {f"val_{k}": float(np.mean([o[k] for o in outs])) for k in outs[0]}
+
     bar = _progress(start, cfg.total_steps, progress)
     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     profile = _profile_window(cfg, workdir)
@@ -443,8 +535,11 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 preemption.PreemptionGuard(check_every=cfg.get("preemption_check_every", 1)) as guard:
             for step in range(start, cfg.total_steps):
                 batch = next(train_iter)
-                batch = {k: v for k, v in batch.items() if k in ("tokens", "loss_mask", "doc_ids")}
-                tokens_since += int(np.asarray(batch["tokens"]).size) * (cfg.data.batch_size // local_rows)
+                real = real_mask(batch)
+                # tokens/s and MFU from this process's rows (the others' are alike); the logged
+                # real_token_fraction is the global batch's, computed in the step
+                tokens_since += int(real.sum()) * (cfg.data.batch_size // local_rows)
+                batch = {k: v for k, v in batch.items() if k in keep} | {"real": real}
                 batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 block_size = obj_config.block_size if sizes is None else objectives.block_size_at(step, sizes)
                 if block_size not in programs:
@@ -460,9 +555,12 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 step_fn, step_flops = programs[block_size]
                 profile(step)
                 state, metrics = step_fn(state, batch, rng)
-                flops_since += step_flops
+                flops_since += step_flops * float(real.mean())  # the useful FLOPs: real tokens only
                 done = step + 1
                 profile(done, state)
+                val = {}
+                if eval_data and eval_every > 0 and (done % eval_every == 0 or done == cfg.total_steps):
+                    val = validate(state, block_size)
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     metrics = jax.device_get(metrics)
                     if not np.isfinite(metrics["loss"]):
@@ -474,6 +572,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     # the global batch's FLOPs over every device of the run
                     metrics.update(model_flops_per_step=step_flops, **flops.mfu(
                         flops_since, now - t_last, jax.device_count(), jax.devices()[0].device_kind))
+                    metrics.update(val)
                     if sizes is not None:
                         metrics["block_size"] = block_size
                     t_last, tokens_since, flops_since = now, 0, 0.0
@@ -482,6 +581,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     if on_log:
                         on_log(done, metrics)
                     bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{float(metrics.get('masked_acc', 0)):.3f}")
+                elif val:
+                    log.write(done, val)
                 saved = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
                 if saved:
                     save(done, state, metrics)

@@ -559,6 +559,7 @@ def test_metrics_carry_model_flops_and_a_profile_is_written(tmp_path):
     want = flops.training_flops_per_step(model_config, 8, 32, 8, complementary=obj.complementary, mtf=obj.mtf)
     assert [r["model_flops_per_step"] for r in rows] == [want] * 3
     assert all(r["flops_per_s_per_device"] > 0 and r["mfu"] is None for r in rows)  # CPU: not in the peak table
+    assert all(r["real_token_fraction"] == 1.0 for r in rows)  # these rows have no padding
     assert all(r["expert_load_imbalance"] >= 1.0 and len(r["expert_load_busiest_share"]) == model_config.num_moe_layers
                for r in rows)
     traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
