@@ -36,7 +36,8 @@ def main(argv):
     run = launcher.setup(cfg, FLAGS.workdir, init_from=FLAGS.init_from)  # else --config.model.hf_dir, else random
     obj_config = train.build_objective(cfg, run.config, extra_special_ids=run.tokenizer.special_ids)
     it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
-    state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params)
+    state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params,
+                               base_from=FLAGS.init_from or cfg.model.hf_dir or None)  # recorded with LoRA adapters
     if not hosts.is_primary():  # the others have nothing of their own to report
         return
     if int(state.step) < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues
