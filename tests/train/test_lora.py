@@ -96,3 +96,48 @@ def test_lora_sft_freezes_the_base_saves_adapters_only_and_resumes_exactly(tmp_p
         _run(cfg, workdir, base, str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"lora.rank: 4 adapts a base model, expected one"):
         _run(cfg, tmp_path / "nobase", None, None)
+
+
+def test_adapter_checkpoint_exports_merged_to_hf_and_loads_merged_for_serving(tmp_path):
+    """launch/convert.py --to_hf on a LoRA checkpoint writes the base with the adapters merged: the
+    HF directory's logits equal the adapted model's (fp32, 1e-5 of the largest logit); the loader
+    of generate / eval / serve (`launcher.load`) reads the same merged params bit for bit."""
+    import subprocess
+    import sys
+
+    import jax.numpy as jnp
+
+    from helpers import ROOT, assert_close_to_scale, xla_flags
+    from llada_jax import launcher
+    from llada_jax.model import hf
+
+    config = model.get_config("tiny", moe_impl="dense")
+    base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
+    checkpoint.save_params(str(tmp_path / "base"), config, base)
+    settings = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "wi_gate", "wo", "down_proj"))
+    adapters = lora.init_adapters(base, settings, jax.random.key(1))
+    leaves, treedef = jax.tree_util.tree_flatten(adapters)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    adapters = jax.tree_util.tree_unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    ckpt.save(5, train.TrainState(step=jnp.int32(5), params=adapters, opt_state=()), force=True,
+              extra={"model_config": checkpoint.config_to_json(config),
+                     "lora": dict(settings.to_json(), base=str(tmp_path / "base"))})
+    ckpt.close()
+
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "convert.py"), "--to_hf",
+                          f"--orbax_dir={tmp_path / 'run' / 'checkpoints'}", f"--hf_dir={tmp_path / 'hf'}"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    _, exported = hf.load_hf_checkpoint(str(tmp_path / "hf"), dtype="float32", config=config)
+    tokens = jax.random.randint(jax.random.key(3), (2, 20), 0, config.vocab_size)
+    fwd = jax.jit(model.forward, static_argnums=1)
+    adapted = fwd(lora.combine(base, lora.prepare(adapters, settings)), config, tokens)
+    assert float(jnp.max(jnp.abs(adapted - fwd(base, config, tokens)))) > 1e-2  # the adapters matter
+    assert_close_to_scale(fwd(exported, config, tokens), adapted, 1e-5)
+
+    # launcher.load (generate, eval, serve, the engine) reads params through launcher.load_params
+    loaded_config = checkpoint.read_config(str(tmp_path / "run" / "checkpoints"))
+    _, served = launcher.load_params(str(tmp_path / "run" / "checkpoints"), loaded_config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(served), jax.device_get(exported))
