@@ -21,7 +21,7 @@ REWARD = ("def digit_fraction(completion, meta):\n"
 
 
 def _launch(tmp_path, workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4),
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                PYTHONPATH=os.pathsep.join([str(tmp_path / "user"), ROOT, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "launch/rl.py", "--config=configs/rl.py", f"--workdir={workdir}",
            f"--init_from={tmp_path / 'base'}", f"--config.data.data_dir={tmp_path / 'data'}",
@@ -40,6 +40,8 @@ def _rows(workdir):
 def test_rl_with_lora_takes_steps_and_resumes_exactly_after_sigkill(tmp_path):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "user_reward.py").write_text(REWARD)
+    data = {"data.data_dir": str(tmp_path / "data"), "data.num_train": 64, "data.num_test": 16}
+    train.open_examples(load_config("rl.py", **data), str(tmp_path / "data"), "train")  # once, before the runs
     config = train.build_model_config(load_config("rl.py"))
     base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(11)))
     checkpoint.save_params(str(tmp_path / "base"), config, base)
