@@ -141,3 +141,20 @@ def test_adapter_checkpoint_exports_merged_to_hf_and_loads_merged_for_serving(tm
     loaded_config = checkpoint.read_config(str(tmp_path / "run" / "checkpoints"))
     _, served = launcher.load_params(str(tmp_path / "run" / "checkpoints"), loaded_config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(served), jax.device_get(exported))
+
+
+def test_aot_plans_the_lora_sft_step():
+    """launch/compile.py's sft job with `lora.rank > 0` is the trainer's LoRA step: the state holds
+    the adapters alone (their count reported), the base is a fourth, frozen argument, and it lowers
+    on a mesh (the TPU compile itself is tests/test_aot.py's, with libtpu)."""
+    from llada_jax import aot
+    from llada_jax.parallel import sharding
+
+    cfg = load_config("quickstart.py", **{"lora.rank": 4, "data.batch_size": 8})
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    job = aot.sft_job(cfg, mesh)
+    state, _, _, base = job.args
+    assert job.info["lora_rank"] == 4 and job.info["trainable_params"] == lora.count(state.params)
+    assert lora.count(base) == train.build_model_config(cfg).param_counts()["total"]
+    with jax.set_mesh(mesh):
+        job.fn.lower(*job.args)
