@@ -6,6 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llada_jax.model.config import ModelConfig
+from llada_jax.model.lora import TARGETS
 from llada_jax.rewards.sandbox import SandboxConfig
 
 
@@ -89,11 +90,23 @@ def base_config() -> ml_collections.ConfigDict:
     # Aux-loss-free expert balancing (train.update_expert_bias): off for SFT and RL, on for CPT.
     c.optim.expert_bias_rate = 0.0
 
+    c.lora = lora_config()
+
     c.mesh = ml_collections.ConfigDict()  # -1: all remaining devices
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.expert = 1
+    return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """The `lora` section (llada_jax.model.lora.LoraConfig): rank 0 = full fine-tuning."""
+    c = ml_collections.ConfigDict()
+    c.rank = 0  # > 0: train low-rank adapters only, the base (--init_from / model.hf_dir) frozen
+    c.alpha = 16.0  # the adapters' update is scaled by alpha / rank
+    c.targets = ",".join(TARGETS)  # comma-separated projection names (model.lora.TARGETS)
+    c.dropout = 0.0  # rank dropout: each rank component dropped with this probability per step
     return c
 
 

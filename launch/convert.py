@@ -11,6 +11,9 @@ them) and back into the HF directory. --ignore skips extra tensors the architect
 use (comma-separated globs, e.g. --ignore='model.layers.*.mlp.gate.bias'); any other
 unexpected tensor is an error that names it.
 
+A LoRA run's checkpoints (adapters and the path of their base, `lora.rank > 0`) convert to HF as the
+base with the adapters merged (`checkpoint.load_params`), an ordinary checkpoint in the official layout.
+
 On several hosts (the same command on every one: no extra flags on a TPU pod or under SLURM,
 --coordinator_address/--num_processes/--process_id elsewhere; README "Many hosts") the
 parameters live in shards on a mesh of every process's devices (--mesh, default FSDP over all

@@ -32,7 +32,8 @@ def main(argv):
     run = launcher.setup(cfg, FLAGS.workdir, init_from=FLAGS.init_from)
     if run.params is None:
         logging.warning("no --init_from: RL starts from a random init")
-    state = rl_loop.run_rl(cfg, FLAGS.workdir, run.config, run.tokenizer, init_params=run.params)
+    state = rl_loop.run_rl(cfg, FLAGS.workdir, run.config, run.tokenizer, init_params=run.params,
+                           base_from=FLAGS.init_from or cfg.model.hf_dir or None)  # recorded with LoRA adapters
     if not hosts.is_primary():  # process 0 wrote the metrics and reports them
         return
     rows = train.read_metrics(FLAGS.workdir)

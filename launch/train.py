@@ -39,7 +39,7 @@ def main(argv):
     it = train.train_iterator(cfg, FLAGS.workdir, run.tokenizer)
     held_out = train.eval_batches(cfg, FLAGS.workdir, run.tokenizer)  # None unless --config.eval_every > 0
     state = train.run_training(cfg, FLAGS.workdir, run.config, obj_config, it, init_params=run.params,
-                               eval_data=held_out)
+                               eval_data=held_out, base_from=FLAGS.init_from or cfg.model.hf_dir or None)  # recorded with LoRA adapters
     if not hosts.is_primary():  # the others have nothing of their own to report
         return
     if int(state.step) < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues

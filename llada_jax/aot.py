@@ -188,22 +188,39 @@ def _model_info(cfg, model_config) -> dict:
 
 
 def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
-    """The trainer's update step on a global batch of `data.batch_size` x `data.seq_len` tokens."""
-    from llada_jax import train
+    """The trainer's update step on a global batch of `data.batch_size` x `data.seq_len` tokens; with
+    `lora.rank > 0` the LoRA step: adapters and their Adam state in the state, the base (in
+    `model.overrides.param_dtype`) a frozen argument."""
+    import flax.linen as nn
+
+    from llada_jax import model, train
+    from llada_jax.model import lora
+    from llada_jax.parallel import sharding
 
     model_config = train.build_model_config(cfg)
     obj_config = train.build_objective(cfg, model_config)
     tx = train.make_optimizer(cfg)
-    state, shardings = _state(model_config, tx, mesh)
+    settings = lora.LoraConfig.from_mapping(cfg.get("lora"))
     b, length = cfg.data.batch_size, cfg.data.seq_len
     batch = _batch(mesh, {"tokens": ((b, length), jnp.int32), "loss_mask": ((b, length), jnp.bool_),
                           "doc_ids": ((b, length), jnp.int32)})
     step = train.make_train_step(model_config, obj_config, tx, train.learning_rate_schedule(cfg),
-                                 cfg.optim.accum_steps)
-    fn = train.jit_train_step(step, shardings, mesh, batch)
+                                 cfg.optim.accum_steps, lora_config=settings)
     info = dict(_model_info(cfg, model_config), batch=b, seq_len=length, block_size=obj_config.block_size,
-                accum_steps=cfg.optim.accum_steps)
-    return Job(fn, (state, batch, _key(mesh)), info)
+                accum_steps=cfg.optim.accum_steps, lora_rank=settings.rank)
+    if not settings.enabled:
+        state, shardings = _state(model_config, tx, mesh)
+        return Job(train.jit_train_step(step, shardings, mesh, batch), (state, batch, _key(mesh)), info)
+    # LoRA: the state is the adapters (trainer.lora_setup), the frozen base a fourth argument.
+    base_boxed = model.abstract_params(model_config)
+    boxed = lora.abstract_adapters(base_boxed, settings)
+    shardings = train.state_shardings(model_config, tx, mesh, boxed=boxed)
+    state = _abstract(train.init_state_abstract(model_config, tx, boxed), shardings)
+    base_sh = sharding.param_shardings(base_boxed, mesh)
+    base = _abstract(nn.meta.unbox(base_boxed), base_sh)
+    info["trainable_params"] = lora.count(state.params)
+    fn = train.jit_train_step(step, shardings, mesh, batch, base_sh)
+    return Job(fn, (state, batch, _key(mesh), base), info)
 
 
 def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:

@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax import kernels
+from llada_jax.model import lora
 from llada_jax.model.config import ModelConfig
 from llada_jax.kernels import AttentionMask
 from llada_jax.kernels.logits import chunked_output_stats, rms_norm
@@ -39,7 +40,9 @@ def _dt(name: str):
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    """A parameter; `W + A @ B` when the params hold LoRA adapters for it (`model.lora`)."""
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    return lora.adapted_param(module, name, w)
 
 
 def _constrain(x, axes):

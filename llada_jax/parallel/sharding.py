@@ -42,6 +42,7 @@ DEFAULT_RULES: Rules = (
     ("router_exp", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # the rank axis of LoRA adapters (model.lora): small, replicated
     # activations
     ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),

@@ -56,6 +56,7 @@ from llada_jax import decode, model, rewards, rl, train
 from llada_jax.evaluation import benchmarks, heldout
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint
+from llada_jax.model import lora
 from llada_jax.model.config import DTYPES, ConfigError, ModelConfig
 
 ALGORITHMS = ("ebpo", "espo", "dipo")
@@ -268,12 +269,17 @@ def held_out_eval(params, model_config: ModelConfig, tokenizer, examples, cfg: m
 # ------------------------------------------------------------------------------ the loop
 def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig, tokenizer, *,
            init_params: Optional[Any] = None, reward_fn: Optional[rewards.RewardFn] = None,
-           progress: bool = True) -> train.TrainState:
+           progress: bool = True, base_from: Optional[str] = None) -> train.TrainState:
     """RL from `init_params` (or a random init from the seed) until `cfg.total_steps` RL steps.
 
     Resumes from the latest checkpoint in `<workdir>/checkpoints`. `init_params` is also the
     frozen reference of the KL term, so pass the same params on resume. `reward_fn` overrides
     `cfg.rl.reward` (a name in `rewards.REWARDS`). Returns the final state.
+
+    With `cfg.lora.rank > 0` only adapters train (`train.lora_setup`): `init_params` is the frozen
+    base and also the KL reference (no second copy), the rollouts and evaluations decode the base
+    with the adapters merged (one merged copy per RL step), and checkpoints hold the adapters and
+    `base_from`, the base's path. `lora.dropout` must be 0 (the scored policy is the sampling one).
     """
     r = cfg.rl
     if r.algorithm == "espo" and r.group_size < 2:
@@ -281,8 +287,13 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     os.makedirs(workdir, exist_ok=True)
     mesh = train.mesh_from_config(cfg)
     tx = make_rl_optimizer(cfg)
-    shardings = train.state_shardings(model_config, tx, mesh)
-    ckpt = train.make_checkpointer(cfg, workdir, train.init_state_abstract(model_config, tx))
+    adapters = train.lora_setup(cfg, model_config, mesh, init_params, base_from)
+    if adapters and adapters.config.dropout > 0:
+        raise ConfigError(f"lora.dropout: expected 0 for RL (the likelihood ratio scores the policy that sampled), "
+                          f"found {adapters.config.dropout}")
+    boxed = adapters.boxed if adapters else None
+    shardings = train.state_shardings(model_config, tx, mesh, boxed=boxed)
+    ckpt = train.make_checkpointer(cfg, workdir, train.init_state_abstract(model_config, tx, boxed))
     rng = jax.random.key(cfg.seed)
     rollout_key, noise_key = jax.random.fold_in(rng, _ROLLOUT_STREAM), jax.random.fold_in(rng, _NOISE_STREAM)
     reward = reward_fn or resolve_reward(cfg)
@@ -298,23 +309,39 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     rl_config = build_rl_config(cfg)
     # The initial params: the reference when beta > 0 (a buffer of its own: the state's are donated).
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        if init_params is None:
+        if adapters:
+            init_params = adapters.base  # the frozen base, already in its shards
+        elif init_params is None:
             init_params = jax.jit(lambda k: model.init_params(model_config, k), out_shardings=shardings.params)(
                 jax.random.fold_in(rng, _INIT_STREAM))
         else:
             init_params = jax.device_put(init_params, shardings.params)
     start = ckpt.latest_step()
     if start is not None:
-        abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx), shardings)
+        abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx, boxed), shardings)
         state, extra = ckpt.restore(abstract, step=start, config=model_config)
+        train.check_lora_resume(extra, adapters, ckpt.directory)
         prompts_it.set_state(checkpoint.data_state_for_process(extra, start, r.prompts_per_step // proc_count))
     else:
         start = 0
-        state = train.init_state(model_config, tx, mesh, rng, shardings, init_params)
+        if adapters:
+            state = train.init_state(model_config, tx, mesh, rng, shardings, init_fn=adapters.init_fn)
+        else:
+            state = train.init_state(model_config, tx, mesh, rng, shardings, init_params)
     ref_params = init_params if rl_config.beta > 0 else None
     del init_params  # without a KL term, no second copy of the model stays on device
     log = train.MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
+    base_args = ()
+    if adapters:
+        extra_json["lora"] = adapters.to_json()
+        base_args = (adapters.base,)
+        merge = jax.jit(lambda b, a: lora.merge(b, a, adapters.config), out_shardings=adapters.base_shardings)
+
+    def policy(state):
+        """The params that decode: the state's, or the base with the adapters merged."""
+        return merge(adapters.base, state.params) if adapters else state.params
+
     eval_examples = [] if r.eval_every <= 0 else (
         _file_examples(r.eval_file, "auto", "rl.eval_file")
         if r.eval_file else list(train.open_examples(cfg, workdir, r.eval_split)))[:r.eval_examples]
@@ -356,9 +383,11 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         jax.block_until_ready(batch)
         t_terms = time.perf_counter()
         if config not in step_fns:
-            step_fns[config] = hosts.compile_together(
-                _jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch),
-                state, batch, key, np.bool_(True), name=f"rl_step/{len(step_fns)}")
+            compiled = hosts.compile_together(
+                _jit_rl_step(rl.make_rl_step(model_config, config, tx, adapters.config if adapters else None),
+                             shardings, mesh, batch, adapters.base_shardings if adapters else None),
+                state, batch, key, np.bool_(True), *base_args, name=f"rl_step/{len(step_fns)}")
+            step_fns[config] = (lambda c: lambda st, b, k, op: c(st, b, k, op, *base_args))(compiled)
         state, inner = rl.run_inner_updates(step_fns[config], state, batch, key, inner_updates(cfg))
         return state, _reduce_inner(jax.device_get(inner)) | extra, t_terms
 
@@ -366,13 +395,13 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             if start == 0 and r.eval_every > 0:
-                log.write(0, held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg, mesh))
+                log.write(0, held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
             for s in range(start, cfg.total_steps):
                 t0 = time.perf_counter()
                 rows = next(prompts_it)
                 prompts = [row["prompt"] for row in rows]
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
-                out = rollout(state.params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
+                out = rollout(policy(state), model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
                 texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
                 scores, errors = rewards.score(texts, metas, reward, workers=r.reward_workers,
                                                timeout_s=r.reward_timeout_s)
@@ -407,7 +436,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
-                    metrics.update(held_out_eval(state.params, model_config, tokenizer, eval_examples, cfg, mesh))
+                    metrics.update(held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
                 log.write(done, metrics)
                 if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
                     ckpt.save(done, state, extra=extra_json, data_state=prompts_it.get_state(), force=True)
@@ -420,12 +449,14 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     return state
 
 
-def _jit_rl_step(step_fn, shardings: train.TrainState, mesh, example_batch: Mapping[str, Any]):
+def _jit_rl_step(step_fn, shardings: train.TrainState, mesh, example_batch: Mapping[str, Any],
+                 base_shardings: Any = None):
     """`rl.make_rl_step`'s step jitted on the mesh: the state donated, the returned terms sharded
-    like the batch (they are the next inner update's `old_terms`)."""
+    like the batch (they are the next inner update's `old_terms`); LoRA: the frozen base last."""
     b_sh = train.batch_sharding(mesh, dict(example_batch))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated, replicated),
+    base = (base_shardings,) if base_shardings is not None else ()
+    return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated, replicated, *base),
                    out_shardings=(shardings, replicated, b_sh["old_terms"]), donate_argnums=(0,))
 
 

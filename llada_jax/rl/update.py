@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
+from llada_jax.model import lora
 from llada_jax.model.config import ModelConfig
 from llada_jax.rl.batches import batch_arrays
 from llada_jax.rl.configs import Batch, DiPOConfig, RLConfig
@@ -50,22 +51,27 @@ def _with_old(batch: dict, terms: Array, on_policy) -> dict:
 
 
 def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: ModelConfig, config: RLConfig,
-                  on_policy=None):
+                  on_policy=None, to_model: Optional[Callable] = None):
     """`((loss, metrics), grads)` of the method that `config` names, in its `grad_mode`.
 
     `on_policy` (a bool, traced or not): θ_old == θ, so θ_old's terms are θ's own from this same
     program (gradient stopped) and `batch['old_terms']` is ignored (it may be absent). Computing
     them in a separate forward-only program is not enough in bf16: XLA fuses the two programs
     differently and the ratio at θ == θ_old drifts from 1 with the completion length. `metrics`
-    carries θ's terms under "policy_terms" (the next inner update's θ_old).
+    carries θ's terms under "policy_terms" (the next inner update's θ_old). `to_model` maps the
+    differentiated tree to the model's params (LoRA: adapters -> `lora.combine(base, ...)`).
     """
+    if to_model is not None and getattr(config, "grad_mode", "direct") == "replay":
+        raise ValueError("rl.grad_mode: expected 'direct' with lora.rank > 0 (replay differentiates the model's "
+                         "own params), found 'replay'")
+    to_model = to_model or (lambda p: p)
     if isinstance(config, DiPOConfig):
         required = ("advantages",) + (("old_terms",) if on_policy is None else ()) + \
                    (("ref_terms",) if config.beta > 0 else ())
         batch = dipo_batch(batch, config, required)
 
         def dipo(p):
-            logp = dipo_token_logprobs(p, model_config, batch, config)
+            logp = dipo_token_logprobs(to_model(p), model_config, batch, config)
             loss, metrics = dipo_objective(logp, _with_old(batch, logp, on_policy), config)
             return loss, dict(metrics, policy_terms=jax.lax.stop_gradient(logp))
 
@@ -85,11 +91,13 @@ def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: Mode
         return replay_value_and_grad(of_terms, params, model_config, batch["tokens"], noise, lik,
                                      batch["completion_mask"])
     return jax.value_and_grad(
-        lambda p: of_terms(likelihood_terms(p, model_config, batch["tokens"], noise, lik, batch["completion_mask"])),
+        lambda p: of_terms(likelihood_terms(to_model(p), model_config, batch["tokens"], noise, lik,
+                                            batch["completion_mask"])),
         has_aux=True)(params)
 
 
-def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.GradientTransformation) -> Callable:
+def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.GradientTransformation,
+                 lora_config: Optional[lora.LoraConfig] = None) -> Callable:
     """`step(state, batch, key, on_policy=None) -> (state, metrics, terms)`, one optimizer update,
     not yet jitted.
 
@@ -103,11 +111,17 @@ def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.Gradient
     values on the first update) lets one compiled program serve all mu updates. `on_policy=None`
     reads `batch['old_terms']` as given. `tx` is e.g. `train.make_optimizer(cfg)`. Jit with
     `model_config` and `config` closed over and the state donated.
-    """
 
-    def step(state: TrainState, batch: Batch, key: PRNGKeyArray, on_policy=None):
+    With an enabled `lora_config` the state's params are the adapters and the step is
+    `step(state, batch, key, on_policy, base)`: the policy is `lora.combine(base, adapters)` (no
+    dropout: the scored policy is the one that sampled), the base a frozen argument.
+    """
+    use_lora = lora_config is not None and lora_config.enabled
+
+    def step(state: TrainState, batch: Batch, key: PRNGKeyArray, on_policy=None, base=None):
+        to_model = (lambda ad: lora.combine(base, lora.prepare(ad, lora_config))) if use_lora else None
         (_, metrics), grads = loss_and_grad(state.params, batch, key, model_config=model_config, config=config,
-                                            on_policy=on_policy)
+                                            on_policy=on_policy, to_model=to_model)
         terms = metrics.pop("policy_terms")
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

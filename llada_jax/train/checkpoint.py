@@ -443,7 +443,9 @@ def copy_tokenizer_files(source: str, target: str, *, beside: bool = False) -> l
 def load_params(directory: str, config: Optional[ModelConfig] = None, shardings: Any = None,
                 step: Optional[int] = None) -> tuple[ModelConfig, Any]:
     """Params from a params-only or a full training checkpoint. The config is read from the
-    checkpoint when not given; given, it is checked against the stored one."""
+    checkpoint when not given; given, it is checked against the stored one. A LoRA run's
+    checkpoint (adapters and the path of their base) gives the base with the adapters merged
+    (`model.lora.merge`), each weight in the base's dtype."""
     from flax import linen as nn
 
     from llada_jax.model import abstract_params
@@ -452,6 +454,8 @@ def load_params(directory: str, config: Optional[ModelConfig] = None, shardings:
     try:
         step, extra = _stored_extra(ckpt, directory, step)
         config = _stored_config(extra, config, directory, step)
+        if extra.get("lora"):  # LoRA adapters: the recorded base with them merged in
+            return config, _load_adapted(ckpt, directory, step, extra["lora"], config, shardings)
         abstract = nn.meta.unbox(abstract_params(config))
         if shardings is None:  # one device, explicitly (Orbax would otherwise read the saved topology)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -464,3 +468,38 @@ def load_params(directory: str, config: Optional[ModelConfig] = None, shardings:
         return config, restored["state"]["params"]
     finally:
         ckpt.close()
+
+
+def _load_adapted(ckpt: "Checkpointer", directory: str, step: int, meta: dict, config: ModelConfig,
+                  shardings: Any) -> Any:
+    """The base recorded in a LoRA checkpoint (HF or Orbax, itself possibly adapted), read into
+    `shardings`, with the step's adapters merged in on the same devices."""
+    from flax import linen as nn
+
+    from llada_jax.model import abstract_params, hf, lora
+    from llada_jax.parallel import sharding as sharding_rules
+
+    settings = lora.LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
+                               dropout=float(meta.get("dropout", 0.0)))
+    base_path = meta.get("base")
+    if not base_path:
+        raise FileNotFoundError(f"{directory} step {step}: LoRA adapters, expected the path of their base in "
+                                f"extra['lora']['base'], found none (the run was given its base in memory)")
+    if os.path.exists(os.path.join(os.fspath(base_path), "config.json")):
+        _, base = hf.load_hf_checkpoint(base_path, dtype=config.param_dtype, config=config, shardings=shardings)
+    else:
+        _, base = load_params(base_path, config=config, shardings=shardings)
+    boxed = lora.abstract_adapters(abstract_params(config), settings)
+    abstract = nn.meta.unbox(boxed)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ad_sh = jax.tree_util.tree_map(lambda _: one, abstract)
+    else:
+        mesh = jax.tree_util.tree_leaves(shardings)[0].mesh
+        ad_sh = sharding_rules.param_shardings(boxed, mesh)
+    target = {"params": abstract_with_shardings(abstract, ad_sh)}
+    restored = ckpt._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+    adapters = restored["state"]["params"]
+    return jax.jit(lambda b, a: lora.merge(b, a, settings), out_shardings=shardings)(base, adapters)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -42,6 +42,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import model
+from llada_jax.model import lora
 from llada_jax.parallel import hosts, preemption, sharding
 from llada_jax.train import checkpoint, flops, objectives
 from llada_jax.model.config import ModelConfig, get_config
@@ -95,10 +96,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
 
 # ------------------------------------------------------------------------------ state and shardings
 def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation, mesh,
-                    rules=sharding.DEFAULT_RULES) -> TrainState:
+                    rules=sharding.DEFAULT_RULES, boxed: Optional[Any] = None) -> TrainState:
     """Shardings of the whole train state: params by the rule table, optimizer moments like
-    their params, scalars replicated."""
-    boxed = model.abstract_params(model_config)
+    their params, scalars replicated. `boxed`: the trained tree's boxed abstract params (default
+    the model's; LoRA: `lora.abstract_adapters`)."""
+    boxed = model.abstract_params(model_config) if boxed is None else boxed
     p_sh = sharding.param_shardings(boxed, mesh, rules)
     abstract = nn.meta.unbox(boxed)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -121,10 +123,13 @@ def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
 
 
 def init_state(model_config: ModelConfig, tx, mesh, rng, shardings: TrainState,
-               params: Optional[Any] = None) -> TrainState:
-    """A fresh state created directly in its shards (or around given params, e.g. from HF)."""
+               params: Optional[Any] = None, init_fn: Optional[Callable] = None) -> TrainState:
+    """A fresh state created directly in its shards (or around given params, e.g. from HF).
+    `init_fn(rng) -> params` replaces the model's initialiser (LoRA: the adapters)."""
+    init_fn = init_fn or (lambda r: model.init_params(model_config, r))
+
     def make(r, p):
-        p = model.init_params(model_config, r) if p is None else p
+        p = init_fn(r) if p is None else p
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
@@ -168,8 +173,13 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
                     tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int = 1,
                     loss_fn: Callable = objectives.loss_fn,
                     denominators_fn: Callable = objectives.loss_denominators,
-                    expert_bias_rate: float = 0.0) -> Callable:
+                    expert_bias_rate: float = 0.0, lora_config: Optional[lora.LoraConfig] = None) -> Callable:
     """`step(state, batch, rng) -> (state, metrics)`, not yet jitted.
+
+    With an enabled `lora_config` the state's params are the adapters only and the step is
+    `step(state, batch, rng, base)`: the loss sees `lora.combine(base, lora.prepare(adapters))`
+    (rank dropout keyed by the step), gradients and optimizer state exist for the adapters alone,
+    and `base` is an argument (never a compiled-in constant), returned untouched.
 
     With `accum_steps > 1` the batch is split into micro-batches on its leading axis (activation
     memory of one micro-batch) and the objective is left unchanged: a first `lax.scan` sums the
@@ -184,25 +194,35 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
     `expert_load_metrics`; with `expert_bias_rate > 0` (CPT) it also drives `update_expert_bias`.
     """
 
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    use_lora = lora_config is not None and lora_config.enabled
+    if use_lora and expert_bias_rate > 0:
+        raise ValueError(f"optim.expert_bias_rate: expected 0 with lora.rank={lora_config.rank} (the bias belongs to "
+                         f"the frozen base), found {expert_bias_rate}")
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array, base: Any = None):
         key = jax.random.fold_in(rng, state.step)
         batch = dict(batch)
         real = batch.pop("real", None)  # bool [B, L]: real tokens (not padding), counted, not trained on
         b = next(iter(batch.values())).shape[0]
         batch = dict(batch, example_ids=jnp.arange(b, dtype=jnp.int32))
+        if use_lora:  # the trained tree is the adapters; the model sees them beside the frozen base
+            drop_key = jax.random.fold_in(key, 0x10AA)
+            full = lambda p: lora.combine(base, lora.prepare(p, lora_config, drop_key))
+        else:
+            full = lambda p: p
         if accum_steps == 1:
-            grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, model_config, obj_config, mb, key), has_aux=True)
+            grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(full(p), model_config, obj_config, mb, key), has_aux=True)
             (_, metrics), grads = grad_fn(state.params, batch)
         else:
             if b % accum_steps:
                 raise ValueError(f"batch_size: expected a multiple of accum_steps={accum_steps}, found {b}")
             micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, b // accum_steps, *x.shape[1:]), batch)
-            count = lambda mb: denominators_fn(state.params, model_config, obj_config, mb, key)
+            count = lambda mb: denominators_fn(full(state.params), model_config, obj_config, mb, key)
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
             den, _ = jax.lax.scan(lambda acc, mb: (jax.tree_util.tree_map(jnp.add, acc, count(mb)), None),
                                   jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(count, first)), micro)
             grad_fn = jax.value_and_grad(
-                lambda p, mb: loss_fn(p, model_config, obj_config, mb, key, denominators=den), has_aux=True)
+                lambda p, mb: loss_fn(full(p), model_config, obj_config, mb, key, denominators=den), has_aux=True)
 
             def body(acc, mb):
                 (_, m), g = grad_fn(state.params, mb)
@@ -225,10 +245,14 @@ def make_train_step(model_config: ModelConfig, obj_config: objectives.ObjectiveC
     return train_step
 
 
-def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch):
-    """The update step jitted on the mesh with explicit shardings and the state donated."""
+def jit_train_step(step_fn, shardings: TrainState, mesh, example_batch: Batch, base_shardings: Any = None):
+    """The update step jitted on the mesh with explicit shardings and the state donated. With
+    `base_shardings` (LoRA) the step takes the frozen base as a fourth, undonated argument."""
     b_sh = batch_sharding(mesh, dict(example_batch))
     replicated = NamedSharding(mesh, PartitionSpec())
+    if base_shardings is not None:
+        return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated, base_shardings),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
     return jax.jit(step_fn, in_shardings=(shardings, b_sh, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
@@ -462,8 +486,12 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                  obj_config: objectives.ObjectiveConfig, train_iter, *, init_params: Optional[Any] = None,
                  on_log: Optional[Callable[[int, dict], None]] = None,
                  progress: bool = True, loss_fn: Callable = objectives.loss_fn,
-                 eval_data: Optional[list[Batch]] = None) -> TrainState:
+                 eval_data: Optional[list[Batch]] = None, base_from: Optional[str] = None) -> TrainState:
     """The loop: restore or init, step, log, checkpoint, until `cfg.total_steps`.
+
+    With `cfg.lora.rank > 0`, `init_params` is the frozen base (`base_from` says where it was read,
+    recorded in every checkpoint) and the state trains only the adapters (`lora_setup`):
+    checkpoints hold the adapters, their optimizer state and the base's path, never the base.
 
     `train_iter` is an iterator of numpy batches with `get_state()` / `set_state()` (grain);
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
@@ -478,8 +506,10 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     mesh = mesh_from_config(cfg)
     tx = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
-    shardings = state_shardings(model_config, tx, mesh)
-    ckpt = make_checkpointer(cfg, workdir, init_state_abstract(model_config, tx))
+    adapters = lora_setup(cfg, model_config, mesh, init_params, base_from)
+    boxed = adapters.boxed if adapters else None
+    shardings = state_shardings(model_config, tx, mesh, boxed=boxed)
+    ckpt = make_checkpointer(cfg, workdir, init_state_abstract(model_config, tx, boxed))
     rng = jax.random.key(cfg.seed)
     local_rows = hosts.local_batch_size(mesh, cfg.data.batch_size)
     sizes = block_schedule(cfg)
@@ -487,18 +517,26 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     # The newest step that restores (an unreadable one is logged, set aside, and the one before tried).
     restored = None
     if ckpt.latest_step() is not None:
-        abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx), shardings)
+        abstract = checkpoint.abstract_with_shardings(init_state_abstract(model_config, tx, boxed), shardings)
         restored = ckpt.restore_latest_good(abstract, config=model_config)
     if restored is not None:
         start, state, extra = restored
+        check_lora_resume(extra, adapters, ckpt.directory)
         data_state = checkpoint.data_state_for_process(extra, start, local_rows)
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
     else:
         start = 0
-        state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings, init_params)
+        if adapters:
+            state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings,
+                               init_fn=adapters.init_fn)
+        else:
+            state = init_state(model_config, tx, mesh, jax.random.fold_in(rng, 1 << 30), shardings, init_params)
     log = MetricsLog(workdir, resume_step=start)
     extra_json = {"model_config": checkpoint.config_to_json(model_config), "run_config": cfg.to_dict()}
+    if adapters:
+        extra_json["lora"] = adapters.to_json()
+    base_args = (adapters.base,) if adapters else ()
 
     def save(done, state, metrics):
         loss_now = float(jax.device_get(metrics["loss"]))
@@ -521,9 +559,14 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
         if block_size not in evals:
             obj = dataclasses.replace(obj_config, block_size=block_size)
             replicated = NamedSharding(mesh, PartitionSpec())
-            evals[block_size] = jax.jit(make_eval_step(model_config, obj, loss_fn), in_shardings=(
-                shardings.params, batch_sharding(mesh, dict(eval_data[0])), replicated), out_shardings=replicated)
-        outs = jax.device_get([evals[block_size](state.params, b, jax.random.fold_in(eval_key, i))
+            eval_step = make_eval_step(model_config, obj, loss_fn)
+            in_shardings = (shardings.params, batch_sharding(mesh, dict(eval_data[0])), replicated)
+            if adapters:  # the adapters (no dropout) beside the frozen base, as the merged model decodes
+                eval_step = (lambda step, c: lambda p, b, k, base: step(lora.combine(base, lora.prepare(p, c)), b, k))(
+                    eval_step, adapters.config)
+                in_shardings += (adapters.base_shardings,)
+            evals[block_size] = jax.jit(eval_step, in_shardings=in_shardings, out_shardings=replicated)
+        outs = jax.device_get([evals[block_size](state.params, b, jax.random.fold_in(eval_key, i), *base_args)
                                for i, b in enumerate(eval_data)])
         return {f"val_{k}": float(np.mean([o[k] for o in outs])) for k in outs[0]}
 
@@ -547,14 +590,16 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     b_global, length = np.shape(batch["tokens"])
                     programs[block_size] = (hosts.compile_together(jit_train_step(make_train_step(
                         model_config, obj, tx, schedule, cfg.optim.accum_steps, loss_fn,
-                        expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0)), shardings, mesh, batch),
-                        state, batch, rng, name=f"train_step/block_size={block_size}"),
+                        expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0),
+                        lora_config=adapters.config if adapters else None), shardings, mesh, batch,
+                        adapters.base_shardings if adapters else None),
+                        state, batch, rng, *base_args, name=f"train_step/block_size={block_size}"),
                         flops.training_flops_per_step(
                             model_config, b_global, length, block_size, mdlm=obj.is_mdlm(length),
                             complementary=obj.complementary, mtf=obj.mtf))
                 step_fn, step_flops = programs[block_size]
                 profile(step)
-                state, metrics = step_fn(state, batch, rng)
+                state, metrics = step_fn(state, batch, rng, *base_args)
                 flops_since += step_flops * float(real.mean())  # the useful FLOPs: real tokens only
                 done = step + 1
                 profile(done, state)
@@ -600,6 +645,59 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
     return state
 
 
+# ------------------------------------------------------------------------------ LoRA
+class LoraRun(NamedTuple):
+    """A LoRA run's frozen side: the settings, the base in its shards, where it came from, the
+    adapters' boxed abstract tree and their initialiser."""
+
+    config: lora.LoraConfig
+    base: Any
+    base_shardings: Any
+    base_from: Optional[str]
+    boxed: Any
+    init_fn: Callable
+
+    def to_json(self) -> dict:
+        return dict(self.config.to_json(), base=self.base_from)
+
+
+def lora_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, mesh, base_params: Any,
+               base_from: Optional[str] = None) -> Optional[LoraRun]:
+    """None when `cfg.lora.rank` is 0 (or there is no `lora` section); else the frozen base placed
+    in its shards and the adapters' abstract tree. A LoRA run without a base is an error."""
+    config = lora.LoraConfig.from_mapping(cfg.get("lora"))
+    if not config.enabled:
+        return None
+    if base_params is None:
+        raise ValueError(f"lora.rank: {config.rank} adapts a base model, expected one (--init_from or "
+                         f"config.model.hf_dir), found none")
+    base_boxed = model.abstract_params(model_config)
+    base_sh = sharding.param_shardings(base_boxed, mesh)
+    base = jax.device_put(base_params, base_sh)
+    abstract_base = nn.meta.unbox(base_boxed)
+    if base_from is not None and not checkpoint.is_url(base_from):
+        base_from = os.path.abspath(base_from)
+    return LoraRun(config, base, base_sh, base_from, lora.abstract_adapters(base_boxed, config),
+                   lambda r: lora.init_adapters(abstract_base, config, r))
+
+
+def check_lora_resume(extra: dict, adapters: Optional[LoraRun], where: str) -> None:
+    """A restored checkpoint must have been trained the way this run trains: the same LoRA settings
+    on the same base (a different base under the same adapters is another model)."""
+    stored = extra.get("lora")
+    now = adapters.to_json() if adapters else None
+    if (stored is None) != (now is None):
+        raise ValueError(f"config.lora: {where} holds {'adapters' if stored else 'full parameters'}, this run "
+                         f"expects {'adapters' if now else 'full parameters'} (lora.rank={now and now['rank'] or 0})")
+    if stored is not None and stored.get("base") != now.get("base") and now.get("base") is not None:
+        raise ValueError(f"lora base: {where} was trained on {stored.get('base')!r}, this run starts from "
+                         f"{now.get('base')!r}")
+    if stored is not None:
+        for k in ("rank", "alpha", "targets", "dropout"):
+            if stored.get(k) != now.get(k):
+                raise ValueError(f"lora.{k}: {where} was trained with {stored.get(k)!r}, found {now.get(k)!r}")
+
+
 def _profile_window(cfg: ml_collections.ConfigDict, workdir: str) -> Callable:
     """`jax.profiler` trace of steps [profile_start_step, + profile_num_steps) into <workdir>/profile
     (TensorBoard / Perfetto). Call with the step about to run, with the steps done (and the state,
@@ -633,8 +731,8 @@ def make_checkpointer(cfg: ml_collections.ConfigDict, workdir: str, abstract_sta
                                    enable_async=enable_async)
 
 
-def init_state_abstract(model_config: ModelConfig, tx) -> TrainState:
-    params = nn.meta.unbox(model.abstract_params(model_config))
+def init_state_abstract(model_config: ModelConfig, tx, boxed: Optional[Any] = None) -> TrainState:
+    params = nn.meta.unbox(model.abstract_params(model_config) if boxed is None else boxed)
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params))
 
