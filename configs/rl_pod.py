@@ -1,9 +1,11 @@
 r"""EBPO of LLaDA2.x mini or flash at pod shapes: the SFT recipe's model, optimizer and mesh, plus
-an `rl` section (REFERENCE §6). Used to plan memory ahead of a pod run:
+an `rl` section (REFERENCE §6). Fits a v5p-64 (32 chips, fsdp=4 x expert=8) for mini with no
+overrides: the likelihood terms one timestep at a time (`rl.vectorize=scan`) with the replay
+gradient (`rl.grad_mode=replay`), full remat, "auto" back ends (TPU: splash, expert_parallel).
 
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
-      --config.rl.vectorize=scan --config.rl.grad_mode=replay
+      --config.rl.vectorize=batch --config.rl.grad_mode=direct      # the batched layout (7x HBM)
 
 Shapes: 32 prompts x 8 completions = 256 rollouts of 2048 tokens (prompt + completion), N = 8
 likelihood timesteps. With launch/rl.py it also needs data: --config.data.data_dir/dataset, a
@@ -32,4 +34,6 @@ def get_config(arg=None):
     c.rl.num_timesteps = 8
     c.rl.gen_length = 1024
     c.rl.eval_every = 0
+    c.rl.vectorize = "scan"  # one timestep's activations at a time
+    c.rl.grad_mode = "replay"  # exact gradient, activation memory independent of N
     return c

@@ -5,6 +5,16 @@ r"""SFT of LLaDA2.x mini or flash from its Hugging Face checkpoint with the publ
       --config.data.data_dir=/data --config.data.dataset=chat_jsonl/my_sft
 
 Import chat JSONL first: python launch/make_data.py --data_dir=/data --jsonl_name=my_sft --jsonl_train=...
+
+The defaults fit their hardware with no overrides (README "Memory plans", `launch/compile.py`):
+
+  size=mini        L = 8192,  global batch 64,  v5p-64  (32 chips: fsdp=4 x expert=8)
+  size=flash       L = 4096,  global batch 128, v5p-256 (128 chips: fsdp=16 x expert=8)
+  size=mini,long   L = 32768 (mini's context), global batch 32, v5p-64 (32 chips: fsdp=4 x expert=8)
+
+The fitting plan they carry: full remat, the chunked lm_head + log-prob (always on,
+`ModelConfig.logits_chunk`), a mesh with an `expert` axis, and "auto" back ends, which on TPU
+resolve to splash attention and expert_parallel MoE (llada_jax/model/backends.py).
 """
 
 import os
@@ -13,29 +23,33 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import base_config, parse_arg  # noqa: E402
 
-# Per size: steps, global batch, and the mesh. mini (16B total / 1.4B active): experts over 8
-# devices, FSDP over the rest. flash (103B / 6.2B): experts over 8, FSDP over 16, data over the rest.
+# Per size: steps, global batch, sequence length and the mesh. mini (16B total / 1.4B active):
+# experts over 8 devices, FSDP over the rest. flash (103B / 6.2B): experts over 8, FSDP over 16,
+# data over the rest. `long`: mini at its full context.
 SIZES = {
-    "mini": dict(steps=2000, batch=64, mesh=dict(data=1, fsdp=-1, tensor=1, expert=8)),
-    "flash": dict(steps=1000, batch=128, mesh=dict(data=-1, fsdp=16, tensor=1, expert=8)),
+    "mini": dict(steps=2000, batch=64, seq_len=8192, mesh=dict(data=1, fsdp=-1, tensor=1, expert=8)),
+    "flash": dict(steps=1000, batch=128, seq_len=4096, mesh=dict(data=-1, fsdp=16, tensor=1, expert=8)),
 }
+LONG = {"mini": dict(batch=32, seq_len=32768)}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="mini")
+    a = parse_arg(arg, size="mini", long=False)
     if a.size not in SIZES:
         raise KeyError(f"config argument size: expected one of {sorted(SIZES)}, found {a.size!r}")
-    s = SIZES[a.size]
+    if a.long and a.size not in LONG:
+        raise KeyError(f"config argument long: expected a size in {sorted(LONG)}, found size={a.size!r}")
+    s = dict(SIZES[a.size], **(LONG[a.size] if a.long else {}))
     c = base_config()
     c.total_steps = s["steps"]
     c.checkpoint_every = 200
     c.model.preset = a.size
     c.model.overrides.dtype = "bfloat16"  # bf16 compute, fp32 master weights
     c.model.overrides.param_dtype = "float32"
-    c.model.overrides.remat_policy = "dots_with_no_batch_dims"
+    c.model.overrides.remat_policy = "full"  # saves only each layer's input; what fits at these lengths
     c.data.task = ""
     c.data.batch_size = s["batch"]
-    c.data.seq_len = 2048
+    c.data.seq_len = s["seq_len"]
     c.data.too_long = "truncate"
     c.optim.lr = 1e-5
     c.optim.warmup_frac = 0.03
