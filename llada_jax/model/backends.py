@@ -68,10 +68,9 @@ def mesh_platform(mesh=None) -> str:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return normalize_platform(jax.default_backend())
-    devices = getattr(mesh, "devices", None)
-    if devices is not None and getattr(devices, "size", 0):
-        return normalize_platform(devices.flat[0].platform)
-    dev = getattr(mesh, "abstract_device", None)
+    if isinstance(mesh, jax.sharding.Mesh) and mesh.devices.size:  # concrete: its devices
+        return normalize_platform(mesh.devices.flat[0].platform)
+    dev = getattr(mesh, "abstract_device", None)  # abstract (under a trace): its device kind
     if dev is not None and getattr(dev, "platform", None):
         return normalize_platform(dev.platform)
     return normalize_platform(jax.default_backend())
