@@ -1,10 +1,8 @@
 r"""Compile a job ahead of time for a TPU topology on this (CPU-only) machine; print its memory plan.
 
   pip install -e '.[tpu]'    # libtpu: XLA's TPU compiler, no TPU needed
-  python launch/compile.py --config=configs/sft.py:size=mini --topology=v5p-64 --job=sft \
-      --config.data.seq_len=8192 --config.data.batch_size=64
-  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
-      --config.rl.vectorize=scan --config.rl.grad_mode=replay
+  python launch/compile.py --config=configs/sft.py:size=mini --topology=v5p-64 --job=sft
+  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
   python launch/compile.py --config=configs/sft.py:size=mini --topology=v5e-16 --job=decode \
       --config.data.batch_size=64 --prompt_length=1024 --gen_length=2048 \
       --config.model.overrides.param_dtype=bfloat16
