@@ -7,7 +7,7 @@ r"""SFT of LLaDA2.x mini or flash from its Hugging Face checkpoint with the publ
 Import chat JSONL first: python launch/make_data.py --data_dir=/data --jsonl_name=my_sft --jsonl_train=...
 
 The defaults are plans for this hardware with no overrides (README "Memory plans",
-`launch/compile.py`; mini compiled: 76.7 GiB per chip of 95.7; flash and long not compiled yet):
+`launch/compile.py`; compiled: mini 76.7 GiB per chip of 95.7, flash 81.3; long not yet):
 
   size=mini        L = 8192,  global batch 64 (2 micro-batches of 32), v5p-64 (32 chips: fsdp=4 x expert=8)
   size=flash       L = 4096,  global batch 128, v5p-256 (128 chips: fsdp=16 x expert=8)
