@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     # placeholder, so `--config.model.overrides.hidden_size=128` works and a typo is an error.
     c.model.overrides = ml_collections.ConfigDict(
         {f.name: config_dict.placeholder(_PLACEHOLDER_TYPES[f.type]) for f in dataclasses.fields(ModelConfig)})
+    # By the mesh's platform at start-up (llada_jax/model/backends.py): TPU splash + expert_parallel
+    # (ragged without an expert axis), GPU cudnn + tiled, CPU blocked + dense. An explicit value wins.
+    c.model.overrides.attention_impl = "auto"
+    c.model.overrides.moe_impl = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "addition"  # an offline task built locally, or "" to read `dataset` from data_dir

@@ -1,9 +1,15 @@
 r"""EBPO of LLaDA2.x mini or flash at pod shapes: the SFT recipe's model, optimizer and mesh, plus
-an `rl` section (REFERENCE §6). Used to plan memory ahead of a pod run:
+an `rl` section (REFERENCE §6). Fits a v5p-64 (32 chips) for mini with no overrides: the
+likelihood terms one timestep at a time (`rl.vectorize=scan`) with the replay gradient
+(`rl.grad_mode=replay`), full remat, "auto" attention (TPU: splash), and the experts routed per
+device on an FSDP mesh with no expert axis (`moe_impl=expert_parallel`, P = 1, nothing
+exchanged: 28.1 GiB per chip, README "Memory plans"). An update has no micro-batches, and with
+the SFT mesh's expert=8 the dropless exchange's worst-case buffers for a chip's 8 rollouts x
+4096 composite positions are those of SFT's one 64-sequence micro-batch at 8K (111.5 GiB).
 
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
-      --config.rl.vectorize=scan --config.rl.grad_mode=replay
+      --config.rl.vectorize=batch --config.rl.grad_mode=direct      # the batched layout (7x HBM)
 
 Shapes: 32 prompts x 8 completions = 256 rollouts of 2048 tokens (prompt + completion), N = 8
 likelihood timesteps. With launch/rl.py it also needs data: --config.data.data_dir/dataset, a
@@ -32,4 +38,9 @@ def get_config(arg=None):
     c.rl.num_timesteps = 8
     c.rl.gen_length = 1024
     c.rl.eval_every = 0
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1, expert=1))
+    c.model.overrides.moe_impl = "expert_parallel"  # per device, no expert axis ("auto" would pick ragged)
+    c.optim.accum_steps = 1
+    c.rl.vectorize = "scan"  # one timestep's activations at a time
+    c.rl.grad_mode = "replay"  # exact gradient, activation memory independent of N
     return c

@@ -7,6 +7,19 @@ r"""SFT of LLaDA2.x mini or flash from its Hugging Face checkpoint with the publ
 Import chat JSONL first (the validation split feeds the validation loss every eval_every steps):
   python launch/make_data.py --data_dir=/data --jsonl_name=my_sft --jsonl_train=... --jsonl_validation=...
 Several datasets by weight: --config.data.dataset= --config.data.mixture=chat_jsonl/a:3,chat_jsonl/b:1
+
+The defaults are plans for this hardware with no overrides (README "Memory plans",
+`launch/compile.py`; compiled: mini 76.7 GiB per chip of 95.7, flash 81.3; long not yet):
+
+  size=mini        L = 8192,  global batch 64 (2 micro-batches of 32), v5p-64 (32 chips: fsdp=4 x expert=8)
+  size=flash       L = 4096,  global batch 128, v5p-256 (128 chips: fsdp=16 x expert=8)
+  size=mini,long   L = 32768 (mini's context), global batch 32, v5p-64 (32 chips: fsdp=32,
+                   moe_impl=expert_parallel routing per device, no expert axis)
+
+The fitting plan they carry: full remat, the chunked lm_head + log-prob (always on,
+`ModelConfig.logits_chunk`), a mesh with an `expert` axis (not `long`), gradient accumulation
+where one micro-batch's exchange buffers do not fit, and "auto" back ends, which on TPU resolve
+to splash attention and expert_parallel MoE (llada_jax/model/backends.py).
 """
 
 import os
@@ -15,29 +28,41 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import base_config, parse_arg  # noqa: E402
 
-# Per size: steps, global batch, and the mesh. mini (16B total / 1.4B active): experts over 8
-# devices, FSDP over the rest. flash (103B / 6.2B): experts over 8, FSDP over 16, data over the rest.
+# Per size: steps, global batch, sequence length and the mesh. mini (16B total / 1.4B active):
+# experts over 8 devices, FSDP over the rest. flash (103B / 6.2B): experts over 8, FSDP over 16,
+# data over the rest. `long`: mini at its full context.
+# `accum`: micro-batches per step (the objective unchanged, optim.accum_steps). mini at 8K needs 2:
+# the dropless exchange over the expert axis sizes its receive buffer for the worst case,
+# P * T_local * min(k, E/P) rows, and one micro-batch of 64 sequences asks 111.5 GiB per chip.
+# `long`: one 32K sequence per chip is 65,536 composite positions, 4x the 8K micro-batch's; there
+# the experts are routed per device without an expert axis (expert_parallel with P = 1: nothing
+# exchanged, the buffer T_local * k rows), named explicitly since "auto" picks ragged (GSPMD, a
+# global sort) on a mesh without one.
 SIZES = {
-    "mini": dict(steps=2000, batch=64, mesh=dict(data=1, fsdp=-1, tensor=1, expert=8)),
-    "flash": dict(steps=1000, batch=128, mesh=dict(data=-1, fsdp=16, tensor=1, expert=8)),
+    "mini": dict(steps=2000, batch=64, seq_len=8192, accum=2, mesh=dict(data=1, fsdp=-1, tensor=1, expert=8)),
+    "flash": dict(steps=1000, batch=128, seq_len=4096, accum=1, mesh=dict(data=-1, fsdp=16, tensor=1, expert=8)),
 }
+LONG = {"mini": dict(batch=32, seq_len=32768, accum=1, mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),
+                     moe_impl="expert_parallel")}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="mini")
+    a = parse_arg(arg, size="mini", long=False)
     if a.size not in SIZES:
         raise KeyError(f"config argument size: expected one of {sorted(SIZES)}, found {a.size!r}")
-    s = SIZES[a.size]
+    if a.long and a.size not in LONG:
+        raise KeyError(f"config argument long: expected a size in {sorted(LONG)}, found size={a.size!r}")
+    s = dict(SIZES[a.size], **(LONG[a.size] if a.long else {}))
     c = base_config()
     c.total_steps = s["steps"]
     c.checkpoint_every = 200
     c.model.preset = a.size
     c.model.overrides.dtype = "bfloat16"  # bf16 compute, fp32 master weights
     c.model.overrides.param_dtype = "float32"
-    c.model.overrides.remat_policy = "dots_with_no_batch_dims"
+    c.model.overrides.remat_policy = "full"  # saves only each layer's input; what fits at these lengths
     c.data.task = ""
     c.data.batch_size = s["batch"]
-    c.data.seq_len = 2048
+    c.data.seq_len = s["seq_len"]
     c.data.too_long = "truncate"
     # Conversations packed into the rows (real-token fraction ~0.97 on a lognormal chat length mix at
     # 4096, bench/pack.py); --config.data.pack_conversations=False pads one conversation per row.
@@ -50,5 +75,8 @@ def get_config(arg=None):
     c.optim.warmup_frac = 0.03
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
+    c.optim.accum_steps = s["accum"]
+    if "moe_impl" in s:
+        c.model.overrides.moe_impl = s["moe_impl"]
     c.mesh.update(s["mesh"])
     return c

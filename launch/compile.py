@@ -1,10 +1,8 @@
 r"""Compile a job ahead of time for a TPU topology on this (CPU-only) machine; print its memory plan.
 
   pip install -e '.[tpu]'    # libtpu: XLA's TPU compiler, no TPU needed
-  python launch/compile.py --config=configs/sft.py:size=mini --topology=v5p-64 --job=sft \
-      --config.data.seq_len=8192 --config.data.batch_size=64
-  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
-      --config.rl.vectorize=scan --config.rl.grad_mode=replay
+  python launch/compile.py --config=configs/sft.py:size=mini --topology=v5p-64 --job=sft
+  python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
   python launch/compile.py --config=configs/sft.py:size=mini --topology=v5e-16 --job=decode \
       --config.data.batch_size=64 --prompt_length=1024 --gen_length=2048 \
       --config.model.overrides.param_dtype=bfloat16
@@ -15,10 +13,13 @@ When XLA refuses the program (out of HBM) the line carries `fits: false` and a r
 naming the job and the shortfall, and the exit status is 1.
 
 --topology: Cloud names (v5p-64 = 64 TensorCores = 32 chips; v5e-16, v6e-32 count chips) or
-generation:shape (v5p:2x4x4, v5e:4x4). The mesh comes from --data/--fsdp/--tensor/--expert
-(default: FSDP over every chip), not from the config's `mesh` section, which describes the
-devices of a real run. Configs and `--config.x=...` overrides are those of launch/train.py
-(--job=sft, --job=decode) and launch/rl.py (--job=rl: a config with an `rl` section).
+generation:shape (v5p:2x4x4, v5e:4x4). The mesh is the one launch/train.py builds from the
+config's `mesh` section over the topology's chips (configs/sft.py:size=mini on v5p-64: fsdp=4 x
+expert=8); --data/--fsdp/--tensor/--expert override single axes (one given as -1 takes the
+remaining chips; the config's own -1 axes then become 1). "auto" attention / MoE back ends
+resolve for the TPU and that mesh (llada_jax/model/backends.py). Configs and `--config.x=...`
+overrides are those of launch/train.py (--job=sft, --job=decode) and launch/rl.py (--job=rl: a
+config with an `rl` section).
 """
 
 import os
@@ -41,10 +42,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
 flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v6e-32, v5e-16, ... or v5p:2x4x4.", required=True)
 flags.DEFINE_enum("job", "sft", aot.JOBS, "What to compile: the SFT train step, the RL update step, decoding.")
-flags.DEFINE_integer("data", 1, "Mesh axis sizes; one may be -1 (the remaining chips).")
-flags.DEFINE_integer("fsdp", -1, "FSDP axis (default: every chip).")
-flags.DEFINE_integer("tensor", 1, "Tensor-parallel axis.")
-flags.DEFINE_integer("expert", 1, "Expert-parallel axis.")
+flags.DEFINE_integer("data", None, "Override the config's mesh.data; -1: the remaining chips.")
+flags.DEFINE_integer("fsdp", None, "Override the config's mesh.fsdp; -1: the remaining chips.")
+flags.DEFINE_integer("tensor", None, "Override the config's mesh.tensor.")
+flags.DEFINE_integer("expert", None, "Override the config's mesh.expert.")
 flags.DEFINE_integer("prompt_length", 1024, "--job=decode: prompt tokens per row.")
 flags.DEFINE_integer("gen_length", 2048, "--job=decode: tokens to generate per row.")
 flags.DEFINE_float("temperature", 0.0, "--job=decode: 0 compiles greedy decoding, > 0 sampling.")

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llada_jax.model import backends
+
 GIB = 1 << 30
 FIT_FRACTION = 0.9
 JOBS = ("sft", "rl", "decode")
@@ -197,7 +199,7 @@ def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     from llada_jax.model import lora
     from llada_jax.parallel import sharding
 
-    model_config = train.build_model_config(cfg)
+    model_config = backends.resolve(train.build_model_config(cfg), mesh)
     obj_config = train.build_objective(cfg, model_config)
     tx = train.make_optimizer(cfg)
     settings = lora.LoraConfig.from_mapping(cfg.get("lora"))
@@ -240,7 +242,7 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     if r.algorithm == "dipo":
         raise ValueError("rl.algorithm: expected 'ebpo' or 'espo' for --job=rl, found 'dipo' (its batch shape "
                          "depends on the decoding trajectory)")
-    model_config = train.build_model_config(cfg)
+    model_config = backends.resolve(train.build_model_config(cfg), mesh)
     block = cfg.objective.block_size
     length = rl_loop.bucket(cfg.data.seq_len, block)  # as rl_loop packs the rollouts
     b = r.prompts_per_step * r.group_size
@@ -271,7 +273,7 @@ def decode_job(cfg: ml_collections.ConfigDict, mesh, *, prompt_length: int, gen_
     from llada_jax import decode, model, train
     from llada_jax.parallel import sharding
 
-    model_config = train.build_model_config(cfg)
+    model_config = backends.resolve(train.build_model_config(cfg), mesh)
     n = cfg.data.batch_size
     block = cfg.objective.block_size
     for field, v in (("prompt_length", prompt_length), ("gen_length", gen_length)):
@@ -402,18 +404,48 @@ def memory_report(compiled, hbm_bytes: int) -> dict:
     return out
 
 
-def plan(job_name: str, cfg: ml_collections.ConfigDict, topology: Topology, *, data: int = 1, fsdp: int = -1,
-         tensor: int = 1, expert: int = 1, hbm_mib: Optional[int] = None, **decode_kw) -> dict:
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def mesh_section(cfg: ml_collections.ConfigDict, **overrides: Optional[int]) -> dict:
+    """The config's `mesh` section with the axes given in `overrides` (None: the config's) replaced.
+
+    An axis overridden to -1 takes the remaining chips, so the config's own -1 axes that are not
+    overridden become 1 (only one axis may be -1)."""
+    unknown = sorted(set(overrides) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh overrides: expected axes from {MESH_AXES}, found {unknown}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    axes = {k: int(cfg.mesh[k]) for k in MESH_AXES}
+    if -1 in given.values():
+        axes = {k: (1 if v == -1 else v) for k, v in axes.items()}
+    axes.update(given)
+    return axes
+
+
+def run_mesh(cfg: ml_collections.ConfigDict, devices, **overrides: Optional[int]):
+    """The mesh `launch/train.py` / `launch/rl.py` would build from `cfg` (`train.mesh_from_config`,
+    its `mesh` section resolved against the device count), over `devices`, with `overrides`."""
+    from llada_jax import train
+
+    plan_cfg = ml_collections.ConfigDict({"mesh": mesh_section(cfg, **overrides)})
+    return train.mesh_from_config(plan_cfg, devices=devices)
+
+
+def plan(job_name: str, cfg: ml_collections.ConfigDict, topology: Topology, *, data: Optional[int] = None,
+         fsdp: Optional[int] = None, tensor: Optional[int] = None, expert: Optional[int] = None,
+         hbm_mib: Optional[int] = None, **decode_kw) -> dict:
     """Compile `job_name` for `topology` and return the report (one JSON-able dict).
 
+    The mesh is the run's: the config's `mesh` section over the topology's chips (`run_mesh`);
+    `data` / `fsdp` / `tensor` / `expert` override single axes. "auto" attention / MoE back ends
+    resolve for the TPU and that mesh (`model.backends`), as a run on the slice would.
     On an out-of-HBM refusal the report has `fits: false`, `error` (readable: the job, what needs
     how much, the shortfall), the parsed numbers and XLA's first line; callers exit nonzero.
     `hbm_mib` compiles as if each chip had that much HBM (`xla_tpu_max_hbm_size_mib`).
     """
-    from llada_jax.parallel import sharding
-
     devices = topology_devices(topology)
-    mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=expert, devices=devices)
+    mesh = run_mesh(cfg, devices, data=data, fsdp=fsdp, tensor=tensor, expert=expert)
     hbm = topology.hbm_bytes if hbm_mib is None else hbm_mib << 20
     options = None if hbm_mib is None else {"xla_tpu_max_hbm_size_mib": int(hbm_mib)}
     report: dict[str, Any] = dict(job=job_name, topology=topology.name, cloud_name=topology.cloud_name,

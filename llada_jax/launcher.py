@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 from absl import flags, logging
 
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.model import abstract_params, hf, quant
+from llada_jax.model import abstract_params, backends, hf, quant
 from llada_jax.model.config import DTYPES, ModelConfig
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint, trainer
@@ -68,13 +68,17 @@ def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
 
     `init_from`: an HF directory, a params-only Orbax checkpoint (launch/convert.py's) or a
     trainer's checkpoints directory; without it (and without `cfg.model.hf_dir`) `params` is None.
-    When it is a run's checkpoints, that run's tokenizer.json and prepared data
+    The model config's "auto" attention kernel and MoE back end are resolved for the mesh's
+    platform (`model.backends`) and the choice printed once; the trainer stores the resolved
+    config beside its checkpoints. When it is a run's checkpoints, that run's tokenizer.json and prepared data
     (`checkpoint.run_file`) fill `cfg.data.tokenizer` / `cfg.data.data_dir` where those are unset;
     an HF directory's or a converted checkpoint's own tokenizer.json fills `cfg.data.tokenizer`.
     """
     start_runtime()
-    model_config = trainer.build_model_config(cfg)
     mesh = trainer.mesh_from_config(cfg)
+    model_config = backends.resolve(trainer.build_model_config(cfg), mesh)  # "auto" by the mesh's platform
+    if hosts.is_primary():
+        print(backends.describe(model_config, mesh), flush=True)
     source = init_from or cfg.model.get("hf_dir") or None
     params = None
     if source:

@@ -93,7 +93,7 @@ def test_tiny_jobs_compile_for_a_tpu_slice(job):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
     assert report["topology"] == "v5e:2x2" and report["chips"] == 4
-    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}  # the config's: data=-1
     assert report["fits"] is True and "error" not in report
     assert report["hbm_bytes"] == aot.GENERATIONS["v5e"].hbm_bytes
     assert report["temporary_bytes"] > 0 and report["argument_bytes"] > 0
@@ -101,7 +101,7 @@ def test_tiny_jobs_compile_for_a_tpu_slice(job):
                                      + report["temporary_bytes"] + report["generated_code_bytes"])
     if job in ("sft", "rl"):  # the train state is donated: its outputs reuse the argument buffers
         assert report["alias_bytes"] > 0
-    if job == "sft":
+    if job == "sft":  # the quickstart pins xla; --config.model.overrides wins over it
         assert report["attention"] == "splash" and report["seq_len"] == 64
     if job == "rl":
         assert (report["rollouts"], report["num_timesteps"], report["grad_mode"]) == (8, 2, "direct")
@@ -123,6 +123,39 @@ def test_compile_reports_a_job_that_does_not_fit_readably(tmp_path):
     assert report["hbm_bytes"] == 2 ** 20
     assert report["required_bytes"] > 2 ** 20
     assert report["shortfall_bytes"] == report["required_bytes"] - 2 ** 20
-    assert report["error"].startswith("decode does not fit on v5e:2x2 (4 chips, mesh fsdp=4)")
+    assert report["error"].startswith("decode does not fit on v5e:2x2 (4 chips, mesh data=4)")
     assert "short by" in report["error"] and "CompileTimeHbmOom" in report["xla_message"]
     assert "decode does not fit" in out.stderr
+
+
+@needs_libtpu
+def test_sft_config_resolves_splash_and_expert_parallel_on_its_tpu_mesh():
+    """configs/sft.py with nothing about back ends or the mesh passed: "auto" resolves for the TPU
+    (splash, expert_parallel on the config's expert axis), the mesh is the config's (fsdp=-1 x
+    expert=8) over the topology's chips, and a mesh flag overrides one axis of it."""
+    tiny = ["--config=configs/sft.py:size=mini", "--config.model.preset=tiny", "--config.data.batch_size=8",
+            "--config.data.seq_len=64", "--job=sft"]
+    out = compile_job(*tiny, "--topology=v5e:2x4")  # 8 chips: fsdp=1 x expert=8
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
+    assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 8}
+    assert (report["attention"], report["moe_impl"], report["remat"]) == ("splash", "expert_parallel", "full")
+    assert report["fits"] is True
+
+
+def test_run_mesh_is_the_configs_with_flag_overrides():
+    """`aot.run_mesh`: the mesh launch/train.py builds from the config's `mesh` section (here over
+    the 8 fake CPU devices), single axes overridden; an override to -1 takes the config's -1."""
+    import jax
+
+    from helpers import load_config
+
+    cfg = load_config("sft.py", "size=mini")  # data=1, fsdp=-1, tensor=1, expert=8
+    shape = lambda **kw: dict(aot.run_mesh(cfg, jax.devices(), **kw).shape)  # noqa: E731
+    assert shape() == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 8}
+    assert shape(expert=2) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}
+    assert shape(data=-1, expert=4) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}
+    with pytest.raises(ValueError, match="mesh"):
+        shape(expert=3)
+    with pytest.raises(ValueError, match="expected axes"):
+        aot.mesh_section(cfg, pipeline=2)

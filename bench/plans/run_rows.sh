@@ -5,7 +5,7 @@ out=$1; rows=${2:-bench/plans/rows.txt}
 tmp=$(mktemp)
 while IFS= read -r args; do
   [ -z "$args" ] && continue
-  timeout ${ROW_TIMEOUT:-900} nice -n 5 python launch/compile.py $args >"$tmp" 2>>"${out%.jsonl}.stderr"
+  timeout ${ROW_TIMEOUT:-900} python launch/compile.py $args >"$tmp" 2>>"${out%.jsonl}.stderr"
   rc=$?
   python -c 'import json,sys; a,rc,p=sys.argv[1:]; l=(open(p).read().strip().splitlines() or [""])[-1]
 try: r=json.loads(l)

@@ -2,7 +2,7 @@
 
   python bench/plans/table.py bench/plans/before.jsonl bench/plans/after.jsonl
 
-With several files the first column names the file (before / after)."""
+With several files the first column names the file (before / after / defaults)."""
 import json
 import os
 import sys
@@ -21,6 +21,10 @@ def shape(r):
     return f"batch {r['batch']}, prompt {r['prompt_length']}, gen {r['gen_length']}"
 
 
+def mesh(r):
+    return " x ".join(f"{k}={v}" for k, v in r.get("mesh", {}).items() if v > 1) or "1 chip"
+
+
 def fits(r):
     if "required_bytes" in r:
         return f"no: XLA refuses (temporaries alone {r['required_bytes'] / r['hbm_bytes']:.2f}x HBM)"
@@ -29,7 +33,7 @@ def fits(r):
 
 def main(paths):
     many = len(paths) > 1
-    head = (["plan"] if many else []) + ["job", "model", "topology", "shape", "remat", "attention", "moe",
+    head = (["plan"] if many else []) + ["job", "model", "topology", "mesh", "shape", "remat", "attention", "moe",
                                          "arguments", "temporaries", "total", "HBM", "fits", "command"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -44,7 +48,7 @@ def main(paths):
                 continue
             dt = r.get("param_dtype") if r["job"] == "decode" else ""
             cells = label + [r["job"], f"{r['model']}{' ' + dt if dt else ''}", f"{r['cloud_name']} ({r['chips']} chips)",
-                             shape(r), r["remat"], r.get("attention", "xla"), r.get("moe_impl", ""),
+                             mesh(r), shape(r), r["remat"], r.get("attention", "xla"), r.get("moe_impl", ""),
                              g(r.get("argument_bytes")), g(r.get("temporary_bytes", r.get("required_bytes"))),
                              g(r.get("total_bytes")), g(r["hbm_bytes"]), fits(r), cmd]
             print("| " + " | ".join(str(c) for c in cells) + " |")

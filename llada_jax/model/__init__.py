@@ -1,5 +1,6 @@
 """The model: `ModelConfig` and its presets (`config`), the Flax linen layers and the pure
-`forward` (`transformer`), the MoE router and back ends (`moe`), the attention mask builders
+`forward` (`transformer`), the MoE router and back ends (`moe`), which attention kernel and MoE
+back end a mesh's platform gets (`backends`), the attention mask builders
 (`masks`) and Hugging Face safetensors in and out (`hf`). REFERENCE §1 (architecture,
 checkpoints) and §3 (masks).
 
@@ -13,11 +14,11 @@ from llada_jax.model.transformer import (Attention, DecoderLayer, MLP, MoE, RMSN
                                          as_mask, forward, forward_cached, forward_with_router, hidden_states,
                                          hidden_states_with_router, init_cache, init_params, init_sharded,
                                          logits_from_hidden, output_stats, rope)
-from llada_jax.model.moe import EXPERT_IMPLS, experts_dense, experts_ragged, route
+from llada_jax.model.moe import EXPERT_IMPLS, experts_dense, experts_ragged, experts_tiled, route
 
 __all__ = [
     "Attention", "ConfigError", "DecoderLayer", "EXPERT_IMPLS", "MLP", "MoE", "ModelConfig", "PRESETS", "RMSNorm",
-    "Transformer", "abstract_params", "as_mask", "experts_dense", "experts_ragged", "forward", "forward_cached",
+    "Transformer", "abstract_params", "as_mask", "experts_dense", "experts_ragged", "experts_tiled", "forward", "forward_cached",
     "forward_with_router", "get_config", "hidden_states", "hidden_states_with_router", "init_cache", "init_params",
     "init_sharded", "logits_from_hidden", "masks", "output_stats", "rope", "route",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from llada_jax.kernels.attention import ATTENTION_IMPLS
 
-MOE_IMPLS = ("ragged", "dense", "expert_parallel")
+MOE_IMPLS = ("ragged", "dense", "expert_parallel", "tiled", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "names")
 # Activations named with `checkpoint_name` in model/transformer.py; remat_policy="names" saves `remat_save` of them.
 REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_out", "layer_out")
@@ -55,12 +55,16 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
     moe_impl: str = "ragged"  # "ragged": sorted dropless jax.lax.ragged_dot; "dense": every expert on every token;
-    # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/model/moe.py)
+    # "expert_parallel": per-device routing and an exchange over the `expert` mesh axis (llada_jax/model/moe.py);
+    # "tiled": sorted rows in whole tiles of `moe_tile` rows, one expert per tile, a batched matmul (any backend,
+    # never densifies); "auto": by the mesh's platform and expert axis (llada_jax/model/backends.py)
+    moe_tile: int = 128  # rows per tile of moe_impl="tiled" (each expert's rows padded to whole tiles)
     moe_capacity_factor: float = 0.0  # expert_parallel buffers: 0 worst case (dropless), c > 0 c x balanced (drops counted)
     remat_policy: str = "none"
     remat_save: tuple[str, ...] = ()  # with remat_policy="names": which of REMAT_NAMES to keep
     # "xla" (dense, the oracle), "blocked" (exact, only allowed tiles), "splash" (Pallas TPU),
-    # "cudnn" (jax.nn.dot_product_attention), "auto" (by platform): see llada_jax/kernels/attention.py
+    # "cudnn" (jax.nn.dot_product_attention), "auto" (by platform: llada_jax/model/backends.py, resolved by
+    # launcher.setup and aot.plan): see llada_jax/kernels/attention.py
     attention_impl: str = "xla"
     logits_chunk: int = 256  # positions per row per step of the chunked lm_head + log-prob (objectives)
 
@@ -145,6 +149,8 @@ class ModelConfig:
                 fail(f, f"one of {DTYPES}", getattr(self, f))
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", f"one of {MOE_IMPLS}", self.moe_impl)
+        if not isinstance(self.moe_tile, int) or self.moe_tile <= 0:
+            fail("moe_tile", "a positive integer", self.moe_tile)
         if not isinstance(self.moe_capacity_factor, (int, float)) or self.moe_capacity_factor < 0:
             fail("moe_capacity_factor", "a number >= 0 (0: worst-case dropless buffers)", self.moe_capacity_factor)
         if self.remat_policy not in REMAT_POLICIES:

@@ -273,7 +273,54 @@ def experts_dense(x, idx, w, wi_gate, wi_up, wo, dtype):
     return h.astype(dtype).reshape(t, e * f) @ wo.astype(dtype).reshape(e * f, -1)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+def tile_slots(sorted_expert: Int[Array, " M"], group_sizes: Int[Array, " E"], tile: int,
+               num_tiles: int) -> tuple[Int[Array, " M"], Int[Array, " N"]]:
+    """Where each expert-sorted row goes when every expert's rows are padded to whole tiles of
+    `tile` rows: (slot of each row in the [num_tiles * tile] buffer, expert of each tile; E for a
+    tile no expert uses). Expert e's rows fill its tiles from their start, in sorted order."""
+    e = group_sizes.shape[0]
+    tiles_per = (group_sizes + tile - 1) // tile  # [E]
+    first_tile = exclusive_cumsum(tiles_per)
+    first_row = exclusive_cumsum(group_sizes)
+    pos = jnp.arange(sorted_expert.shape[0], dtype=jnp.int32) - first_row[sorted_expert]
+    slots = first_tile[sorted_expert] * tile + pos
+    tile_expert = jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(num_tiles, dtype=jnp.int32), side="right")
+    return slots.astype(jnp.int32), jnp.minimum(tile_expert, e).astype(jnp.int32)
+
+
+def num_tiles(rows: int, num_experts: int, tile: int) -> int:
+    """Tiles that always suffice: sum_e ceil(s_e / tile) <= ceil(rows / tile) + num_experts - 1."""
+    return -(-rows // tile) + num_experts - 1
+
+
+def experts_tiled(x, idx, w, wi_gate, wi_up, wo, dtype, *, tile: int = 128):
+    """Dropless sorted dispatch without `ragged_dot`: rows sorted by expert, each expert's rows
+    padded to whole tiles of `tile` rows (one expert per tile), then one batched matmul per
+    projection over the tiles with each tile's expert weights gathered.
+
+    Work is (T*k + E*(tile-1)) rows at most, whatever the routing; XLA:GPU's ragged_dot lowering
+    pads every group to all T*k rows (E times the work, openxla/xla#46000). The price is the
+    gathered weights, [tiles, D, F] per projection (D/tile times the hidden activations)."""
+    t, kk = idx.shape
+    e, d, _ = wi_gate.shape
+    flat = idx.reshape(-1)  # [T*k]
+    order = jnp.argsort(flat, stable=True)
+    sorted_expert = flat[order].astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    n = num_tiles(t * kk, e, tile)
+    slots, tile_expert = tile_slots(sorted_expert, sizes, tile, n)
+    rows = x[order // kk].astype(dtype)  # [T*k, D] sorted by expert
+    tiles = jnp.zeros((n * tile, d), dtype).at[slots].set(rows, unique_indices=True).reshape(n, tile, d)
+    pick = jnp.minimum(tile_expert, e - 1)  # an unused tile holds zero rows: any expert gives zeros
+    g = jnp.einsum("nmd,ndf->nmf", tiles, wi_gate.astype(dtype)[pick])
+    u = jnp.einsum("nmd,ndf->nmf", tiles, wi_up.astype(dtype)[pick])
+    out = jnp.einsum("nmf,nfd->nmd", nn.silu(g) * u, wo.astype(dtype)[pick]).reshape(n * tile, -1)
+    out = out[slots]  # [T*k, D] sorted order
+    out = jnp.zeros_like(out).at[order].set(out).reshape(t, kk, -1)
+    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w).astype(dtype)
+
+
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "tiled": experts_tiled}
 
 
 def local_experts(x: Float[Array, "T D"], router, bias, wi_gate, wi_up, wo, *, config, exchange: Exchange,

@@ -168,7 +168,12 @@ class MoE(nn.Module):
         # back end (and the expert-parallel shard_map) contracts plain arrays.
         wi_gate, wi_up, wo = (dequantize(w, dt) if isinstance(w, QArray) else w for w in (wi_gate, wi_up, wo))
         b, t, _ = x.shape
-        if c.moe_impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/model/moe.py)
+        impl = c.moe_impl
+        if impl == "auto":  # not resolved ahead (launcher.setup / aot do): by the mesh in context
+            from llada_jax.model import backends
+
+            impl = backends.resolve(c).moe_impl
+        if impl == "expert_parallel":  # routes per device inside shard_map (llada_jax/model/moe.py)
             from llada_jax.model.moe import expert_parallel
 
             y, idx, w, dropped = expert_parallel(x, router, bias, wi_gate, wi_up, wo, c)
@@ -176,7 +181,8 @@ class MoE(nn.Module):
         else:
             x2 = x.reshape(b * t, d)
             idx, w = route(x2, router, bias, c)
-            y = EXPERT_IMPLS[c.moe_impl](x2, idx, w, wi_gate, wi_up, wo, dt).reshape(b, t, d)
+            extra = dict(tile=c.moe_tile) if impl == "tiled" else {}
+            y = EXPERT_IMPLS[impl](x2, idx, w, wi_gate, wi_up, wo, dt, **extra).reshape(b, t, d)
         self.sow("intermediates", "router_idx", idx.reshape(b, t, -1))
         self.sow("intermediates", "router_weight", w.reshape(b, t, -1))
         if c.num_shared_experts:

@@ -74,7 +74,7 @@ def _unreadable(where: str, err: BaseException) -> UnreadableCheckpointError:
 
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
-                if f.name not in ("dtype", "param_dtype", "moe_impl", "remat_policy", "remat_save",
+                if f.name not in ("dtype", "param_dtype", "moe_impl", "moe_tile", "remat_policy", "remat_save",
                                   "attention_impl", "logits_chunk")]
 
 

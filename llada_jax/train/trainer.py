@@ -354,9 +354,11 @@ def block_schedule(cfg: ml_collections.ConfigDict) -> Optional[objectives.BlockS
     return schedule
 
 
-def mesh_from_config(cfg: ml_collections.ConfigDict):
+def mesh_from_config(cfg: ml_collections.ConfigDict, devices=None):
+    """The run's mesh: `cfg.mesh` over `devices` (default: every device; `aot.plan` passes a TPU
+    topology's)."""
     m = cfg.mesh
-    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert)
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert, devices=devices)
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> str:

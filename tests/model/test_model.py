@@ -7,7 +7,7 @@ import pytest
 
 from helpers import assert_close_to_scale
 from llada_jax import model
-from llada_jax.model import masks
+from llada_jax.model import masks, moe
 from llada_jax.model.config import get_config
 
 # The fixture README's suggested fp32 tolerance: 1e-4 on logits that reach ~21 (5x the observed
@@ -86,9 +86,49 @@ def test_moe_backends_match_loop_oracle(experts, k, groups, topk_group):
     if k > 1:
         np.testing.assert_allclose(w.sum(-1), config.routed_scaling_factor, rtol=1e-5)
     oracle = _loop_over_experts(x, idx, w, wi_gate, wi_up, wo)
-    for impl in (model.experts_ragged, model.experts_dense):
+    for impl in (model.experts_ragged, model.experts_dense, model.experts_tiled):
         got = impl(x, idx, w, wi_gate, wi_up, wo, jnp.float32)
         np.testing.assert_allclose(got, oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_tile_slots_by_hand():
+    # 3 experts, tiles of 2 rows; counts [3, 0, 2]: expert 0 takes tiles 0-1 (rows 0-2, slot 3
+    # empty), expert 1 none, expert 2 tile 2. 4 tiles allowed: the last is unused (expert id 3).
+    sizes = jnp.asarray([3, 0, 2], jnp.int32)
+    sorted_expert = jnp.asarray([0, 0, 0, 2, 2], jnp.int32)
+    assert moe.num_tiles(5, 3, 2) == 5  # ceil(5 / 2) + 3 - 1 always suffices
+    slots, tile_expert = moe.tile_slots(sorted_expert, sizes, 2, 4)
+    assert slots.tolist() == [0, 1, 2, 4, 5]
+    assert tile_expert.tolist() == [0, 0, 2, 3]
+
+
+@pytest.mark.parametrize("tile", [1, 3, 128])
+def test_tiled_experts_equal_the_oracle_in_values_and_gradients(tile):
+    """Tiles of 1 (no padding), 3 (groups padded, several tiles per expert) and 128 (one tile
+    each): forward and gradients equal the loop-over-experts oracle, with an expert that gets
+    every token and experts that get none."""
+    experts, k, t = 8, 2, 24
+    config = get_config("tiny", num_experts=experts, num_experts_per_tok=k, n_group=1, topk_group=1)
+    keys = jax.random.split(jax.random.key(tile), 5)
+    d, f = config.hidden_size, config.moe_intermediate_size
+    x = jax.random.normal(keys[0], (t, d))
+    # expert 0 on every token, the second choice among experts 1-3: experts 4-7 get nothing
+    idx = jnp.stack([jnp.zeros(t, jnp.int32), 1 + jnp.arange(t, dtype=jnp.int32) % 3], -1)
+    w = jax.nn.softmax(jax.random.normal(keys[1], (t, k)), -1)
+    wi_gate = jax.random.normal(keys[2], (experts, d, f)) / 8
+    wi_up = jax.random.normal(keys[3], (experts, d, f)) / 8
+    wo = jax.random.normal(keys[4], (experts, f, d)) / 6
+
+    def loss(fn, *args):
+        return jnp.sum(jnp.sin(fn(*args)))
+
+    tiled = lambda x_, g_, u_, o_: moe.experts_tiled(x_, idx, w, g_, u_, o_, jnp.float32, tile=tile)  # noqa: E731
+    oracle = lambda x_, g_, u_, o_: _loop_over_experts(x_, idx, w, g_, u_, o_)  # noqa: E731
+    np.testing.assert_allclose(tiled(x, wi_gate, wi_up, wo), oracle(x, wi_gate, wi_up, wo), atol=1e-5, rtol=1e-5)
+    got = jax.grad(lambda *a: loss(tiled, *a), argnums=(0, 1, 2, 3))(x, wi_gate, wi_up, wo)
+    want = jax.grad(lambda *a: loss(oracle, *a), argnums=(0, 1, 2, 3))(x, wi_gate, wi_up, wo)
+    for g, wnt in zip(got, want):
+        np.testing.assert_allclose(g, wnt, atol=1e-5, rtol=1e-5)
 
 
 def test_router_group_limit_and_bias_only_steer_selection():
