@@ -12,7 +12,6 @@ import numpy as np
 
 from helpers import ROOT, load_config, xla_flags
 from llada_jax import model, train
-from llada_jax.model import lora
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
 
