@@ -62,7 +62,7 @@ def sandbox_lock(tmp_path_factory):
 HEAVY_FIRST = (
     "parallel/test_hosts.py", "rl/test_rl_loop.py", "train/test_train.py", "rl/test_rl.py", "test_launch.py",
     "decode/test_decoding.py", "model/test_model.py", "test_aot.py", "test_notebooks.py", "decode/test_engine.py",
-    "model/test_moe.py", "rl/test_rl_lora.py", "train/test_lora.py", "train/test_sft_packing.py",
+    "model/test_moe.py", "rl/test_rl_lora.py", "train/test_lora_training.py", "train/test_sft_packing.py",
     "model/test_quant.py", "model/test_lora.py", "kernels/test_logits.py", "train/test_objectives.py",
     "serve/test_serve.py",
 )
