@@ -55,7 +55,7 @@ def sandbox_lock(tmp_path_factory):
 
 
 # The suite's heaviest files first (measured with --durations=0 on 2 cores, most test time first).
-# With `--dist worksteal` (the README's test command) each xdist worker starts on a contiguous half of this order
+# With `--dist worksteal` (setup.cfg) each xdist worker starts on a contiguous half of this order
 # and an idle worker steals the tail of the other's queue: the long multi-process and end-to-end
 # tests start at once, on one worker each, instead of one of them keeping a worker busy alone
 # at the end; a file's tests stay together, so its module fixtures are built once.
