@@ -52,23 +52,3 @@ def sandbox_lock(tmp_path_factory):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# The suite's heaviest files first (measured with --durations=0 on 2 cores, most test time first).
-# With `--dist worksteal` (setup.cfg) each xdist worker starts on a contiguous half of this order
-# and an idle worker steals the tail of the other's queue: the long multi-process and end-to-end
-# tests start at once, on one worker each, instead of one of them keeping a worker busy alone
-# at the end; a file's tests stay together, so its module fixtures are built once.
-HEAVY_FIRST = (
-    "parallel/test_hosts.py", "rl/test_rl_loop.py", "train/test_train.py", "rl/test_rl.py", "test_launch.py",
-    "decode/test_decoding.py", "model/test_model.py", "test_aot.py", "test_notebooks.py", "decode/test_engine.py",
-    "model/test_moe.py", "rl/test_rl_lora.py", "train/test_lora_training.py", "train/test_sft_packing.py",
-    "model/test_quant.py", "model/test_lora.py", "kernels/test_logits.py", "train/test_objectives.py",
-    "serve/test_serve.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), tests), len(rank)))  # stable
