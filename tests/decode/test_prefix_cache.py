@@ -4,6 +4,7 @@ same answers, statistics and log-probs as without it (and as `generate` alone) f
 share whole blocks, reports the skipped prompt tokens, and stays exact when a tiny budget evicts
 entries; the tighter prefix-read buckets leave the decoder's answers unchanged."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,14 +72,24 @@ def _check_equal(got, want):
             assert getattr(a, stat) == getattr(b, stat), (k, stat)
 
 
+def _engines(tiny_hf, budget, **kw):
+    """The engine without a cache and one with a cache of `budget` bytes (one shape for every test
+    here, so the compiled programs are shared through the persistent cache)."""
+    config, params = tiny_hf
+    plain = engine.Engine(params, config, slots=2, max_length=160, block_length=B)
+    return plain, engine.Engine(params, config, slots=2, max_length=160, block_length=B,
+                                prefix_cache_bytes=budget, prefix_growth=1.0, **kw)
+
+
 def test_engine_with_prefix_cache_equals_without(tiny_hf):
     """Six requests behind one system prompt, two slots: with the cache, the later ones skip the
     shared whole blocks (cached_tokens) and every answer equals the engine's without a cache,
-    and `generate`'s alone; two programs still serve every hit length."""
+    and `generate`'s alone; two programs still serve every hit length. The cached engines here also
+    read the prefix in per-block buckets (growth 1.0) where the plain one doubles: same answers."""
     config, params = tiny_hf
     reqs = _shared_prefix_requests(0)
-    plain = engine.Engine(params, config, slots=2, max_length=160, block_length=B).run(reqs)
-    eng = engine.Engine(params, config, slots=2, max_length=160, block_length=B, prefix_cache_bytes=1 << 20)
+    plain_engine, eng = _engines(tiny_hf, 1 << 20)
+    plain = plain_engine.run(reqs)
     got = eng.run(reqs)
     _check_equal(got, plain)
     for (prompt, opts), a in zip(reqs, got):
@@ -92,10 +103,9 @@ def test_engine_with_prefix_cache_equals_without(tiny_hf):
     # The entries are the prefill's K/V of those blocks (what a request alone computes).
     blocks = eng.prefix_cache.match(reqs[3][0])
     assert len(blocks) == 5  # the system prompt's 3 blocks and request 3's own 2
-    alone = engine.Engine(params, config, slots=1, max_length=160, block_length=B)
-    alone.submit(*reqs[3])
-    alone.poll()
-    row = np.asarray(alone._slots.state.cache["moe"]["k"][:, 0])
+    plain_engine.submit(*reqs[3])  # alone: a prefill of all its blocks, into slot 0
+    plain_engine.poll()
+    row = np.asarray(plain_engine._slots.state.cache["moe"]["k"][:, 0])
     for j, kv in enumerate(blocks):
         np.testing.assert_allclose(kv["moe"]["k"], row[:, j * B:(j + 1) * B], rtol=1e-5, atol=1e-5)
 
@@ -104,16 +114,15 @@ def test_prefix_cache_under_a_tiny_budget_evicts_lru_and_stays_exact(tiny_hf):
     """A budget of three blocks and prompts [s, a], [s, b], [s, c], [s, a] (+ a partial block):
     the third evicts (s, a), the least recently used leaf, and the fourth then finds only s and
     evicts (s, b); every answer equals the engine's without a cache."""
-    config, params = tiny_hf
+    config, _ = tiny_hf
     rng = np.random.default_rng(1)
     s, a, b, c = (rng.integers(0, 510, size=B).tolist() for _ in range(4))
     reqs = [(s + x + rng.integers(0, 510, size=5).tolist(), dict(gen_length=GEN, block_length=B, preset="S"))
             for x in (a, b, c, a)]
-    probe = engine.Engine(params, config, slots=1, max_length=96, block_length=B, prefix_cache_bytes=1 << 20)
-    probe.run(reqs[:1])
-    one_block = probe.prefix_cache.nbytes // 2
-    plain = engine.Engine(params, config, slots=1, max_length=96, block_length=B).run(reqs)
-    eng = engine.Engine(params, config, slots=1, max_length=96, block_length=B, prefix_cache_bytes=3 * one_block)
+    one_block = B * sum(  # K and V of every layer of one block
+        x.shape[0] * x.shape[3] * x.shape[4] * x.dtype.itemsize for x in jax.tree.leaves(kvcache.init_cache(config, 1, B)))
+    plain, eng = _engines(tiny_hf, 3 * one_block)
+    plain = plain.run(reqs)
     got = eng.run(reqs)
     _check_equal(got, plain)
     assert [r.cached_tokens for r in got] == [0, B, B, B]
@@ -134,14 +143,3 @@ def test_tighter_prefix_buckets():
         kvcache.buckets(8, growth=0.5)
     with pytest.raises(decode.OptionError, match="prefix_max_buckets"):
         kvcache.buckets(8, max_buckets=2)
-
-
-def test_engine_with_block_buckets_equals_doubling(tiny_hf):
-    """Reading the prefix in per-block buckets gives the answers of the doubling buckets."""
-    config, params = tiny_hf
-    reqs = _shared_prefix_requests(2, n=3)
-    a = engine.Engine(params, config, slots=3, max_length=160, block_length=B).run(reqs)
-    b = engine.Engine(params, config, slots=3, max_length=160, block_length=B, prefix_growth=1.0).run(reqs)
-    for x, y in zip(a, b):
-        assert x.tokens == y.tokens and x.forwards == y.forwards
-        np.testing.assert_allclose(x.logprobs, y.logprobs, rtol=1e-5, atol=1e-5)
