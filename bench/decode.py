@@ -575,6 +575,7 @@ def main(_):
               "block_length": FLAGS.block_length, "prompt_length": FLAGS.prompt_length, "gen_length": FLAGS.gen_length}
     if "forward" in FLAGS.parts:
         report["forward"] = part_forward(config, params)
+        print(json.dumps({"forward": report["forward"]}), flush=True)  # kept if a later part fails
     if "modes" in FLAGS.parts:
         report["baseline_rev"] = FLAGS.baseline_rev
         report["modes"] = part_modes(config, params)
