@@ -47,8 +47,9 @@ flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faste
 flags.DEFINE_integer("prefix_cache_mb", 512, "Host memory (MiB) for the prefix cache: the K/V of whole prompt "
                      "blocks kept across requests, LRU-evicted; a prompt sharing whole blocks with a cached one "
                      "skips their prefill (usage.prompt_tokens_details.cached_tokens). 0: off.", lower_bound=0)
-flags.DEFINE_float("prefix_growth", 2.0, "Prefix-read buckets of the cached step: each at most this many times "
-                   "the one before (2.0 doubles; closer to 1 reads closer to the prefix, more compiled branches).")
+flags.DEFINE_float("prefix_growth", 1.25, "Prefix-read buckets of the cached step: each at most this many "
+                   "times the one before (2.0 doubles; closer to 1 reads closer to the prefix, more compiled "
+                   "branches: a server compiles once and decodes for long, so it reads tight by default).")
 flags.DEFINE_integer("prefix_max_buckets", 64, "Most prefix-read buckets (compiled attention branches); the "
                      "spacing widens to fit.")
 flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes over this host's devices (-1: the "
