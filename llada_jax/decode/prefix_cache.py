@@ -20,7 +20,7 @@ held; a block that cannot fit after evicting everything else not on its own path
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
