@@ -4,6 +4,7 @@ r"""Draft-and-Edit decoding benchmark, printed as one JSON object (not a test).
   python bench/decode.py --baseline_rev=main~5            # 'before' = the package at that git revision
   python bench/decode.py --parts=forward,modes            # skip the engine comparison
   python bench/decode.py --parts=quant --gen_length=128   # bf16 vs int8 vs FP8 weights
+  python bench/decode.py --parts=prefix,forward            # the prefix cache; the tighter prefix read
   # side by side with the official PyTorch generate(): torch + transformers 4.57 in a venv made with
   # --system-site-packages (not a dependency of llada_jax), the official code from ZHZisZZ/dllm @ ca176752
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -19,7 +20,8 @@ Parts, all on one random-weight model in one process (ratios are side by side):
            a plain forward of the whole window up to that block (what the official code runs per
            step), and the baseline's step (`model.forward_cached`, the cache through nn.scan and
            keys over the whole canvas); plus the same cached step reading no prefix and exactly
-           the prefix it needs, which split its cost into overhead, attention and bucket waste;
+           the prefix it needs, which split its cost into overhead, attention and bucket waste,
+           and reading the bucket of `--prefix_growth` (the tighter read), with each one's compile;
   modes    tokens/s of `generate` (prompt 64, gen 512) per mode, now and with the whole package
            as of `--baseline_rev` (extracted with `git archive` into a temporary directory and run
            in a subprocess of this run on the same weights, passed as an HF checkpoint; same
@@ -28,6 +30,16 @@ Parts, all on one random-weight model in one process (ratios are side by side):
   engine   64 requests of ragged prompt and generation lengths: the continuous-batching engine
            (`--slots` slots) vs static batches of the same size in arrival order (each batch
            decoded to its longest request), useful tokens/s of both; engine compile time.
+  prefix   the prefix cache on a shared-prefix workload: `--requests` requests behind one
+           `--system_length`-token system prompt, each with its own question of
+           [8, `--question_max`] tokens, `--prefix_gen` tokens each, decoded with threshold
+           `--prefix_threshold` and no edits (a block in ~2 forwards, as a confident model decodes;
+           random weights under S would fall back to one token per forward and time the decode,
+           not the prefill); the engine (`--slots`) with and without a prefix cache, all requests
+           submitted at once: time to first block (from submit to the request's first streamed
+           block; mean and median) and useful tokens/s, plus a one-block request alone on the
+           idle engine (its time to first block, wall and process CPU; best of 5; the system
+           prompt cached by then on the cached side), same tokens checked;
   quant    tokens/s of `generate` (mode S) with bf16 weights vs int8 / FP8 weights (per-block
            scales, `model.quant`), all in bf16 compute, and each one's stored parameter bytes. On
            CPU the weights are widened before each matmul and the run is not memory-bound: a real
@@ -84,6 +96,13 @@ flags.DEFINE_integer("step_block", 10, "Block index of the timed cached step.")
 flags.DEFINE_integer("requests", 64, "Engine part: number of requests.")
 flags.DEFINE_integer("slots", 8, "Engine part: slots, and the static batch size.")
 flags.DEFINE_integer("engine_max_gen", 384, "Engine part: generation lengths are uniform in [32, this].")
+flags.DEFINE_float("prefix_growth", 1.25, "Forward part: growth of the tighter prefix-read buckets; prefix "
+                   "part: the engines' buckets.")
+flags.DEFINE_integer("prefix_max_buckets", 64, "Bound on the number of prefix-read buckets.")
+flags.DEFINE_integer("system_length", 512, "Prefix part: tokens of the shared system prompt.")
+flags.DEFINE_integer("question_max", 24, "Prefix part: each request's own question is [8, this] tokens.")
+flags.DEFINE_integer("prefix_gen", 64, "Prefix part: tokens generated per request.")
+flags.DEFINE_float("prefix_threshold", 0.0, "Prefix part: the decoding threshold (editing off).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 flags.DEFINE_string("moe_impl", "dense", "MoE back end; dense is the faster one on CPU (bench/forward.py).")
 flags.DEFINE_string("torch_reference", "", "Directory of the official modeling_llada21_moe.py (enables 'official').")
@@ -211,16 +230,28 @@ def part_forward(config, params):
     old_mask = key_block[None, None, :] <= (positions // b)[:, :, None]
     old_step = jax.jit(lambda cache: model.forward_cached(params, config, tokens, positions, old_mask, cache, start))
     old_cache = model.init_cache(config, n, canvas_len)
+    tight = kvcache.buckets(length // b, growth=FLAGS.prefix_growth, max_buckets=FLAGS.prefix_max_buckets)
+    compile_s = {}
+    for name, bk in (("doubling", all_buckets), ("tight", tight)):
+        fn = stepper(bk)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        compile_s[name] = round(time.perf_counter() - t0, 2)  # first call: trace + compile + one run
     reps = 20
     rows = {"cached_step": _time(stepper(all_buckets), reps),
+            "cached_step_tight": _time(stepper(tight), reps),
             "cached_step_exact_prefix": _time(stepper((FLAGS.step_block,)), reps),
             "cached_step_no_prefix": _time(stepper((0,)), reps),
             "plain_forward": _time(plain, reps),
             "plain_forward_window": _time(plain_window, reps),
             "baseline_cached_step": _time(lambda: old_step(old_cache), reps)}
     bucket = all_buckets[int(kvcache.bucket_index(all_buckets, start.max() // b))]
+    tight_bucket = tight[int(kvcache.bucket_index(tight, start.max() // b))]
     out = {"tokens": b, "batch": n, "at_block": FLAGS.step_block, "canvas": length,
            "prefix_keys_needed": FLAGS.step_block * b, "prefix_keys_read": bucket * b,
+           "prefix_growth_tight": FLAGS.prefix_growth, "prefix_keys_read_tight": tight_bucket * b,
+           "buckets_doubling": len(all_buckets), "buckets_tight": len(tight),
+           "first_call_s_doubling": compile_s["doubling"], "first_call_s_tight": compile_s["tight"],
            "window_tokens": int(window.shape[1])}
     for name, (wall, cpu) in rows.items():
         out[f"{name}_ms"] = round(wall * 1e3, 3)
@@ -228,6 +259,8 @@ def part_forward(config, params):
     for key in ("", "_cpu"):
         c = rows["cached_step"][1 if key else 0]
         out[f"cached_over_plain{key}"] = round(c / rows["plain_forward"][1 if key else 0], 3)
+        out[f"cached_tight_over_plain{key}"] = round(rows["cached_step_tight"][1 if key else 0]
+                                                     / rows["plain_forward"][1 if key else 0], 3)
         out[f"window_over_cached{key}"] = round(rows["plain_forward_window"][1 if key else 0] / c, 3)
         out[f"baseline_over_cached{key}"] = round(rows["baseline_cached_step"][1 if key else 0] / c, 2)
     return out
@@ -373,6 +406,86 @@ def part_engine(config, params):
             "same_tokens": [r.tokens for r in eng_res] == static_res}
 
 
+def part_prefix(config, params):
+    """The prefix cache on requests behind one system prompt: engine with vs without it."""
+    rng = np.random.default_rng(FLAGS.seed + 3)
+    b = FLAGS.block_length
+    system = rng.integers(0, config.vocab_size - 2, size=FLAGS.system_length).tolist()
+    opts = dict(gen_length=FLAGS.prefix_gen, block_length=b, threshold=FLAGS.prefix_threshold,
+                editing_threshold=1.0, max_post_steps=4)
+    reqs = [(system + rng.integers(0, config.vocab_size - 2, size=int(rng.integers(8, FLAGS.question_max + 1))).tolist(),
+             opts) for _ in range(FLAGS.requests)]
+    max_len = -(-(FLAGS.system_length + FLAGS.question_max + FLAGS.prefix_gen) // b) * b
+    budget = {"without": 0, "with": 1 << 30}
+
+    def make(kind):
+        return engine.Engine(params, config, slots=FLAGS.slots, max_length=max_len, block_length=b,
+                             prefix_cache_bytes=budget[kind], prefix_growth=FLAGS.prefix_growth,
+                             prefix_max_buckets=FLAGS.prefix_max_buckets)
+
+    def workload(eng):
+        first, ids = {}, []
+        t0, c0 = time.perf_counter(), time.process_time()
+        for k, (prompt, o) in enumerate(reqs):
+            ids.append(eng.submit(prompt, o, on_block=lambda toks, k=k: first.setdefault(k, time.perf_counter())))
+        out = {}
+        while not eng.idle:
+            for r in eng.poll():
+                out[r.id] = r
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        ttfb = np.array([first[k] - t0 for k in range(len(reqs))])
+        res = [out[i] for i in ids]
+        return {"wall_s": wall, "cpu_s": cpu, "ttfb": ttfb, "res": res,
+                "tokens": sum(len(r.tokens) for r in res), "cached": sum(r.cached_tokens for r in res)}
+
+    def alone(eng, prompt):
+        """(wall, process CPU) seconds of one request of one block on the idle engine: its time to
+        first block, the run stopping as soon as the row is done."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        eng.submit(prompt, dict(opts, gen_length=b))
+        while not eng.idle:
+            eng.poll()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    rows, tokens = {}, {}
+    for kind in ("without", "with"):
+        eng = make(kind)
+        t0 = time.perf_counter()
+        eng.run(reqs[:2])  # compile (a miss and, with the cache, a hit)
+        compile_s = time.perf_counter() - t0
+        eng.clear_prefix_cache()
+        run = workload(eng)
+        # One request alone on the idle engine: with the cache, its system prompt is cached by now.
+        fresh = system[:] + [int(t) for t in rng.integers(0, config.vocab_size - 2, size=16)]
+        lone = [alone(eng, fresh + [i]) for i in range(5)]
+        lone_wall, lone_cpu = min(w for w, _ in lone), min(c for _, c in lone)
+        tokens[kind] = [r.tokens for r in run["res"]]
+        rows[kind] = {"ttfb_mean_s": round(float(run["ttfb"].mean()), 3),
+                      "ttfb_median_s": round(float(np.median(run["ttfb"])), 3),
+                      "ttfb_min_s": round(float(run["ttfb"].min()), 3),
+                      "tokens_per_s": round(run["tokens"] / run["wall_s"], 1),
+                      "tokens_per_cpu_s": round(run["tokens"] / run["cpu_s"], 1),
+                      "wall_s": round(run["wall_s"], 2), "cpu_s": round(run["cpu_s"], 2),
+                      "cached_prompt_tokens": run["cached"], "alone_ttfb_s": round(lone_wall, 3),
+                      "alone_ttfb_cpu_s": round(lone_cpu, 3),
+                      "first_calls_s": round(compile_s, 2)}
+        if eng.prefix_cache is not None:
+            rows[kind]["cache_entries"] = len(eng.prefix_cache)
+            rows[kind]["cache_mib"] = round(eng.prefix_cache.nbytes / 2**20, 2)
+        print(json.dumps({kind: rows[kind]}), flush=True)
+    w, wo = rows["with"], rows["without"]
+    return {"requests": FLAGS.requests, "slots": FLAGS.slots, "system_tokens": FLAGS.system_length,
+            "question_tokens": f"uniform [8, {FLAGS.question_max}]", "gen_length": FLAGS.prefix_gen,
+            "threshold": FLAGS.prefix_threshold, "prefix_growth": FLAGS.prefix_growth, **rows,
+            "ttfb_mean_speedup": round(wo["ttfb_mean_s"] / w["ttfb_mean_s"], 2),
+            "ttfb_median_speedup": round(wo["ttfb_median_s"] / w["ttfb_median_s"], 2),
+            "alone_ttfb_speedup": round(wo["alone_ttfb_s"] / w["alone_ttfb_s"], 2),
+            "alone_ttfb_cpu_speedup": round(wo["alone_ttfb_cpu_s"] / w["alone_ttfb_cpu_s"], 2),
+            "tokens_per_s_speedup": round(w["tokens_per_s"] / wo["tokens_per_s"], 2),
+            "tokens_per_cpu_s_speedup": round(w["tokens_per_cpu_s"] / wo["tokens_per_cpu_s"], 2),
+            "same_tokens": tokens["with"] == tokens["without"]}
+
+
 def _official_module(directory):
     """The official modeling code as a package of its own (its relative import needs one)."""
     import importlib.util
@@ -467,11 +580,14 @@ def main(_):
               "block_length": FLAGS.block_length, "prompt_length": FLAGS.prompt_length, "gen_length": FLAGS.gen_length}
     if "forward" in FLAGS.parts:
         report["forward"] = part_forward(config, params)
+        print(json.dumps({"forward": report["forward"]}), flush=True)  # kept if a later part fails
     if "modes" in FLAGS.parts:
         report["baseline_rev"] = FLAGS.baseline_rev
         report["modes"] = part_modes(config, params)
     if "engine" in FLAGS.parts:
         report["engine"] = part_engine(config, params)
+    if "prefix" in FLAGS.parts:
+        report["prefix"] = part_prefix(config, params)
     if "quant" in FLAGS.parts:
         report["quant"] = part_quant(config, params)
     if "official" in FLAGS.parts or FLAGS.torch_reference:

@@ -17,7 +17,9 @@ One process on one host: the engine decodes on one device, or with --mesh=data,f
 on this host's devices (weights sharded by the training rule table, slots over the batch axes;
 no distributed runtime: for batch decoding across hosts use launch/generate.py or
 launch/eval.py). --dtype (default: the checkpoint's) and --quantize=int8|fp8 (weight-only,
-per-block scales) choose how the model runs.
+per-block scales) choose how the model runs. --prefix_cache_mb (default 512, 0: off) keeps the
+K/V of whole prompt blocks across requests in host memory, so prompts behind one system prompt
+skip its prefill.
 """
 
 import math
@@ -42,6 +44,14 @@ flags.DEFINE_bool("sampling", False, "Compile in sampling (temperature/top_k/top
 flags.DEFINE_integer("steps_per_call", 8, "Loop iterations per engine call (streaming granularity).")
 flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives none.")
 flags.DEFINE_string("moe_impl", None, "Override the MoE back end (dense is faster on CPU).")
+flags.DEFINE_integer("prefix_cache_mb", 512, "Host memory (MiB) for the prefix cache: the K/V of whole prompt "
+                     "blocks kept across requests, LRU-evicted; a prompt sharing whole blocks with a cached one "
+                     "skips their prefill (usage.prompt_tokens_details.cached_tokens). 0: off.", lower_bound=0)
+flags.DEFINE_float("prefix_growth", 1.25, "Prefix-read buckets of the cached step: each at most this many "
+                   "times the one before (2.0 doubles; closer to 1 reads closer to the prefix, more compiled "
+                   "branches: a server compiles once and decodes for long, so it reads tight by default).")
+flags.DEFINE_integer("prefix_max_buckets", 64, "Most prefix-read buckets (compiled attention branches); the "
+                     "spacing widens to fit.")
 flags.DEFINE_string("mesh", None, "Mesh as data,fsdp,tensor,expert sizes over this host's devices (-1: the "
                     "remaining ones), e.g. 1,1,2,4: weights sharded by the rule table, slots over the batch "
                     "axes; default: one device.")
@@ -65,11 +75,14 @@ def main(argv):
     eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
                         mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
-                        steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id, mesh=mesh)
+                        steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id, mesh=mesh,
+                        prefix_cache_bytes=FLAGS.prefix_cache_mb << 20, prefix_growth=FLAGS.prefix_growth,
+                        prefix_max_buckets=FLAGS.prefix_max_buckets)
     name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
     api = server.App(eng, tok, model_name=name, default_max_tokens=FLAGS.default_max_tokens)
     how = f"{config.dtype}" + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
+    where += f", prefix cache {FLAGS.prefix_cache_mb} MiB" if FLAGS.prefix_cache_mb else ", no prefix cache"
     print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots of {max_length} tokens) "
           f"in {how}{where}", flush=True)
     uvicorn.run(api.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")

@@ -19,6 +19,14 @@ longer change (after the block, or with Multi-Block Editing once it has left the
 `gen_length` and through the first EOS. `cancel(id)` drops a waiting or running request (a
 client that went away) and frees its slot for the next `poll`. The engine is single-threaded;
 `launch/serve.py` runs it in a worker thread and only calls `submit`, `poll` and `cancel` from there.
+
+Prefix cache (`prefix_cache_bytes` > 0, `llada_jax.decode.prefix_cache`): before a prefill the
+engine looks the prompt's whole blocks up in a radix tree of blocks cached from earlier
+requests, copies the matched blocks' K/V into the slot's cache rows and prefills only the rest
+(`Result.cached_tokens` says how many prompt tokens were skipped); after it, the prompt's new
+whole blocks go into the tree (LRU-evicted under the byte budget). A block's K/V depend only on
+the blocks up to it, so a hit changes no output; the per-row statistics stay those of
+`generate` (the prefill still counts as the row's first cache write).
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from jaxtyping import Array, Int
 
 from llada_jax.decode import kvcache
 from llada_jax.decode import options as decode_options
-from llada_jax.decode.loop import DENOISE, DONE, DecodeState, step as decode_step
+from llada_jax.decode.loop import DENOISE, DONE, DecodeState, prefix_buckets, step as decode_step
+from llada_jax.decode.prefix_cache import PrefixCache
 from llada_jax.model.config import ModelConfig
 
 
@@ -69,6 +78,7 @@ class Result:
     mbe_forwards: int
     num_generated: int
     tpf: float
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (their prefill skipped)
 
 
 @flax.struct.dataclass
@@ -101,7 +111,11 @@ def _slot_shardings(slots: Slots, mesh) -> Slots:
     return jax.tree.map(one, slots)
 
 
-def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_row, key_row, *, config, settings):
+def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_row, key_row, prefix_kv=None,
+           hit_blocks=0, *, config, settings):
+    """One request into `slot`: its canvas, knobs and keys, and its prompt's K/V. With a prefix-cache
+    hit, `prefix_kv` ({group: {"k", "v": [layers, L, K, H]}}) holds the K/V of the first
+    `hit_blocks` blocks (the rest is ignored) and the prefill starts after them."""
     b = settings.block_length
     st = slots.state
 
@@ -109,9 +123,14 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
         return a.at[slot].set(v)
 
     row_cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), st.cache)
+    if prefix_kv is not None:
+        hit = jnp.arange(canvas_row.shape[0]) < hit_blocks * b  # [L]
+        row_cache = jax.tree.map(lambda c, p: jnp.where(hit[None, None, :, None, None], p[:, None].astype(c.dtype), c),
+                                 row_cache, prefix_kv)
     row_cache = kvcache.prefill(params, config, canvas_row[None], (prompt_len // b)[None], row_cache,
                                 block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
-                                prefix_buckets=kvcache.buckets(canvas_row.shape[0] // b))
+                                prefix_buckets=prefix_buckets(settings, canvas_row.shape[0] // b),
+                                skip_blocks=hit_blocks)
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), st.cache, row_cache)
     st = st.replace(
         canvas=put(st.canvas, canvas_row), block=put(st.block, prompt_len // b),
@@ -120,6 +139,11 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
         commit_step=put(st.commit_step, -1), logprob=put(st.logprob, 0.0), stale=put(st.stale, False), cache=cache)
     return Slots(state=st, prompt_lens=put(slots.prompt_lens, prompt_len), num_blocks=put(slots.num_blocks, num_blocks),
                  knobs=jax.tree.map(put, slots.knobs, knob_row), row_keys=put(slots.row_keys, key_row))
+
+
+def _row_kv(cache, slot):
+    """One slot's cache rows, {group: {"k", "v": [layers, L, K, H]}} (read back into the prefix cache)."""
+    return jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, slot, axis=1, keepdims=False), cache)
 
 
 def _run(params, slots: Slots, max_steps, *, config, settings):
@@ -147,13 +171,18 @@ class Engine:
     Static per engine (they shape the compiled programs): `slots`, `max_length` (canvas tokens per
     slot, a multiple of `block_length`), `block_length`, `mbe_window` / `mbe_attention` (a request
     may turn MBE off, not change the window), `sampling` (compile in temperature / top-k / top-p;
-    greedy rows stay exact either way). Everything else is a per-request knob.
+    greedy rows stay exact either way), `prefix_growth` / `prefix_max_buckets` (the cached
+    step's prefix-read buckets, `kvcache.buckets`). Everything else is a per-request knob.
+
+    `prefix_cache_bytes` > 0 keeps a prefix cache of whole prompt blocks across requests, at
+    most that many bytes of host memory (see the module docstring; 0: none).
     """
 
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_length: int = 512,
                  block_length: int = 32, mbe_window: int = 0, mbe_attention: str = "bidirectional",
                  sampling: bool = False, steps_per_call: int = 8, mask_id: Optional[int] = None,
-                 eos_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
+                 eos_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                 prefix_cache_bytes: int = 0, prefix_growth: float = 2.0, prefix_max_buckets: int = 64):
         if max_length % block_length or max_length > config.max_position_embeddings:
             decode_options.fail("max_length", f"a multiple of block_length={block_length} <= "
                            f"max_position_embeddings={config.max_position_embeddings}", max_length)
@@ -172,7 +201,9 @@ class Engine:
         self.settings = decode_options.DecodeSettings(
             block_length=block_length, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=config.pad_token_id,
             greedy=not sampling, filter_top=sampling, use_cache=True, mbe_window=mbe_window,
-            mbe_attention=mbe_attention)
+            mbe_attention=mbe_attention, prefix_growth=prefix_growth, prefix_max_buckets=prefix_max_buckets)
+        prefix_buckets(self.settings, max_length // block_length)  # a bad growth / bound fails here
+        self.prefix_cache = PrefixCache(block_length, prefix_cache_bytes) if prefix_cache_bytes else None
         statics = dict(config=config, settings=self.settings)
         self._slots = self._empty_slots()
         out = {}
@@ -183,9 +214,16 @@ class Engine:
                        run=dict(out_shardings=(shardings, NamedSharding(mesh, PartitionSpec()))))
         self._admit_fn = jax.jit(functools.partial(_admit, **statics), donate_argnums=(1,), **out.get("admit", {}))
         self._run_fn = jax.jit(functools.partial(_run, **statics), donate_argnums=(1,), **out.get("run", {}))
+        self._row_kv_fn = jax.jit(_row_kv)
+        # What a miss passes as `prefix_kv` (ignored there): on the device once, never copied again.
+        self._no_prefix = None
+        if self.prefix_cache is not None:
+            self._no_prefix = jax.tree.map(lambda c: jnp.zeros((c.shape[0],) + c.shape[2:], c.dtype),
+                                           self._slots.state.cache)
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}  # slot -> request
         self._emitted: dict[int, int] = {}  # slot -> blocks already streamed
+        self._cached: dict[int, int] = {}  # slot -> prompt tokens taken from the prefix cache
         self._next_id = 0
         self.forwards = 0  # engine-level loop iterations (one batched forward each)
 
@@ -266,7 +304,7 @@ class Engine:
                 # start out DONE, so the others decode on unaffected; `_admit` resets the row.
                 st = self._slots.state
                 self._slots = self._slots.replace(state=st.replace(phase=st.phase.at[slot].set(DONE)))
-                del self._active[slot], self._emitted[slot]
+                del self._active[slot], self._emitted[slot], self._cached[slot]
                 return True
         return False
 
@@ -286,11 +324,40 @@ class Engine:
             mbe=o["mbe_window"] > 0)
         key = jax.random.fold_in(jax.random.key(req.seed), 0)
         canvas_len = math.ceil((p + o["gen_length"]) / b) * b
+        extra, hit = (), 0
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.match(req.prompt)
+            hit = len(blocks)
+            extra = (self._prefix_row(blocks) if hit else self._no_prefix, jnp.int32(hit))
         with self._on_mesh():
             self._slots = self._admit_fn(self.params, self._slots, jnp.int32(slot), jnp.asarray(canvas),
-                                         jnp.int32(p), jnp.int32(canvas_len // b), knobs, key)
+                                         jnp.int32(p), jnp.int32(canvas_len // b), knobs, key, *extra)
+            if self.prefix_cache is not None and p // b > hit:
+                row = jax.device_get(self._row_kv_fn(self._slots.state.cache, jnp.int32(slot)))
+                # copies, so that an entry never keeps the whole row alive
+                self.prefix_cache.insert(req.prompt, hit, lambda j: jax.tree.map(
+                    lambda x: np.array(x[:, j * b:(j + 1) * b]), row))
         self._active[slot] = req
         self._emitted[slot] = p // b
+        self._cached[slot] = hit * b
+
+    def _prefix_row(self, blocks: list) -> Any:
+        """The K/V of the matched blocks laid out as one slot row ({group: {"k", "v": [layers, L, K, H]}})."""
+        b = self.settings.block_length
+
+        def row(template, *parts):
+            out = np.zeros(template.shape, parts[0].dtype)
+            for j, part in enumerate(parts):
+                out[:, j * b:(j + 1) * b] = part
+            return out
+
+        # placed as the miss's buffer, so that hits and misses share one compiled admit
+        return jax.device_put(jax.tree.map(row, self._no_prefix, *blocks))  # the template's shape only
+
+    def clear_prefix_cache(self):
+        """Drops the prefix cache (call it after changing `params`: its K/V belong to the old ones)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def poll(self) -> list[Result]:
         """Fills free slots, runs one compiled call, streams final blocks; returns finished requests."""
@@ -316,7 +383,7 @@ class Engine:
             if done:
                 canvas = np.asarray(st.canvas) if canvas is None else canvas
                 results.append(self._result(slot, req, canvas[slot]))
-                del self._active[slot], self._emitted[slot]
+                del self._active[slot], self._emitted[slot], self._cached[slot]
         return results
 
     def _answer(self, req: Request, row: np.ndarray) -> list[int]:
@@ -348,7 +415,7 @@ class Engine:
                       logprobs=logprob[p:p + len(tokens)].tolist(),
                       canvas=row[:canvas_len].copy(), forwards=forwards, steps=int(st.steps[slot]),
                       cache_writes=int(st.cache_writes[slot]), mbe_forwards=int(st.mbe_forwards[slot]),
-                      num_generated=generated, tpf=generated / max(forwards, 1))
+                      num_generated=generated, tpf=generated / max(forwards, 1), cached_tokens=self._cached[slot])
 
     def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Result]:
         """Convenience: submit all, poll until idle, results in submission order."""

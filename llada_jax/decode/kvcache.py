@@ -11,8 +11,9 @@ keys. This module is the decoder's forward instead (same parameters, same math):
     (or on a donated argument);
   * a query sees the cached keys of the *prefix* `j < start[r]` plus the chunk's fresh keys
     under `chunk_mask`; the prefix is read only up to a static bucket of `prefix_buckets`
-    (in blocks, doubling), chosen at run time by `lax.switch` from the longest prefix in the batch, so a
-    step early in a long canvas reads a short prefix. Only the attention is in the switch, the
+    (in blocks, spaced by `buckets`' growth: doubling by default, a step closer to 1 reads closer
+    to the prefix for more compiled branches), chosen at run time by `lax.switch` from the longest
+    prefix in the batch, so a step early in a long canvas reads a short prefix. Only the attention is in the switch, the
     projections and the MoE are not, so the buckets cost little compile time.
 
 Nothing at or after `start[r]` is read from the cache, so a chunk's stale or garbage entries
@@ -41,16 +42,33 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
     return model.init_cache(config, batch, length, dtype)
 
 
-def buckets(num_blocks: int, *, growth: float = 2.0) -> tuple[int, ...]:
-    """Prefix lengths in blocks, 0 .. num_blocks, each at most `growth` times the one before:
-    (0, 1, 2, 4, 8, ...). A read bounded by the next bucket wastes < `growth`x; each bucket is one
-    more attention branch to compile."""
-    out, b = [0], 1
-    while b < num_blocks:
-        out.append(b)
-        b = max(b + 1, int(b * growth))
-    out.append(num_blocks)
-    return tuple(sorted(set(out)))
+def buckets(num_blocks: int, *, growth: float = 2.0, max_buckets: int = 64) -> tuple[int, ...]:
+    """Prefix lengths in blocks, 0 .. num_blocks, each at most `growth` times the one before and at
+    least one block more: growth 2.0 gives (0, 1, 2, 4, 8, ...), 1.25 gives (0, 1, ..., 8, 10, 12,
+    15, 18, ...), 1.0 every block. A read bounded by the next bucket wastes < `growth`x; each bucket
+    is one more attention branch to compile, so where `growth` would give more than `max_buckets`
+    the spacing widens (growth raised in steps of 5%) until it fits. Any spacing gives the same
+    result: keys past a row's prefix are masked."""
+    from llada_jax.decode.options import fail
+
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth >= 1.0:
+        fail("prefix_growth", "a number >= 1.0 (1.0: a bucket per block)", growth)
+    if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 3:
+        fail("prefix_max_buckets", "an integer >= 3 (0, 1 and the whole canvas at least)", max_buckets)
+
+    def spaced(g):
+        out, b = [0], 1
+        while b < num_blocks:
+            out.append(b)
+            b = max(b + 1, int(b * g))
+        out.append(num_blocks)
+        return tuple(sorted(set(out)))
+
+    out = spaced(growth)
+    while len(out) > max_buckets:
+        growth = max(growth * 1.05, 1.05)
+        out = spaced(growth)
+    return out
 
 
 def bucket_index(prefix_buckets: Sequence[int], needed_blocks: Int[Array, ""]) -> Int[Array, ""]:
@@ -165,7 +183,7 @@ def write(cache, new_kv, start: Int[Array, "N"], participate: Bool[Array, "N"]):
 
 
 def prefill(params, config: ModelConfig, tokens: Int[Array, "N L"], num_blocks: Int[Array, "N"], cache,
-            *, block_length: int, chunk_blocks: int, prefix_buckets: Sequence[int]):
+            *, block_length: int, chunk_blocks: int, prefix_buckets: Sequence[int], skip_blocks=0):
     """Block-causal K/V of each row's first `num_blocks[r]` blocks of `tokens`, written at 0.
 
     Chunked: a `while_loop` of forwards over `chunk_blocks` blocks each, every chunk reading the
@@ -175,6 +193,9 @@ def prefill(params, config: ModelConfig, tokens: Int[Array, "N L"], num_blocks: 
     cached, identically). Positions past a row's own prompt blocks get K/V too, which is
     harmless: they lie at or after the row's first decoding chunk and are overwritten before
     being read.
+
+    `skip_blocks` (an int or a traced scalar): the first blocks of every row already hold their
+    K/V (a prefix-cache hit, `llada_jax.decode.prefix_cache`); the chunks start after them.
     """
     n, length = tokens.shape
     b = block_length
@@ -194,5 +215,6 @@ def prefill(params, config: ModelConfig, tokens: Int[Array, "N L"], num_blocks: 
                               block_length=b)
         return start + size, write(cache, kv, starts, needed > start)
 
-    _, cache = jax.lax.while_loop(lambda carry: carry[0] < needed.max(), body, (jnp.int32(0), cache))
+    first = jnp.asarray(skip_blocks, jnp.int32) * b
+    _, cache = jax.lax.while_loop(lambda carry: carry[0] < needed.max(), body, (first, cache))
     return cache

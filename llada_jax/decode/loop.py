@@ -180,12 +180,17 @@ def _model_chunk(params, config, settings, state: DecodeState, start, size, read
         return _slice(logits, start, size), state.cache
     tokens = _slice(canvas, start, size)  # [N, C]
     positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
-    buckets = kvcache.buckets(canvas.shape[1] // b)
+    buckets = prefix_buckets(settings, canvas.shape[1] // b)
     needed = jnp.where(reading, start // b, 0).max()
     logits, kv = kvcache.forward_chunk(params, config, tokens, positions, start, chunk_mask, state.cache,
                                        kvcache.bucket_index(buckets, needed), prefix_buckets=buckets,
                                        block_length=b)
     return logits, kvcache.write(state.cache, kv, start, writing)
+
+
+def prefix_buckets(settings: DecodeSettings, num_blocks: int) -> tuple[int, ...]:
+    """The prefix-read buckets (in blocks) of a canvas of `num_blocks` under these settings."""
+    return kvcache.buckets(num_blocks, growth=settings.prefix_growth, max_buckets=settings.prefix_max_buckets)
 
 
 def _token_logprobs(logits: Float[Array, "N C V"], tok: Int[Array, "N C"]) -> Float[Array, "N C"]:
@@ -349,7 +354,7 @@ def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], 
     if settings.use_cache:
         cache = kvcache.prefill(params, config, canvas, prompt_lens // b, kvcache.init_cache(config, n, length),
                                 block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
-                                prefix_buckets=kvcache.buckets(length // b))
+                                prefix_buckets=prefix_buckets(settings, length // b))
         cache_writes = (prompt_lens >= b).astype(jnp.int32)
     record = {}
     if settings.record_writes:

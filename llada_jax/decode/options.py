@@ -39,6 +39,10 @@ class DecodeSettings:
     mbe_window: int
     mbe_attention: str = "bidirectional"  # or "block_causal" (see the module docstring)
     prefill_chunk_blocks: int = 8  # blocks per prefill forward
+    # How far a cached forward reads the prefix: buckets of blocks, each at most `prefix_growth`
+    # times the one before (`kvcache.buckets`), at most `prefix_max_buckets` compiled branches.
+    prefix_growth: float = 2.0
+    prefix_max_buckets: int = 64
     # Capacity of the per-position write record (0 = off): DiPO's exact trajectory. A position can
     # be written at most once per step of its block (B + max_post_steps steps) and once per MBE
     # proposal while in the window, so `trajectory_capacity` sets it to that bound.

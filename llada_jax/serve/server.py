@@ -12,7 +12,8 @@ request fields: `mode` (S, Q, no_edit, llada20), `threshold`, `editing_threshold
 `stop` (text cut before the first stop sequence, finish_reason "stop"; a stream cancels the
 request there), `n` (n engine requests, choice i seeded `seed + i`), `logprobs` (of the returned
 tokens, as the decoder recorded them when it wrote each one; no alternatives) and `usage` (with
-`prompt_tokens_details.cached_tokens`, 0: there is no prefix cache). Every response carries an
+`prompt_tokens_details.cached_tokens`: the prompt tokens whose prefill the engine's prefix cache
+skipped, 0 without one). Every response carries an
 extra `llada` object (answer token ids, forwards, denoising steps, TPF; per choice in
 `choices[i].llada`). A bad request gets HTTP 400 whose `error.param` names the field.
 
@@ -356,7 +357,8 @@ class App:
         return JSONResponse({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": self.model_name, "choices": choices,
-            "usage": self._usage(len(prompt), [len(r.tokens) for r in results]),
+            "usage": self._usage(len(prompt), [len(r.tokens) for r in results],
+                                 max(r.cached_tokens for r in results)),
             "llada": self._stats(results[0])})
 
     # ------------------------------------------------------------------ helpers
@@ -391,10 +393,12 @@ class App:
                 "text_offset": offsets}
 
     @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: list[int]) -> dict:
+    def _usage(prompt_tokens: int, completion_tokens: list[int], cached_tokens: int = 0) -> dict:
+        """OpenAI's usage; `cached_tokens`: prompt tokens whose prefill the prefix cache skipped
+        (the most over the choices: n choices share one prompt, as one OpenAI request)."""
         total = sum(completion_tokens)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total,
-                "prompt_tokens_details": {"cached_tokens": 0}}  # no prefix cache yet
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
     @staticmethod
     def _stats(res) -> dict:
@@ -412,6 +416,7 @@ class App:
         sent = [""] * n
         finished = [False] * n
         counts = [0] * n
+        cached = [0]  # from the finished choices' results (a choice cut at a stop sends none)
 
         def chunk(i, delta: Optional[str], finish=None, extra=None, role=False):
             if chat:
@@ -432,7 +437,7 @@ class App:
             if res is not None:
                 extra["llada"] = self._stats(res)
             if all(finished):
-                extra["usage"] = self._usage(prompt_tokens, counts)
+                extra["usage"] = self._usage(prompt_tokens, counts, cached[0])
             return chunk(i, None, finish=reason, extra=extra)
 
         try:
@@ -454,6 +459,7 @@ class App:
                     stable = text[:-1] if text.endswith("\ufffd") else text
                 else:
                     tokens[i], counts[i] = list(payload.tokens), len(payload.tokens)
+                    cached[0] = max(cached[0], payload.cached_tokens)
                     stable = text = self._text(payload.tokens)
                 at = _find_stop(stable, stops)
                 if at is not None:

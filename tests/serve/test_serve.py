@@ -1,7 +1,8 @@
 """The OpenAI-compatible server (llada_jax.serve.server, launch/serve.py) driven by the official
 `openai` client over 127.0.0.1: answers equal `generate` one request at a time, also for 8
 concurrent clients sharing the engine; streaming sends finished blocks; a client that disconnects
-frees its slot; `stop`, `n`, `logprobs` and `usage` as OpenAI defines them; /health turns 503 when
+frees its slot; `stop`, `n`, `logprobs` and `usage` as OpenAI defines them (`cached_tokens` from
+the prefix cache on a repeated prompt); /health turns 503 when
 the engine fails; bad fields get HTTP 400; the launcher serves the README's quickstart command."""
 
 import os
@@ -50,8 +51,9 @@ def _serve(api):
 def served(tiny_hf):
     config, params = tiny_hf
     tok = build_task_tokenizer()
+    # With a prefix cache: every equality to `generate` below also holds through it.
     eng = engine.Engine(params, config, slots=4, max_length=128, block_length=B, steps_per_call=4,
-                        mask_id=tok.mask_id, eos_id=tok.eos_id)
+                        mask_id=tok.mask_id, eos_id=tok.eos_id, prefix_cache_bytes=1 << 20)
     api = server.App(eng, tok, model_name="tiny", default_max_tokens=32)
     client, srv, thread = _serve(api)
     yield client, tok, api
@@ -221,6 +223,26 @@ def test_n_greedy_copies_and_full_usage(served):
     assert u.completion_tokens == len(tokens[0]) + len(tokens[1])
     assert u.prompt_tokens == len(tok.encode("12+34=")) and u.total_tokens == u.prompt_tokens + u.completion_tokens
     assert u.prompt_tokens_details.cached_tokens == 0
+
+
+def test_a_repeated_prompt_reports_cached_tokens(served, tiny_hf):
+    """The second time a prompt comes, its whole blocks come from the prefix cache: usage says how
+    many prompt tokens (streamed too), and the answer is the same, and `generate`'s."""
+    client, tok, api = served
+    prompt = "31+42=73,58+19=77,26+63=89,40+47=87,15+"
+    ids = tok.encode(prompt)
+    whole = len(ids) // B * B
+    assert whole >= 2 * B
+    kw = dict(model="tiny", prompt=prompt, max_tokens=32, extra_body={"mode": "S"})
+    first = client.completions.create(**kw)
+    second = client.completions.create(**kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == whole
+    want = _alone(tiny_hf, ids, preset="S")
+    assert first.model_extra["llada"]["tokens"] == second.model_extra["llada"]["tokens"] == want
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == second.choices[0].text
 
 
 @pytest.fixture(scope="module")
