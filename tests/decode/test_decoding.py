@@ -275,6 +275,11 @@ def test_penalty_reduces_repeats(tiny_hf, fixture_runs):
     (dict(top_k=0, temperature=1.0, rng=jax.random.key(0)), "top_k"),
     (dict(max_post_steps=-1), "max_post_steps"),
     (dict(mbe_window=-2), "mbe_window"),
+    (dict(mbe_window=2, mbe_select="first"), "mbe_select"),
+    (dict(mbe_window=2, mbe_max_steps=0), "mbe_max_steps"),
+    (dict(mbe_window=2, mbe_threshold=1.5), "mbe_threshold"),
+    (dict(mbe_window=2, mbe_editing_threshold=-0.1), "mbe_editing_threshold"),
+    (dict(mbe_window=2, mbe_fraction=2.0), "mbe_fraction"),
 ])
 def test_invalid_settings_raise(tiny_hf, kwargs, field):
     kwargs = {"prompts": [[1, 2, 3]], "preset": "Q", **kwargs}
