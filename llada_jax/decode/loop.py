@@ -13,12 +13,14 @@ numbers of steps per block or stopping blocks share the loop:
   DENOISE  a denoising step on the row's current block (the reference's forward);
   COMMIT   re-run the finished block to write its clean K/V (cached path only, and only when
            the last denoising forward did not already see the final tokens);
-  PROPOSE  Multi-Block Editing: one forward over the last `mbe_window` finished blocks that
-           proposes T2T edits there (it also writes those blocks' K/V);
-  REWRITE  re-run the MBE window after an edit, so that the edited K/V are clean;
+  PROPOSE  Multi-Block Editing: one edit forward over a window of `mbe_window` blocks (the new
+           one and history blocks chosen by `mbe_select`), at most `mbe_max_steps` per block;
+  REWRITE  block-causal K/V of `mbe_window` contiguous blocks from the first one an edit changed
+           (after the window, or before another edit step when the window misses a block
+           after the changed one);
   DONE     the row is finished and never changes again.
 
-DENOISE and COMMIT feed a block of B tokens, PROPOSE and REWRITE a window of `mbe_window*B`
+DENOISE and COMMIT feed a block of B tokens, PROPOSE and REWRITE a chunk of `mbe_window*B`
 tokens; with MBE on, an iteration runs whichever of the two shapes some row needs (the window
 first) and rows that need the other one sit that forward out. Per-row statistics count only
 the forwards a row took part in, so a row's numbers are the ones it would get alone.
@@ -34,13 +36,16 @@ forward. `use_cache=False` keeps the reference's algorithm: every step recompute
 canvas under the block-causal mask (logits of block b do not depend on later blocks, so this
 equals running the window x[:(b+1)B]); it is the oracle for the cached path.
 
-Multi-Block Editing attention (`mbe_attention`). "bidirectional" (default): the window's blocks
-attend to each other in both directions (up to the block just finished), so an earlier block
-is revised in light of the newer ones; its K/V are then not the block-causal ones later blocks
-must read, so the proposal writes nothing, an edit is followed by a REWRITE of the window and a
-stale last block by a COMMIT. "block_causal" (REFERENCE §5's first form): each block sees only
-itself and earlier ones, which is exactly what its last denoising step saw, so it rarely edits;
-its proposal forward doubles as the window's K/V write.
+Multi-Block Editing ("Beyond Block Boundaries" as REFERENCE §5 describes it; `_window_op`). The
+window's blocks are gathered into one chunk that reads the cached K/V of every other block before
+the new one; inside it they attend as `mbe_attention` says: "bidirectional" (default), every
+block of the window sees every other one, so an earlier block is revised in light of the newer
+ones; "block_causal", each sees itself and earlier ones only, which is what its last denoising
+step saw, so it rarely edits. Edit forwards write no cache; when the window closes, K/V are
+rewritten block-causally from the first changed block (or the new block, if stale) up to the new
+one, and blocks before that keep theirs bit for bit. The uncached oracle runs the same chunk
+against a full block-causal recompute of the canvas (a duplicated input: the canvas, then the
+chunk), which is what the cache holds.
 
 Shapes and compiles. `generate` pads the canvas to a power of two of blocks and the prefill is
 a loop of fixed-size chunks, so varied prompt lengths share a few compiled programs; per-row
