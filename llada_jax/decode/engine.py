@@ -207,7 +207,9 @@ class Engine:
         knobs = decode_options.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
                                     temperature=np.zeros(n), top_k=np.full(n, self.config.vocab_size),
                                     top_p=np.ones(n), penalty_lambda=np.zeros(n), max_post_steps=np.zeros(n),
-                                    eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool))
+                                    eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool),
+                                    mbe_max_steps=np.ones(n, np.int32), mbe_threshold=np.zeros(n),
+                                    mbe_editing_threshold=np.zeros(n), mbe_fraction=np.zeros(n))
         keys = jax.vmap(jax.random.key)(jnp.arange(n))
         return Slots(state=state, prompt_lens=jnp.zeros((n,), jnp.int32), num_blocks=jnp.ones((n,), jnp.int32),
                      knobs=knobs, row_keys=keys)

@@ -303,10 +303,10 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
 
 def mbe_fields(n: int, window: int, length: int, block_length: int) -> dict:
     """The Multi-Block Editing fields of a fresh `DecodeState` (N rows, window W, canvas L)."""
-    zeros = jnp.zeros((n,), jnp.int32)
+    # distinct buffers (the engine donates its slot state, and a buffer may be donated once)
     return dict(window=jnp.zeros((n, window), jnp.int32), window_ok=jnp.zeros((n, window), bool),
-                mbe_steps=zeros, dirty_from=zeros + length // block_length, cursor=zeros,
-                resume=jnp.zeros((n,), bool))
+                mbe_steps=jnp.zeros((n,), jnp.int32), dirty_from=jnp.full((n,), length // block_length, jnp.int32),
+                cursor=jnp.zeros((n,), jnp.int32), resume=jnp.zeros((n,), bool))
 
 
 def block_surprisal(logprob: Float[Array, "N L"], prompt_lens: Int[Array, "N"],
