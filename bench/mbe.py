@@ -31,6 +31,7 @@ flags.DEFINE_string("workdir", None, "The training run's workdir (tokenizer, dat
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (default: <workdir>/checkpoints).")
 flags.DEFINE_integer("block_length", 4, "Decoding block length.")
 flags.DEFINE_integer("mbe_window", 2, "MBE window in blocks.")
+flags.DEFINE_enum("mbe_select", "surprisal", ["surprisal", "last"], "How an MBE window picks its history blocks.")
 flags.DEFINE_integer("eval_examples", 256, "Held-out examples.")
 flags.DEFINE_list("modes", ["S", "Q"], "Presets.")
 flags.DEFINE_string("moe_impl", "dense", "MoE back end (dense is faster on CPU).")
@@ -48,13 +49,14 @@ def main(argv):
     prompts, metas = heldout.prompts_and_metas(examples, tok, cfg.data.template)
     gen_length = max(cfg.data.seq_len - max(len(p) for p in prompts), 1)
     report = {"workdir": workdir, "examples": len(examples), "block_length": FLAGS.block_length,
-              "gen_length": gen_length, "mbe_window": FLAGS.mbe_window, "runs": []}
+              "gen_length": gen_length, "mbe_window": FLAGS.mbe_window, "mbe_select": FLAGS.mbe_select, "runs": []}
     for mode in FLAGS.modes:
         base = None
         for mbe, attention in ((0, "bidirectional"), (FLAGS.mbe_window, "bidirectional"),
                                (FLAGS.mbe_window, "block_causal")):
             out = decode.generate(params, config, prompts, gen_length=gen_length, block_length=FLAGS.block_length,
                                     preset=mode, mbe_window=mbe, mbe_attention=attention, eos_early_stop=True,
+                                    mbe_select=FLAGS.mbe_select,
                                     eos_id=tok.eos_id, mask_id=tok.mask_id)
             texts = [heldout.completion_text(t, tok) for t in out.tokens]
             scores, _ = rewards.score(texts, metas, "by_task")

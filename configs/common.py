@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.lambda_t2t = 1.0
     c.objective.mtf = False
     c.objective.cap = False
+    # Multi-Block Editing SFT (README "Multi-Block Editing"): cross-block links of window K in the
+    # composite mask (0 = off), or a curriculum of ((num_steps, K), ...) stages, e.g.
+    # ((300, 2), (300, 3), (0, 4)); clean history blocks also see the window's noisy blocks.
+    c.objective.mbe_window = 0
+    c.objective.mbe_window_schedule = ()
+    c.objective.mbe_clean_sees_noisy = True
 
     c.optim = ml_collections.ConfigDict()  # the public SFT recipe's shape (REFERENCE §4)
     c.optim.lr = 1e-5

@@ -44,6 +44,9 @@ flags.DEFINE_integer("block_length", 32, "Block size B.")
 flags.DEFINE_integer("max_post_steps", 16, "Editing steps allowed after a block has no masks.")
 flags.DEFINE_bool("eos_early_stop", True, "Stop after a block once the answer has ended.")
 flags.DEFINE_integer("mbe_window", 0, "Multi-Block Editing window in blocks (0 = off).")
+flags.DEFINE_enum("mbe_select", "surprisal", ["surprisal", "last"],
+                  "How an MBE window picks its history blocks: the most uncertain ones, or the last ones.")
+flags.DEFINE_integer("mbe_max_steps", 5, "Edit forwards per MBE window at most.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("top_k", None, "Top-k filter when sampling.")
 flags.DEFINE_float("top_p", None, "Top-p filter when sampling.")
@@ -112,7 +115,8 @@ def main(argv):
     kw = dict(gen_length=FLAGS.gen_length, block_length=FLAGS.block_length, preset=FLAGS.mode,
               threshold=FLAGS.threshold, editing_threshold=FLAGS.editing_threshold,
               max_post_steps=FLAGS.max_post_steps, eos_early_stop=FLAGS.eos_early_stop,
-              mbe_window=FLAGS.mbe_window, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+              mbe_window=FLAGS.mbe_window, mbe_select=FLAGS.mbe_select, mbe_max_steps=FLAGS.mbe_max_steps,
+              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
               rng=jax.random.key(FLAGS.seed) if FLAGS.temperature > 0 else None)
     results, total_tokens, total_forwards, run_s = [], 0, 0, 0.0
     for start in range(0, len(prompts), FLAGS.batch_size):

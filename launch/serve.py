@@ -40,6 +40,7 @@ flags.DEFINE_integer("max_length", 1024, "Canvas tokens per slot: prompt + max_t
 flags.DEFINE_integer("block_length", 32, "Block size B (requests may only ask for this one).")
 flags.DEFINE_integer("mbe_window", 0, "Multi-Block Editing window in blocks (requests may turn it off).")
 flags.DEFINE_enum("mbe_attention", "bidirectional", ["bidirectional", "block_causal"], "MBE window attention.")
+flags.DEFINE_enum("mbe_select", "surprisal", ["surprisal", "last"], "How an MBE window picks its history blocks.")
 flags.DEFINE_bool("sampling", False, "Compile in sampling (temperature/top_k/top_p); greedy otherwise.")
 flags.DEFINE_integer("steps_per_call", 8, "Loop iterations per engine call (streaming granularity).")
 flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives none.")
@@ -74,7 +75,7 @@ def main(argv):
     max_length = math.ceil(FLAGS.max_length / FLAGS.block_length) * FLAGS.block_length
     eng = engine.Engine(params, config, slots=FLAGS.slots, max_length=max_length,
                         block_length=FLAGS.block_length, mbe_window=FLAGS.mbe_window,
-                        mbe_attention=FLAGS.mbe_attention, sampling=FLAGS.sampling,
+                        mbe_attention=FLAGS.mbe_attention, mbe_select=FLAGS.mbe_select, sampling=FLAGS.sampling,
                         steps_per_call=FLAGS.steps_per_call, mask_id=tok.mask_id, eos_id=tok.eos_id, mesh=mesh,
                         prefix_cache_bytes=FLAGS.prefix_cache_mb << 20, prefix_growth=FLAGS.prefix_growth,
                         prefix_max_buckets=FLAGS.prefix_max_buckets)

@@ -8,14 +8,14 @@ May import `model`, `kernels`, `parallel`; not training, rewards, RL, evaluation
 """
 
 from llada_jax.decode.generation import GenerateOutput, Trajectory, generate, summarize
-from llada_jax.decode.options import (MBE_ATTENTION, PRESETS, DecodeSettings, Knobs, OptionError, check_options,
+from llada_jax.decode.options import (MBE_ATTENTION, MBE_DEFAULTS, MBE_SELECT, PRESETS, DecodeSettings, Knobs, OptionError, check_options,
                                       check_prompts, make_knobs, trajectory_capacity)
 from llada_jax.decode.loop import (COMMIT, DENOISE, DONE, PROPOSE, REWRITE, DecodeState, canvas_bucket,
                                    choose_tokens, decode, init_state, row_keys_for, step)
 
 __all__ = [
     "COMMIT", "DENOISE", "DONE", "DecodeSettings", "DecodeState", "GenerateOutput", "Knobs", "MBE_ATTENTION",
-    "OptionError", "PRESETS", "PROPOSE", "REWRITE", "Trajectory", "canvas_bucket", "check_options", "check_prompts",
+    "MBE_DEFAULTS", "MBE_SELECT",    "OptionError", "PRESETS", "PROPOSE", "REWRITE", "Trajectory", "canvas_bucket", "check_options", "check_prompts",
     "choose_tokens", "decode", "generate", "init_state", "make_knobs", "row_keys_for", "step", "summarize",
     "trajectory_capacity",
 ]

@@ -47,7 +47,7 @@ from jaxtyping import Array, Int
 
 from llada_jax.decode import kvcache
 from llada_jax.decode import options as decode_options
-from llada_jax.decode.loop import DENOISE, DONE, DecodeState, prefix_buckets, step as decode_step
+from llada_jax.decode.loop import DENOISE, DONE, DecodeState, mbe_fields, prefix_buckets, step as decode_step
 from llada_jax.decode.prefix_cache import PrefixCache
 from llada_jax.model.config import ModelConfig
 
@@ -137,6 +137,9 @@ def _admit(params, slots: Slots, slot, canvas_row, prompt_len, num_blocks, knob_
         phase=put(st.phase, DENOISE), post_steps=put(st.post_steps, 0), steps=put(st.steps, 0),
         cache_writes=put(st.cache_writes, (prompt_len >= b).astype(jnp.int32)), mbe_forwards=put(st.mbe_forwards, 0),
         commit_step=put(st.commit_step, -1), logprob=put(st.logprob, 0.0), stale=put(st.stale, False), cache=cache)
+    if st.mbe_steps is not None:  # a fresh Multi-Block Editing session state
+        st = st.replace(mbe_steps=put(st.mbe_steps, 0), dirty_from=put(st.dirty_from, canvas_row.shape[0] // b),
+                        cursor=put(st.cursor, 0), resume=put(st.resume, False))
     return Slots(state=st, prompt_lens=put(slots.prompt_lens, prompt_len), num_blocks=put(slots.num_blocks, num_blocks),
                  knobs=jax.tree.map(put, slots.knobs, knob_row), row_keys=put(slots.row_keys, key_row))
 
@@ -169,10 +172,12 @@ class Engine:
     """Continuous batching: `submit` requests, call `poll` until `idle`; see the module docstring.
 
     Static per engine (they shape the compiled programs): `slots`, `max_length` (canvas tokens per
-    slot, a multiple of `block_length`), `block_length`, `mbe_window` / `mbe_attention` (a request
-    may turn MBE off, not change the window), `sampling` (compile in temperature / top-k / top-p;
-    greedy rows stay exact either way), `prefix_growth` / `prefix_max_buckets` (the cached
-    step's prefix-read buckets, `kvcache.buckets`). Everything else is a per-request knob.
+    slot, a multiple of `block_length`), `block_length`, `mbe_window` / `mbe_attention` /
+    `mbe_select` (a request may turn MBE off, not change the window; its `mbe_max_steps`,
+    `mbe_threshold`, `mbe_editing_threshold` and `mbe_fraction` are per-request knobs), `sampling`
+    (compile in temperature / top-k / top-p; greedy rows stay exact either way), `prefix_growth` /
+    `prefix_max_buckets` (the cached step's prefix-read buckets, `kvcache.buckets`). Everything
+    else is a per-request knob.
 
     `prefix_cache_bytes` > 0 keeps a prefix cache of whole prompt blocks across requests, at
     most that many bytes of host memory (see the module docstring; 0: none).
@@ -180,8 +185,8 @@ class Engine:
 
     def __init__(self, params, config: ModelConfig, *, slots: int = 8, max_length: int = 512,
                  block_length: int = 32, mbe_window: int = 0, mbe_attention: str = "bidirectional",
-                 sampling: bool = False, steps_per_call: int = 8, mask_id: Optional[int] = None,
-                 eos_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                 mbe_select: str = "surprisal", sampling: bool = False, steps_per_call: int = 8,
+                 mask_id: Optional[int] = None, eos_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
                  prefix_cache_bytes: int = 0, prefix_growth: float = 2.0, prefix_max_buckets: int = 64):
         if max_length % block_length or max_length > config.max_position_embeddings:
             decode_options.fail("max_length", f"a multiple of block_length={block_length} <= "
@@ -201,7 +206,8 @@ class Engine:
         self.settings = decode_options.DecodeSettings(
             block_length=block_length, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=config.pad_token_id,
             greedy=not sampling, filter_top=sampling, use_cache=True, mbe_window=mbe_window,
-            mbe_attention=mbe_attention, prefix_growth=prefix_growth, prefix_max_buckets=prefix_max_buckets)
+            mbe_attention=mbe_attention, mbe_select=mbe_select, prefix_growth=prefix_growth,
+            prefix_max_buckets=prefix_max_buckets)
         prefix_buckets(self.settings, max_length // block_length)  # a bad growth / bound fails here
         self.prefix_cache = PrefixCache(block_length, prefix_cache_bytes) if prefix_cache_bytes else None
         statics = dict(config=config, settings=self.settings)
@@ -235,11 +241,15 @@ class Engine:
             steps=jnp.zeros((n,), jnp.int32), cache_writes=jnp.zeros((n,), jnp.int32),
             mbe_forwards=jnp.zeros((n,), jnp.int32), commit_step=jnp.full((n, length), -1, jnp.int32),
             logprob=jnp.zeros((n, length), jnp.float32),
-            stale=jnp.zeros((n,), bool), cache=kvcache.init_cache(self.config, n, length))
+            stale=jnp.zeros((n,), bool), cache=kvcache.init_cache(self.config, n, length),
+            **(mbe_fields(n, min(self.settings.mbe_window, length // self.settings.block_length), length,
+                          self.settings.block_length) if self.settings.mbe_window else {}))
         knobs = decode_options.make_knobs(self.config.vocab_size, threshold=np.zeros(n), editing_threshold=np.zeros(n),
                                     temperature=np.zeros(n), top_k=np.full(n, self.config.vocab_size),
                                     top_p=np.ones(n), penalty_lambda=np.zeros(n), max_post_steps=np.zeros(n),
-                                    eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool))
+                                    eos_early_stop=np.zeros(n, bool), llada20=np.zeros(n, bool), mbe=np.ones(n, bool),
+                                    mbe_max_steps=np.ones(n, np.int32), mbe_threshold=np.zeros(n),
+                                    mbe_editing_threshold=np.zeros(n), mbe_fraction=np.zeros(n))
         keys = jax.vmap(jax.random.key)(jnp.arange(n))
         return Slots(state=state, prompt_lens=jnp.zeros((n,), jnp.int32), num_blocks=jnp.ones((n,), jnp.int32),
                      knobs=knobs, row_keys=keys)
@@ -275,6 +285,8 @@ class Engine:
                            opts["temperature"])
         if opts["mbe_attention"] != self.settings.mbe_attention:
             decode_options.fail("mbe_attention", f"{self.settings.mbe_attention!r} (this engine's)", opts["mbe_attention"])
+        if opts["mbe_select"] != self.settings.mbe_select:
+            decode_options.fail("mbe_select", f"{self.settings.mbe_select!r} (this engine's)", opts["mbe_select"])
         [row] = decode_options.check_prompts([prompt], self.config.vocab_size, self.mask_id)
         need = math.ceil((len(row) + opts["gen_length"]) / self.settings.block_length) * self.settings.block_length
         if need > self.max_length:
@@ -321,7 +333,8 @@ class Engine:
             self.config.vocab_size, threshold=o["threshold"], editing_threshold=o["editing_threshold"],
             temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"], penalty_lambda=o["penalty_lambda"],
             max_post_steps=o["max_post_steps"], eos_early_stop=o["eos_early_stop"], llada20=o["llada20"],
-            mbe=o["mbe_window"] > 0)
+            mbe=o["mbe_window"] > 0, mbe_max_steps=o["mbe_max_steps"], mbe_threshold=o["mbe_threshold"],
+            mbe_editing_threshold=o["mbe_editing_threshold"], mbe_fraction=o["mbe_fraction"])
         key = jax.random.fold_in(jax.random.key(req.seed), 0)
         canvas_len = math.ceil((p + o["gen_length"]) / b) * b
         extra, hit = (), 0
@@ -376,7 +389,14 @@ class Engine:
         w = self.settings.mbe_window
         for slot, req in list(self._active.items()):
             done = phase[slot] == DONE
-            final = block[slot] + 1 if done else block[slot] - (w - 1 if w and req.options["mbe_window"] else 0)
+            if done:
+                final = block[slot] + 1
+            elif w and req.options["mbe_window"]:
+                # A "last" window may still reopen the w - 1 blocks before the current one; a
+                # "surprisal" window any generated block, so those stream when the row is done.
+                final = block[slot] - (w - 1) if self.settings.mbe_select == "last" else 0
+            else:
+                final = block[slot]
             if req.on_block is not None and final > self._emitted[slot]:
                 canvas = np.asarray(st.canvas) if canvas is None else canvas
                 self._stream(slot, req, canvas[slot], final)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.decode.options import check_options, check_prompts, DecodeSettings, fail, make_knobs, trajectory_capacity
+from llada_jax.decode.options import (MBE_DEFAULTS, check_options, check_prompts, DecodeSettings, fail, make_knobs,
+                                      trajectory_capacity)
 from llada_jax.decode.loop import canvas_bucket, decode, DecodeState
 from llada_jax.model.config import ModelConfig
 
@@ -71,6 +72,10 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
              use_cache: bool = True, mbe_window: int = 0, preset: Optional[str] = None,
              llada20: Optional[bool] = None, on_block: Optional[Callable] = None,
              record_trajectory: bool = False, mbe_attention: str = "bidirectional",
+             mbe_select: str = "surprisal", mbe_max_steps: int = MBE_DEFAULTS["mbe_max_steps"],
+             mbe_threshold: float = MBE_DEFAULTS["mbe_threshold"],
+             mbe_editing_threshold: float = MBE_DEFAULTS["mbe_editing_threshold"],
+             mbe_fraction: float = MBE_DEFAULTS["mbe_fraction"],
              mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
     """Draft-and-Edit generation for a batch of prompts (REFERENCE §5).
 
@@ -80,8 +85,11 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     LLaDA2.0 loop: no editing, a block ends as soon as it has no masks, and decoding stops after
     a block whose generated part holds an EOS. Prompts may have different lengths; greedy
     decoding gives each the tokens it would get alone. `mbe_window > 0` turns on Multi-Block
-    Editing over that many finished blocks, whose blocks attend to each other as `mbe_attention`
-    says ("bidirectional" or "block_causal", see the module docstring). Sampling (temperature > 0) needs `rng`; step keys
+    Editing: after each block, a window of that many blocks (the new one and history blocks
+    chosen by `mbe_select`: "surprisal", the most uncertain `mbe_fraction` of the history, or
+    "last") is reopened for at most `mbe_max_steps` edit forwards with its own thresholds
+    `mbe_threshold` (w_mask) and `mbe_editing_threshold` (w_edit); its blocks attend to each other
+    as `mbe_attention` says ("bidirectional" or "block_causal", see `decode.loop`). Sampling (temperature > 0) needs `rng`; step keys
     are `fold_in(fold_in(rng, row), forwards so far)`. `on_block` streams finished blocks to a
     host function (see `decode`). `record_trajectory` also returns every write of every position
     with its step (`GenerateOutput.trajectory`, what DiPO needs).
@@ -96,7 +104,9 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         config, gen_length=gen_length, block_length=block_length, threshold=threshold,
         editing_threshold=editing_threshold, max_post_steps=max_post_steps, eos_early_stop=eos_early_stop,
         temperature=temperature, top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, mask_id=mask_id,
-        eos_id=eos_id, mbe_window=mbe_window, preset=preset, llada20=llada20, mbe_attention=mbe_attention)
+        eos_id=eos_id, mbe_window=mbe_window, preset=preset, llada20=llada20, mbe_attention=mbe_attention,
+        mbe_select=mbe_select, mbe_max_steps=mbe_max_steps, mbe_threshold=mbe_threshold,
+        mbe_editing_threshold=mbe_editing_threshold, mbe_fraction=mbe_fraction)
     mask_id, eos_id, vocab = opts["mask_id"], opts["eos_id"], config.vocab_size
     threshold, editing_threshold, llada20 = opts["threshold"], opts["editing_threshold"], opts["llada20"]
     greedy = temperature == 0.0
@@ -123,11 +133,15 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
-        use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention,
-        record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window) if record_trajectory else 0)
+        use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention, mbe_select=mbe_select,
+        record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window, mbe_max_steps=mbe_max_steps,
+                                          mbe_select=mbe_select, num_blocks=length // block_length)
+        if record_trajectory else 0)
     knobs = make_knobs(vocab, threshold=threshold, editing_threshold=editing_threshold, temperature=temperature,
                        top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, max_post_steps=max_post_steps,
-                       eos_early_stop=eos_early_stop, llada20=llada20)
+                       eos_early_stop=eos_early_stop, llada20=llada20, mbe_max_steps=mbe_max_steps,
+                       mbe_threshold=mbe_threshold, mbe_editing_threshold=mbe_editing_threshold,
+                       mbe_fraction=mbe_fraction)
     rng = jax.random.key(0) if rng is None else rng
     if mesh is None:
         state = decode(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), jnp.asarray(canvas_lens), knobs, rng,

@@ -83,7 +83,7 @@ def _norm(config, p, x):
 
 
 def _attention(config, p, x, positions, start, chunk_mask, cache_k, cache_v, layer, bucket, prefix_buckets,
-               block_length):
+               block_length, prefix_limit=None, hidden=None):
     """One layer's attention; returns (output [N, C, D], chunk K [N, C, K, H], chunk V)."""
     c = config
     dt = jnp.dtype(c.dtype)
@@ -111,8 +111,14 @@ def _attention(config, p, x, positions, start, chunk_mask, cache_k, cache_v, lay
             kp = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, 0, 0), (1, n, size, k_heads, h))[0].astype(dt)
             vp = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, 0, 0), (1, n, size, k_heads, h))[0].astype(dt)
             s_pre = jnp.einsum("btkgh,bskh->bkgts", qg, kp).astype(jnp.float32) / scale  # [N, K, G, C, kb*B]
-            visible = jnp.arange(size, dtype=jnp.int32)[None, :] < start[:, None]  # [N, kb*B]
-            s_pre = jnp.where(visible[:, None, None, None, :], s_pre, _NEG)
+            keys = jnp.arange(size, dtype=jnp.int32)
+            if prefix_limit is None:
+                visible = (keys[None, :] < start[:, None])[:, None, :]  # [N, 1, kb*B]
+            else:  # per query: keys before its own limit
+                visible = keys[None, None, :] < prefix_limit[:, :, None]  # [N, C, kb*B]
+            if hidden is not None:  # cached entries whose fresh K/V are in the chunk
+                visible = visible & ~hidden[:, None, :size]
+            s_pre = jnp.where(visible[:, None, None], s_pre, _NEG)
             probs = jax.nn.softmax(jnp.concatenate([s_pre, s_chunk], axis=-1), axis=-1).astype(dt)
             return (jnp.einsum("bkgts,bskh->btkgh", probs[..., :size], vp)
                     + jnp.einsum("bkgts,bskh->btkgh", probs[..., size:], v))
@@ -126,12 +132,15 @@ def _attention(config, p, x, positions, start, chunk_mask, cache_k, cache_v, lay
 
 def forward_chunk(params, config: ModelConfig, tokens: Int[Array, "N C"], positions: Int[Array, "N C"],
                   start: Int[Array, "N"], chunk_mask: Bool[Array, "N C C"], cache, bucket: Int[Array, ""],
-                  *, prefix_buckets: Sequence[int], block_length: int):
+                  *, prefix_buckets: Sequence[int], block_length: int, prefix_limit=None, hidden=None):
     """Logits of a chunk and its new K/V, reading the cached prefix `j < start[r]`.
 
     chunk_mask [N|1, C, C]: which chunk keys each chunk query sees. `bucket` indexes
     `prefix_buckets` (blocks of the cache read; it must cover max(start) over the rows whose
     output is used). Returns (logits [N, C, V] fp32, {"dense"|"moe": {"k", "v": [layers, N, C, K, H]}}).
+    A chunk gathered from several places of the canvas (a Multi-Block Editing window) passes
+    `prefix_limit` [N, C] (query i reads cached keys j < prefix_limit[r, i] instead of j < start[r])
+    and `hidden` [N, S] (cached entries no query reads: the blocks whose fresh K/V the chunk holds).
     """
     c = config
     dt = jnp.dtype(c.dtype)
@@ -148,7 +157,7 @@ def forward_chunk(params, config: ModelConfig, tokens: Int[Array, "N C"], positi
             p, layer = scanned
             x = constrain(x, ("act_batch", "act_length", "act_embed"))
             h, k, v = _attention(c, p["attn"], _norm(c, p["input_norm"], x), positions, start, chunk_mask,
-                                 cache_k, cache_v, layer, bucket, prefix_buckets, block_length)
+                                 cache_k, cache_v, layer, bucket, prefix_buckets, block_length, prefix_limit, hidden)
             x = x + h
             hn = _norm(c, p["post_attn_norm"], x)
             if moe:
@@ -163,17 +172,20 @@ def forward_chunk(params, config: ModelConfig, tokens: Int[Array, "N C"], positi
     return constrain(logits, ("act_batch", "act_length", "act_vocab")), new_kv
 
 
-def write(cache, new_kv, start: Int[Array, "N"], participate: Bool[Array, "N"]):
+def write(cache, new_kv, start: Int[Array, "N"], participate: Bool[Array, "N"], positions=None):
     """The chunk K/V written into the cache at each row's `start` (rows not taking part keep theirs).
 
-    One dynamic-update-slice per row: on a loop carry or a donated buffer XLA does it in place."""
+    `positions` [N, C] (optional) restricts the write to those chunk positions; the others keep
+    their cached K/V bit for bit. One dynamic-update-slice per row: on a loop carry or a donated
+    buffer XLA does it in place."""
     def put(buf, upd):  # buf [layers, N, S, K, H], upd [layers, N, C, K, H]
         size = upd.shape[2]
         rows = jnp.arange(buf.shape[1])
 
         def one(buf, r):
             old = jax.lax.dynamic_slice_in_dim(buf[:, r], start[r], size, axis=1)
-            new = jnp.where(participate[r], upd[:, r], old)
+            keep = participate[r] if positions is None else participate[r] & positions[r][None, :, None, None]
+            new = jnp.where(keep, upd[:, r], old)
             return jax.lax.dynamic_update_slice(buf, new[:, None], (0, r, start[r], 0, 0)), None
 
         buf, _ = jax.lax.scan(one, buf, rows)

@@ -13,12 +13,14 @@ numbers of steps per block or stopping blocks share the loop:
   DENOISE  a denoising step on the row's current block (the reference's forward);
   COMMIT   re-run the finished block to write its clean K/V (cached path only, and only when
            the last denoising forward did not already see the final tokens);
-  PROPOSE  Multi-Block Editing: one forward over the last `mbe_window` finished blocks that
-           proposes T2T edits there (it also writes those blocks' K/V);
-  REWRITE  re-run the MBE window after an edit, so that the edited K/V are clean;
+  PROPOSE  Multi-Block Editing: one edit forward over a window of `mbe_window` blocks (the new
+           one and history blocks chosen by `mbe_select`), at most `mbe_max_steps` per block;
+  REWRITE  block-causal K/V of `mbe_window` contiguous blocks from the first one an edit changed
+           (after the window, or before another edit step when the window misses a block
+           after the changed one);
   DONE     the row is finished and never changes again.
 
-DENOISE and COMMIT feed a block of B tokens, PROPOSE and REWRITE a window of `mbe_window*B`
+DENOISE and COMMIT feed a block of B tokens, PROPOSE and REWRITE a chunk of `mbe_window*B`
 tokens; with MBE on, an iteration runs whichever of the two shapes some row needs (the window
 first) and rows that need the other one sit that forward out. Per-row statistics count only
 the forwards a row took part in, so a row's numbers are the ones it would get alone.
@@ -34,13 +36,16 @@ forward. `use_cache=False` keeps the reference's algorithm: every step recompute
 canvas under the block-causal mask (logits of block b do not depend on later blocks, so this
 equals running the window x[:(b+1)B]); it is the oracle for the cached path.
 
-Multi-Block Editing attention (`mbe_attention`). "bidirectional" (default): the window's blocks
-attend to each other in both directions (up to the block just finished), so an earlier block
-is revised in light of the newer ones; its K/V are then not the block-causal ones later blocks
-must read, so the proposal writes nothing, an edit is followed by a REWRITE of the window and a
-stale last block by a COMMIT. "block_causal" (REFERENCE §5's first form): each block sees only
-itself and earlier ones, which is exactly what its last denoising step saw, so it rarely edits;
-its proposal forward doubles as the window's K/V write.
+Multi-Block Editing ("Beyond Block Boundaries" as REFERENCE §5 describes it; `_window_op`). The
+window's blocks are gathered into one chunk that reads the cached K/V of every other block before
+the new one; inside it they attend as `mbe_attention` says: "bidirectional" (default), every
+block of the window sees every other one, so an earlier block is revised in light of the newer
+ones; "block_causal", each sees itself and earlier ones only, which is what its last denoising
+step saw, so it rarely edits. Edit forwards write no cache; when the window closes, K/V are
+rewritten block-causally from the first changed block (or the new block, if stale) up to the new
+one, and blocks before that keep theirs bit for bit. The uncached oracle runs the same chunk
+against a full block-causal recompute of the canvas (a duplicated input: the canvas, then the
+chunk), which is what the cache holds.
 
 Shapes and compiles. `generate` pads the canvas to a power of two of blocks and the prefill is
 a loop of fixed-size chunks, so varied prompt lengths share a few compiled programs; per-row
@@ -96,6 +101,16 @@ class DecodeState:
     write_step: Any = None
     write_token: Any = None
     write_count: Any = None
+    # Multi-Block Editing (`mbe_fields`; None without a window): the open window's blocks [N, W]
+    # (the new block last) and which of them are real, the edit forwards it has run, the first
+    # block an edit changed since the cache was last made clean (num_blocks = none), the next
+    # block a REWRITE writes, and whether a REWRITE returns to the window (more edit steps).
+    window: Any = None
+    window_ok: Any = None
+    mbe_steps: Any = None
+    dirty_from: Any = None
+    cursor: Any = None
+    resume: Any = None
 
     @property
     def forwards(self) -> Int[Array, "N"]:
@@ -287,59 +302,208 @@ def _block_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSta
         return _finish_block(state, ended, stale, prompt_lens, num_blocks, knobs, settings)
     propose = ended & knobs.mbe
     state = _finish_block(state, ended & ~propose, stale, prompt_lens, num_blocks, knobs, settings)
-    return state.replace(phase=jnp.where(propose, PROPOSE, state.phase), stale=jnp.where(ended, stale, state.stale))
+    return state.replace(phase=jnp.where(propose, PROPOSE, state.phase), stale=jnp.where(ended, stale, state.stale),
+                         mbe_steps=jnp.where(propose, 0, state.mbe_steps))
+
+
+def mbe_fields(n: int, window: int, length: int, block_length: int) -> dict:
+    """The Multi-Block Editing fields of a fresh `DecodeState` (N rows, window W, canvas L)."""
+    # distinct buffers (the engine donates its slot state, and a buffer may be donated once)
+    return dict(window=jnp.zeros((n, window), jnp.int32), window_ok=jnp.zeros((n, window), bool),
+                mbe_steps=jnp.zeros((n,), jnp.int32), dirty_from=jnp.full((n,), length // block_length, jnp.int32),
+                cursor=jnp.zeros((n,), jnp.int32), resume=jnp.zeros((n,), bool))
+
+
+def block_surprisal(logprob: Float[Array, "N L"], prompt_lens: Int[Array, "N"],
+                    block_length: int) -> tuple[Float[Array, "N NB"], Int[Array, "N NB"]]:
+    """Mean surprisal -log p of each block's generated tokens (as written: `DecodeState.logprob`)
+    and their count; the score by which "surprisal" windows reopen history blocks."""
+    n, length = logprob.shape
+    gen = jnp.arange(length)[None, :] >= prompt_lens[:, None]
+    total = jnp.where(gen, -logprob, 0.0).reshape(n, -1, block_length).sum(-1)
+    count = gen.reshape(n, -1, block_length).sum(-1)
+    return total / jnp.maximum(count, 1), count
+
+
+def choose_window(state: DecodeState, prompt_lens, knobs: Knobs, settings: DecodeSettings,
+                  width: int) -> tuple[Int[Array, "N W"], Bool[Array, "N W"]]:
+    """The blocks a Multi-Block Editing window reopens: up to `width - 1` history blocks, then the
+    block just finished. "last": the blocks right before it. "surprisal" (*Project choice* on the
+    paper's "entropy-based surprisal watermark"): the watermark keeps the most uncertain
+    `mbe_fraction` of the generated history blocks (ceil of the share, by `block_surprisal`), and
+    the window takes the most uncertain of those. Slots that are not real repeat the new block
+    with `ok` False."""
+    b = settings.block_length
+    cur = state.block
+    if width == 1:
+        return cur[:, None], jnp.ones_like(cur[:, None], bool)
+    first_gen = prompt_lens // b  # the first block holding a generated position
+    if settings.mbe_select == "last":
+        hist = cur[:, None] - (width - 1) + jnp.arange(width - 1, dtype=jnp.int32)[None, :]
+        ok = hist >= first_gen[:, None]
+    else:
+        score, count = block_surprisal(state.logprob, prompt_lens, b)
+        blk = jnp.arange(score.shape[1], dtype=jnp.int32)[None, :]
+        cand = (blk >= first_gen[:, None]) & (blk < cur[:, None]) & (count > 0)
+        keep = jnp.ceil(_col(knobs.mbe_fraction, 1) * cand.sum(-1)).astype(jnp.int32)  # above the watermark
+        top, idx = jax.lax.top_k(jnp.where(cand, score, -jnp.inf), width - 1)
+        ok = (jnp.arange(width - 1)[None, :] < jnp.minimum(keep, width - 1)[:, None]) & (top > -jnp.inf)
+        hist = idx.astype(jnp.int32)
+    window = jnp.concatenate([jnp.where(ok, hist, cur[:, None]), cur[:, None]], axis=1)
+    return window, jnp.concatenate([ok, jnp.ones_like(ok[:, :1])], axis=1)
+
+
+def _gather(a, idx):
+    return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), axis=1)
+
+
+def _scatter(a, idx, values, write):
+    """a[r, idx[r, i]] = values[r, i] where `write` (other slots are dropped, never raced)."""
+    idx = jnp.where(write, idx, a.shape[1])
+    return jax.vmap(lambda row, i, v: row.at[i].set(v, mode="drop"))(a, idx, values)
+
+
+def _record_at(state: DecodeState, idx, write, tok, step) -> DecodeState:
+    """`_record` for a chunk gathered from canvas positions `idx` [N, C]."""
+    if state.write_step is None:
+        return state
+    count = _gather(state.write_count, idx)  # [N, C]
+    slots = state.write_step.shape[-1]
+    put = write[..., None] & (jnp.arange(slots) == count[..., None])  # [N, C, W]
+    gather3 = jax.vmap(lambda a, i: a[jnp.clip(i, 0, a.shape[0] - 1)])
+    steps = jnp.where(put, step[:, None, None], gather3(state.write_step, idx))
+    tokens = jnp.where(put, tok[..., None], gather3(state.write_token, idx))
+    return state.replace(write_step=_scatter(state.write_step, idx, steps, write),
+                         write_token=_scatter(state.write_token, idx, tokens, write),
+                         write_count=_scatter(state.write_count, idx, count + write, write))
 
 
 def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeState, *, config, settings):
-    """One window forward (Multi-Block Editing): edit proposals for PROPOSE rows over the last
-    `mbe_window` finished blocks, a block-causal K/V rewrite for REWRITE rows."""
+    """One window forward (Multi-Block Editing) for PROPOSE and REWRITE rows.
+
+    PROPOSE: the window's blocks (`choose_window`, fixed for the window's edit steps) are gathered
+    into one chunk that reads the cached K/V of every other block before the new one; inside the
+    chunk they attend as `mbe_attention` says. Masked positions are filled above `mbe_threshold`
+    (w_mask), generated tokens edited above `mbe_editing_threshold` (w_edit). Nothing is written
+    to the cache. Another edit step follows while the last one changed something and fewer than
+    `mbe_max_steps` ran; before it, a REWRITE makes clean the blocks after an edited one that the
+    window does not hold (their cached K/V read the old tokens). When the window closes, the cache
+    is rewritten from the first changed block (or the new block, if its K/V are stale) to the new
+    block, and only then: a window that changed nothing leaves every cached K/V bit for bit.
+    REWRITE: block-causal K/V of `mbe_window` contiguous blocks from `cursor`, written for the
+    blocks from `cursor` to the new one (blocks before `cursor` are read, never overwritten).
+    """
     b = settings.block_length
     length = state.canvas.shape[1]
-    w = min(settings.mbe_window, length // b)
+    nb = length // b
+    w = min(settings.mbe_window, nb)
     size = w * b
     bidirectional = settings.mbe_attention == "bidirectional"
     proposing = state.phase == PROPOSE
     rewriting = state.phase == REWRITE
-    first = jnp.maximum(state.block - w + 1, 0)  # first window block; the window may run past the
-    start = first * b  # current block near the canvas start, and edits stop at the current block
-    # Which keys a window query sees: block-causal, or (proposals, bidirectional) every block of
-    # the window up to the one just finished. Only the window's rows of `full_mask` are used.
-    qblk = jnp.arange(length, dtype=jnp.int32) // b  # [L]
-    in_window = (qblk[None, :] >= first[:, None]) & (qblk[None, :] <= state.block[:, None])  # [N, L]
-    open_up = (proposing & bidirectional)[:, None] & in_window
-    limit = jnp.where(open_up, state.block[:, None], qblk[None, :])  # [N, L]: last key block per query
-    chunk_limit = _slice(limit, start, size)  # [N, C]
-    chunk_mask = (jnp.arange(size) // b + first[:, None])[:, None, :] <= chunk_limit[:, :, None]  # [N, C, C]
-    full_mask = None if settings.use_cache else qblk[None, None, :] <= limit[:, :, None]  # [N, L, L]
-    writing = rewriting | (proposing & (not bidirectional))
-    logits, cache = _model_chunk(params, config, settings, state, start, size, proposing | rewriting,
-                                 writing, chunk_mask, full_mask)
-    positions = start[:, None] + jnp.arange(size, dtype=jnp.int32)  # [N, C]
-    tokens = _slice(state.canvas, start, size)
-    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, positions), _step_keys(row_keys, state),
-                           knobs, settings)
-    editable = ((positions >= prompt_lens[:, None]) & (positions < (state.block[:, None] + 1) * b)
-                & (tokens != settings.mask_id))
-    write = (editable & (tok != tokens) & (p > _col(knobs.editing_threshold, 2))
-             & proposing[:, None])
+    cur = state.block
+    slot = jnp.arange(size, dtype=jnp.int32) // b  # [C] window slot of each chunk position
+
+    # PROPOSE rows: the window (chosen at its first edit step), gathered.
+    fresh = proposing & (state.mbe_steps == 0)
+    chosen, chosen_ok = choose_window(state, prompt_lens, knobs, settings, w)
+    window = jnp.where(fresh[:, None], chosen, state.window)
+    window_ok = jnp.where(fresh[:, None], chosen_ok, state.window_ok)
+    q_blk_p = window[:, slot]  # [N, C] canvas block of each chunk position
+    ok_p = window_ok[:, slot]
+    same_slot = slot[:, None] == slot[None, :]
+    sees = ok_p[:, None, :] & (True if bidirectional else q_blk_p[:, None, :] <= q_blk_p[:, :, None])
+    mask_p = sees | same_slot[None]  # [N, C, C]; a slot that is not real sees only itself
+    limit_p = jnp.broadcast_to(cur[:, None], q_blk_p.shape) if bidirectional else q_blk_p
+    limit_p = limit_p * b  # [N, C]: a query reads the cached keys j < its limit
+    pos_blk = jnp.arange(length, dtype=jnp.int32) // b  # [L]
+    hidden = ((pos_blk[None, :, None] == window[:, None, :]) & window_ok[:, None, :]).any(-1)  # [N, L]
+
+    # REWRITE rows: `w` contiguous blocks ending inside the canvas, block causal.
+    first = jnp.minimum(state.cursor, nb - w)  # [N]
+    q_blk_r = first[:, None] + slot[None, :]
+    mask_r = q_blk_r[:, None, :] <= q_blk_r[:, :, None]
+
+    q_blk = jnp.where(proposing[:, None], q_blk_p, q_blk_r)
+    idx = q_blk * b + jnp.arange(size, dtype=jnp.int32)[None, :] % b  # [N, C] canvas positions
+    chunk_mask = jnp.where(proposing[:, None, None], mask_p, mask_r)
+    limit = jnp.where(proposing[:, None], limit_p, first[:, None] * b)
+    hidden = hidden & proposing[:, None]
+    tokens = _gather(state.canvas, idx)
+    write_kv = rewriting[:, None] & (q_blk >= state.cursor[:, None]) & (q_blk <= cur[:, None])
+
+    if settings.use_cache:
+        buckets = kvcache.buckets(nb)
+        needed = jnp.where(proposing, cur, jnp.where(rewriting, first, 0)).max()
+        logits, kv = kvcache.forward_chunk(params, config, tokens, idx, first * b, chunk_mask, state.cache,
+                                           kvcache.bucket_index(buckets, needed), prefix_buckets=buckets,
+                                           block_length=b, prefix_limit=limit, hidden=hidden)
+        cache = kvcache.write(state.cache, kv, first * b, rewriting, positions=write_kv)
+    else:
+        # The oracle, without a cache: the whole canvas block causal (what the cache holds), and
+        # the chunk's own copy of its tokens reading it as the cached forward reads the cache.
+        n = tokens.shape[0]
+        canvas_mask = jnp.broadcast_to((pos_blk[None, :] <= pos_blk[:, None])[None], (n, length, length))
+        keys = jnp.arange(length, dtype=jnp.int32)
+        chunk_reads = (keys[None, None, :] < limit[:, :, None]) & ~hidden[:, None, :]  # [N, C, L]
+        full = jnp.concatenate([
+            jnp.concatenate([canvas_mask, jnp.zeros((n, length, size), bool)], axis=2),
+            jnp.concatenate([chunk_reads, chunk_mask], axis=2)], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(keys, (n, length)), idx], axis=1)
+        logits = model.forward(params, config, jnp.concatenate([state.canvas, tokens], axis=1), positions,
+                               mask=full)[:, length:]
+        cache = state.cache
+    tok, p = choose_tokens(logits, _prev_tokens(state.canvas, idx), _step_keys(row_keys, state), knobs, settings)
+    generated = (idx >= prompt_lens[:, None]) & ok_p & proposing[:, None]
+    masked = tokens == settings.mask_id
+    write = generated & jnp.where(masked, p > _col(knobs.mbe_threshold, 2),
+                                  (tok != tokens) & (p > _col(knobs.mbe_editing_threshold, 2)))
     edited = write.any(-1)
-    stamp = jnp.where(write, state.steps[:, None] - 1, _slice(state.commit_step, start, size))
-    logprob = jnp.where(write, _token_logprobs(logits, tok), _slice(state.logprob, start, size))
-    state = _record(state, start, size, write, tok, state.steps - 1)
+    changed = jnp.where(write, q_blk, nb).min(-1)
+    stamp = jnp.where(write, state.steps[:, None] - 1, _gather(state.commit_step, idx))
+    logprob = jnp.where(write, _token_logprobs(logits, tok), _gather(state.logprob, idx))
+    state = _record_at(state, idx, write, tok, state.steps - 1)
+
+    # PROPOSE bookkeeping: another edit step, a REWRITE first, or the window closes.
+    dirty = jnp.where(proposing, jnp.minimum(state.dirty_from, changed), state.dirty_from)
+    steps_done = state.mbe_steps + proposing
+    more = proposing & edited & (steps_done < knobs.mbe_max_steps)
+    in_window = ((pos_blk[None, ::b, None] == window[:, None, :]) & window_ok[:, None, :]).any(-1)  # [N, NB]
+    blocks = jnp.arange(nb, dtype=jnp.int32)[None, :]
+    gap = ((blocks > dirty[:, None]) & (blocks < cur[:, None]) & ~in_window).any(-1)
+    closing = proposing & ~more
+    pending = jnp.minimum(dirty, jnp.where(state.stale, cur, nb))  # first block whose K/V must be rewritten
+    # REWRITE rows: the next chunk, or the end of the rewrite.
+    after_first = first + w
+    rewrite_done = rewriting & (after_first > cur)
+    back = rewrite_done & state.resume
+    onward = rewrite_done & ~state.resume
+    clean = rewrite_done  # the cache holds clean K/V up to the new block again
     state = state.replace(
-        canvas=_update(state.canvas, jnp.where(write, tok, tokens), start),
-        commit_step=_update(state.commit_step, stamp, start),
-        logprob=_update(state.logprob, logprob, start),
+        canvas=_scatter(state.canvas, idx, tok, write),
+        commit_step=_scatter(state.commit_step, idx, stamp, write),
+        logprob=_scatter(state.logprob, idx, logprob, write),
         mbe_forwards=state.mbe_forwards + proposing,
         cache_writes=state.cache_writes + rewriting,
         cache=cache,
-        phase=jnp.where(rewriting, DENOISE, state.phase),
-        block=state.block + rewriting)
-    # A block-causal proposal wrote the window's K/V for the pre-edit tokens: clean unless edited.
-    # A bidirectional one wrote nothing: the last block still needs a commit if it was stale.
-    dirty = edited | (state.stale & bidirectional)
-    after = _finish_block(state, proposing, dirty, prompt_lens, num_blocks, knobs, settings)
-    return after.replace(phase=jnp.where(proposing & edited & (after.phase == COMMIT), REWRITE, after.phase))
+        window=window, window_ok=window_ok, mbe_steps=steps_done,
+        dirty_from=jnp.where(clean, nb, dirty),
+        stale=jnp.where(clean, False, state.stale),
+        cursor=jnp.where(rewriting, after_first, state.cursor),
+        phase=jnp.where(back, PROPOSE, jnp.where(onward, DENOISE, state.phase)),
+        block=state.block + onward)
+    # More edit steps: straight on when the window holds every block after the first edit, else
+    # after a REWRITE from it (the new block's K/V included).
+    mid = more & gap & settings.use_cache  # (without a cache there is nothing to make clean)
+    state = state.replace(phase=jnp.where(mid, REWRITE, state.phase), cursor=jnp.where(mid, dirty, state.cursor),
+                          resume=jnp.where(mid, True, jnp.where(closing, False, state.resume)))
+    # The window closes: stop, rewrite from the first stale block, or go on to the next block.
+    after = _finish_block(state, closing, pending <= cur, prompt_lens, num_blocks, knobs, settings)
+    rewrite = closing & (after.phase == COMMIT) & (pending < cur)
+    return after.replace(phase=jnp.where(rewrite, REWRITE, after.phase),
+                         cursor=jnp.where(rewrite, pending, after.cursor),
+                         dirty_from=jnp.where(closing, nb, after.dirty_from),
+                         stale=jnp.where(closing, False, after.stale))
 
 
 def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], *, config: ModelConfig,
@@ -356,10 +520,10 @@ def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], 
                                 block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
                                 prefix_buckets=prefix_buckets(settings, length // b))
         cache_writes = (prompt_lens >= b).astype(jnp.int32)
-    record = {}
+    record = mbe_fields(n, min(settings.mbe_window, length // b), length, b) if settings.mbe_window else {}
     if settings.record_writes:
         w = settings.record_writes
-        record = dict(write_step=jnp.full((n, length, w), -1, jnp.int32),
+        record.update(write_step=jnp.full((n, length, w), -1, jnp.int32),
                       write_token=jnp.full((n, length, w), settings.mask_id, jnp.int32),
                       write_count=jnp.zeros((n, length), jnp.int32))
     return DecodeState(

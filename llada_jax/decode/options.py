@@ -38,6 +38,9 @@ class DecodeSettings:
     use_cache: bool
     mbe_window: int
     mbe_attention: str = "bidirectional"  # or "block_causal" (see the module docstring)
+    # How a Multi-Block Editing window picks its history blocks: "surprisal" (the most uncertain
+    # blocks, `Knobs.mbe_fraction`) or "last" (the blocks just before the new one).
+    mbe_select: str = "surprisal"
     prefill_chunk_blocks: int = 8  # blocks per prefill forward
     # How far a cached forward reads the prefix: buckets of blocks, each at most `prefix_growth`
     # times the one before (`kvcache.buckets`), at most `prefix_max_buckets` compiled branches.
@@ -50,6 +53,10 @@ class DecodeSettings:
 
 
 MBE_ATTENTION = ("bidirectional", "block_causal")
+MBE_SELECT = ("surprisal", "last")
+# Multi-Block Editing defaults ("Beyond Block Boundaries", REFERENCE §5): at most 5 edit steps per
+# window, its own thresholds w_mask 0.5 and w_edit 0.0, history blocks from the most uncertain 25%.
+MBE_DEFAULTS = dict(mbe_max_steps=5, mbe_threshold=0.5, mbe_editing_threshold=0.0, mbe_fraction=0.25)
 
 
 @flax.struct.dataclass
@@ -69,6 +76,10 @@ class Knobs:
     eos_early_stop: Bool[Array, ""]
     llada20: Bool[Array, ""]
     mbe: Any = True  # this row uses Multi-Block Editing (when the program has a window)
+    mbe_max_steps: Any = MBE_DEFAULTS["mbe_max_steps"]  # edit forwards per window at most
+    mbe_threshold: Any = MBE_DEFAULTS["mbe_threshold"]  # w_mask: fills a masked window position
+    mbe_editing_threshold: Any = MBE_DEFAULTS["mbe_editing_threshold"]  # w_edit: edits a window token
+    mbe_fraction: Any = MBE_DEFAULTS["mbe_fraction"]  # "surprisal" windows: the uncertain share of history
 
 
 class OptionError(ValueError):
@@ -109,7 +120,11 @@ def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 3
                   top_k: Optional[int] = None, top_p: Optional[float] = None, penalty_lambda: float = 0.0,
                   mask_id: Optional[int] = None, eos_id: Optional[int] = None, mbe_window: int = 0,
                   preset: Optional[str] = None, llada20: Optional[bool] = None,
-                  mbe_attention: str = "bidirectional") -> dict[str, Any]:
+                  mbe_attention: str = "bidirectional", mbe_select: str = "surprisal",
+                  mbe_max_steps: int = MBE_DEFAULTS["mbe_max_steps"],
+                  mbe_threshold: float = MBE_DEFAULTS["mbe_threshold"],
+                  mbe_editing_threshold: float = MBE_DEFAULTS["mbe_editing_threshold"],
+                  mbe_fraction: float = MBE_DEFAULTS["mbe_fraction"]) -> dict[str, Any]:
     """The decoding options of `generate` checked and resolved (preset applied, ids defaulted);
     raises `OptionError` naming the field, the expected and the found value."""
     if preset is not None:
@@ -132,7 +147,9 @@ def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 3
             fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
 
     for field, value in (("threshold", threshold), ("editing_threshold", editing_threshold),
-                         ("temperature", temperature), ("penalty_lambda", penalty_lambda), ("top_p", top_p)):
+                         ("temperature", temperature), ("penalty_lambda", penalty_lambda), ("top_p", top_p),
+                         ("mbe_threshold", mbe_threshold), ("mbe_editing_threshold", mbe_editing_threshold),
+                         ("mbe_fraction", mbe_fraction)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
                                                                                       np.floating))):
             fail(field, "a number", value)
@@ -145,6 +162,15 @@ def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 3
     check_int("mbe_window", mbe_window, 0)
     if mbe_attention not in MBE_ATTENTION:
         fail("mbe_attention", f"one of {MBE_ATTENTION}", mbe_attention)
+    if mbe_select not in MBE_SELECT:
+        fail("mbe_select", f"one of {MBE_SELECT}", mbe_select)
+    check_int("mbe_max_steps", mbe_max_steps, 1)
+    if not 0.0 <= mbe_threshold <= 1.0:
+        fail("mbe_threshold", "a value in [0, 1]", mbe_threshold)
+    if not mbe_editing_threshold >= 0.0:
+        fail("mbe_editing_threshold", "a value >= 0 (>= 1 disables MBE edits)", mbe_editing_threshold)
+    if not 0.0 <= mbe_fraction <= 1.0:
+        fail("mbe_fraction", "a share of the history blocks in [0, 1]", mbe_fraction)
     check_int("mask_id", mask_id, 0, vocab)
     check_int("eos_id", eos_id, 0, vocab)
     if mask_id == eos_id:
@@ -165,7 +191,9 @@ def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 3
                 editing_threshold=float(editing_threshold), max_post_steps=int(max_post_steps),
                 eos_early_stop=bool(eos_early_stop), temperature=float(temperature), top_k=top_k, top_p=top_p,
                 penalty_lambda=float(penalty_lambda), mask_id=int(mask_id), eos_id=int(eos_id),
-                mbe_window=int(mbe_window), llada20=llada20, mbe_attention=mbe_attention)
+                mbe_window=int(mbe_window), llada20=llada20, mbe_attention=mbe_attention, mbe_select=mbe_select,
+                mbe_max_steps=int(mbe_max_steps), mbe_threshold=float(mbe_threshold),
+                mbe_editing_threshold=float(mbe_editing_threshold), mbe_fraction=float(mbe_fraction))
 
 
 def check_prompts(prompts, vocab: int, mask_id: int) -> list[list[int]]:
@@ -178,14 +206,23 @@ def check_prompts(prompts, vocab: int, mask_id: int) -> list[list[int]]:
     return rows
 
 
-def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int) -> int:
+def trajectory_capacity(block_length: int, max_post_steps: int, mbe_window: int, *, mbe_max_steps: int = 1,
+                        mbe_select: str = "last", num_blocks: int = 0) -> int:
     """Most writes one position can receive: once per denoising step of its block (at most B steps
-    that fill masks, then at most max_post_steps more) and once per MBE proposal over it."""
-    return block_length + max_post_steps + 1 + mbe_window
+    that fill masks, then at most max_post_steps more) and once per MBE proposal over it: at most
+    `mbe_max_steps` per window, in the windows of the `mbe_window` blocks from its own ("last"),
+    or of any later block of the `num_blocks` canvas ("surprisal")."""
+    if not mbe_window:
+        return block_length + max_post_steps + 1
+    windows = mbe_window if mbe_select == "last" else max(num_blocks, 1)
+    return block_length + max_post_steps + 1 + mbe_max_steps * windows
 
 
 def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top_k=None, top_p=None,
-               penalty_lambda=0.0, max_post_steps=16, eos_early_stop=False, llada20=False, mbe=True) -> Knobs:
+               penalty_lambda=0.0, max_post_steps=16, eos_early_stop=False, llada20=False, mbe=True,
+               mbe_max_steps=MBE_DEFAULTS["mbe_max_steps"], mbe_threshold=MBE_DEFAULTS["mbe_threshold"],
+               mbe_editing_threshold=MBE_DEFAULTS["mbe_editing_threshold"],
+               mbe_fraction=MBE_DEFAULTS["mbe_fraction"]) -> Knobs:
     """Knobs from plain values (scalars, or one value per row); `None` top-k / top-p = off."""
     def arr(x, dtype):
         return jnp.asarray(np.asarray(x, dtype))
@@ -195,4 +232,6 @@ def make_knobs(vocab: int, *, threshold, editing_threshold, temperature=0.0, top
         threshold=arr(threshold, np.float32), editing_threshold=arr(editing_threshold, np.float32),
         temperature=arr(temperature, np.float32), top_k=arr(top_k, np.int32), top_p=arr(top_p, np.float32),
         penalty_lambda=arr(penalty_lambda, np.float32), max_post_steps=arr(max_post_steps, np.int32),
-        eos_early_stop=arr(eos_early_stop, np.bool_), llada20=arr(llada20, np.bool_), mbe=arr(mbe, np.bool_))
+        eos_early_stop=arr(eos_early_stop, np.bool_), llada20=arr(llada20, np.bool_), mbe=arr(mbe, np.bool_),
+        mbe_max_steps=arr(mbe_max_steps, np.int32), mbe_threshold=arr(mbe_threshold, np.float32),
+        mbe_editing_threshold=arr(mbe_editing_threshold, np.float32), mbe_fraction=arr(mbe_fraction, np.float32))

@@ -9,7 +9,8 @@ Scores are fp32 (`preferred_element_type`), scaled by 1/sqrt(H), softmax in fp32
   blocked  exact, plain XLA, for the CPU (or any backend): query tiles against only the key
            ranges their rows may see. The tiles, their key ranges and their in-tile masks are a
            static list built from the mask's structure at trace time (composite: noisy tiles read
-           their own noisy block(s) plus the clean prefix, clean tiles the clean prefix; block
+           their own noisy block(s) plus the clean prefix, clean tiles the clean prefix; with
+           Multi-Block Editing links also the next window - 1 noisy blocks; block
            causal: the prefix), so FLOPs and score memory drop to the allowed area plus the
            diagonal tiles (about 1/4 of dense for the composite mask at L = 2048).
   splash   Pallas splash attention (TPU; `interpret=True` elsewhere): the static structure as a
@@ -147,7 +148,8 @@ def _runs(cols: np.ndarray) -> tuple[tuple[int, int], ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def blocked_tiles(kind: str, block_size: int, length: int, q_tile: int) -> tuple[Tile, ...]:
+def blocked_tiles(kind: str, block_size: int, length: int, q_tile: int, window: int = 1,
+                  clean_sees_noisy: bool = False) -> tuple[Tile, ...]:
     """The static tiling of a structured mask: query tiles (whole mask blocks, never straddling
     the composite's noisy/clean boundary) with the key runs they need and their in-tile mask."""
     if kind in ("block_causal", "composite"):
@@ -158,7 +160,8 @@ def blocked_tiles(kind: str, block_size: int, length: int, q_tile: int) -> tuple
     for seg_start, seg_end in segments:
         for qs in range(seg_start, seg_end, q_tile):
             qe = min(qs + q_tile, seg_end)
-            rows = np.asarray(allowed(np, kind, block_size, length, np.arange(qs, qe)[:, None], keys[None, :]))
+            rows = np.asarray(allowed(np, kind, block_size, length, np.arange(qs, qe)[:, None], keys[None, :],
+                                      window, clean_sees_noisy))
             runs = _runs(rows.any(axis=0))
             cols = np.concatenate([np.arange(a, b) for a, b in runs])
             local = rows[:, cols]
@@ -177,7 +180,7 @@ def blocked_attention(q, k, v, mask: AttentionMask, q_tile: int = 256):
     kh = k.shape[2]
     scale = jnp.sqrt(jnp.float32(h))
     outs = []
-    for tile in blocked_tiles(mask.kind, mask.block_size, t, q_tile):
+    for tile in blocked_tiles(mask.kind, mask.block_size, t, q_tile, mask.window, mask.clean_sees_noisy):
         qs, qe = tile.q_start, tile.q_end
         qg = q[:, qs:qe].reshape(b, qe - qs, kh, n // kh, h)
         kt, vt = _take(k, tile.key_runs), _take(v, tile.key_runs)
@@ -196,9 +199,10 @@ def blocked_attention(q, k, v, mask: AttentionMask, q_tile: int = 256):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def blocked_flops_fraction(kind: str, block_size: int, length: int, q_tile: int = 256) -> float:
+def blocked_flops_fraction(kind: str, block_size: int, length: int, q_tile: int = 256, window: int = 1,
+                           clean_sees_noisy: bool = False) -> float:
     """Score entries `blocked` computes over the dense T*T (for benchmarks and docs)."""
-    tiles = blocked_tiles(kind, block_size, length, q_tile)
+    tiles = blocked_tiles(kind, block_size, length, q_tile, window, clean_sees_noisy)
     return sum(tl.local.size for tl in tiles) / float(length * length)
 
 
@@ -206,7 +210,7 @@ def blocked_flops_fraction(kind: str, block_size: int, length: int, q_tile: int 
 SPLASH_MIN_LENGTH = 128  # splash's smallest tile; shorter sequences run the dense oracle (see `attention`)
 
 
-def _splash_rule(kind: str, block_size: int, length: int):
+def _splash_rule(kind: str, block_size: int, length: int, links=(1, False)):
     """The structure as a function of query / key index arrays, for a sequence padded past `length`.
 
     Operators only (no `xp`), so that splash evaluates it both in numpy (which tiles to skip) and
@@ -218,13 +222,13 @@ def _splash_rule(kind: str, block_size: int, length: int):
         if kind == "bidirectional":
             real = (q >= 0) & (k >= 0)
         else:
-            real = allowed(np, kind, block_size, length, q, k)
+            real = allowed(np, kind, block_size, length, q, k, *links)
         return ((q < length) & (k < length) & real) | ((q >= length) & (q == k))
 
     return rule
 
 
-def _structure_mask(kind: str, block_size: int, length: int, padded: int):
+def _structure_mask(kind: str, block_size: int, length: int, padded: int, links=(1, False)):
     """A splash `_ComputableMask` for the structure (hashable, so splash's mask processing caches it).
 
     Computable rather than a `NumpyMask`: at 2L = 16384 a dense numpy structure is 256 MiB per
@@ -234,8 +238,8 @@ def _structure_mask(kind: str, block_size: int, length: int, padded: int):
 
     class StructureMask(sm._ComputableMask):  # noqa: SLF001 (the documented way to define a lazy mask)
         def __init__(self):
-            self.key = (kind, block_size, length, padded)
-            super().__init__(shape=(padded, padded), mask_function=_splash_rule(kind, block_size, length))
+            self.key = (kind, block_size, length, padded, tuple(links))
+            super().__init__(shape=(padded, padded), mask_function=_splash_rule(kind, block_size, length, links))
 
         def __eq__(self, other):
             return type(other).__name__ == "StructureMask" and getattr(other, "key", None) == self.key
@@ -247,7 +251,7 @@ def _structure_mask(kind: str, block_size: int, length: int, padded: int):
 
 
 def _splash_kernel(kind: str, block_size: int, length: int, padded: int, heads: int, block_q: int,
-                   block_kv: int, interpret: bool):
+                   block_kv: int, interpret: bool, links=(1, False)):
     """An MQA splash kernel over `heads` query heads. Built per trace: its mask tables become that
     trace's constants (a kernel cached across traces leaks one trace's tables into the next);
     splash caches the expensive part, the numpy mask processing, itself."""
@@ -257,7 +261,7 @@ def _splash_kernel(kind: str, block_size: int, length: int, padded: int, heads: 
     sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                           block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                           block_q_dq=block_q, block_kv_dq=block_kv)
-    mh = sm.MultiHeadMask([_structure_mask(kind, block_size, length, padded)] * heads)
+    mh = sm.MultiHeadMask([_structure_mask(kind, block_size, length, padded, links)] * heads)
     return sk.make_splash_mqa_single_device(mh, block_sizes=sizes, interpret=interpret)
 
 
@@ -269,7 +273,8 @@ def _splash_block(size: int, length: int) -> int:
     return b
 
 
-def _splash_local(q, k, v, q_seg, kv_seg, *, kind: str, block_size: int, tiles: TileSizes, interpret: bool):
+def _splash_local(q, k, v, q_seg, kv_seg, *, kind: str, block_size: int, tiles: TileSizes, interpret: bool,
+                 links=(1, False)):
     """Splash on one device's shard: `[b, T, n, H]` queries, `[b, T, k, H]` keys / values, whole
     sequences; one MQA kernel per (example, kv head) over its n / k query heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -279,7 +284,7 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, kind: str, block_size: int, tiles: 
     g = n // kh
     padded = -(-t // 128) * 128
     kernel = _splash_kernel(kind, block_size, t, padded, g, _splash_block(tiles.splash_q, padded),
-                            _splash_block(tiles.splash_kv, padded), interpret)
+                            _splash_block(tiles.splash_kv, padded), interpret, links)
     # The kernel does not scale: fold 1/sqrt(H) into q (fp32, then back to q's dtype).
     qs = (q.astype(jnp.float32) / jnp.sqrt(jnp.float32(h))).astype(q.dtype)
     qs = qs.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
@@ -352,7 +357,7 @@ def splash_attention(q, k, v, mask: AttentionMask, *, tiles: TileSizes = DEFAULT
             # A padding key gets an id no query has, so no query attends it.
             kv_seg = jnp.where(jnp.broadcast_to(mask.key_valid, (b, t)), q_seg, jnp.iinfo(jnp.int32).min)
     local = functools.partial(_splash_local, kind=mask.kind, block_size=mask.block_size, tiles=tiles,
-                              interpret=interpret)
+                              interpret=interpret, links=(mask.window, mask.clean_sees_noisy))
     specs = _splash_specs(q.shape, k.shape)
     if specs is None:
         return local(q, k, v, q_seg, kv_seg)

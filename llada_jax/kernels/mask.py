@@ -11,7 +11,10 @@ the blocked kernel's tiles and the splash kernel's static mask are all built fro
 Kinds (T = query = key length):
   bidirectional  every key
   block_causal   key block <= query block (inference mask)
-  composite      the `[x_t ; x_0]` training mask over T = 2L (`masks.composite`)
+  composite      the `[x_t ; x_0]` training mask over T = 2L (`masks.composite`); with
+                 `window` K > 1 the Multi-Block Editing training mask (`masks.composite_mbe`):
+                 a noisy block also sees the noisy copies of the next K - 1 blocks, and (with
+                 `clean_sees_noisy`) a clean block sees the noisy copies of its next K - 1 blocks
   dense          an explicit `[B|1, T, T]` boolean (the public `forward(mask=...)` path and the
                  KV cache); only the `xla` implementation takes it.
 """
@@ -29,10 +32,11 @@ KINDS = ("bidirectional", "block_causal", "composite", "dense")
 STRUCTURED = ("bidirectional", "block_causal", "composite")
 
 
-def allowed(xp, kind: str, block_size: int, length: int, q, k):
+def allowed(xp, kind: str, block_size: int, length: int, q, k, window: int = 1, clean_sees_noisy: bool = False):
     """Structural rule: may query index `q` attend key index `k` (broadcasting index arrays)?
 
     `xp` is `numpy` (static tiles, splash masks) or `jax.numpy` (the dense twin); `length` is T.
+    `window` / `clean_sees_noisy`: the composite mask's Multi-Block Editing links (window 1 = none).
     """
     if kind == "bidirectional":
         return xp.ones(xp.broadcast_shapes(xp.shape(q), xp.shape(k)), dtype=bool)
@@ -42,10 +46,14 @@ def allowed(xp, kind: str, block_size: int, length: int, q, k):
         half = length // 2
         q_clean, k_clean = q >= half, k >= half
         q_blk, k_blk = (q % half) // block_size, (k % half) // block_size
-        noisy_noisy = ~q_clean & ~k_clean & (q_blk == k_blk)
+        ahead = (k_blk >= q_blk) & (k_blk < q_blk + window)  # the query's block and the next window - 1
+        noisy_noisy = ~q_clean & ~k_clean & ahead
         noisy_clean = ~q_clean & k_clean & (q_blk > k_blk)
         clean_clean = q_clean & k_clean & (q_blk >= k_blk)
-        return noisy_noisy | noisy_clean | clean_clean
+        out = noisy_noisy | noisy_clean | clean_clean
+        if clean_sees_noisy and window > 1:
+            out = out | (q_clean & ~k_clean & ahead & (k_blk > q_blk))
+        return out
     raise ValueError(f"AttentionMask.kind: expected one of {STRUCTURED}, found {kind!r}")
 
 
@@ -63,6 +71,9 @@ class AttentionMask:
     segment_ids: Optional[Int[Array, "B T"]] = None  # same id = same document
     key_valid: Optional[Bool[Array, "B T"]] = None  # False = a padding key nobody attends
     explicit: Optional[Bool[Array, "B T T"]] = None  # kind == "dense" only
+    # composite only: Multi-Block Editing links (window 1 = the plain composite mask)
+    window: int = flax.struct.field(pytree_node=False, default=1)
+    clean_sees_noisy: bool = flax.struct.field(pytree_node=False, default=False)
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -75,10 +86,22 @@ class AttentionMask:
         return cls("block_causal", block_size, segment_ids, key_valid)
 
     @classmethod
-    def composite(cls, block_size: int, segment_ids=None, key_valid=None) -> "AttentionMask":
-        """The training mask over `[x_t ; x_0]`; ids are over the full 2L (`concat([d, d], -1)`)."""
+    def composite(cls, block_size: int, segment_ids=None, key_valid=None, window: int = 1,
+                  clean_sees_noisy: bool = False) -> "AttentionMask":
+        """The training mask over `[x_t ; x_0]`; ids are over the full 2L (`concat([d, d], -1)`).
+
+        `window` K > 1 adds the Multi-Block Editing links of `masks.composite_mbe`: a noisy block
+        sees the noisy copies of blocks b .. b + K - 1, and with `clean_sees_noisy` a clean block
+        those of b + 1 .. b + K - 1."""
         _check_block(block_size)
-        return cls("composite", block_size, segment_ids, key_valid)
+        if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"AttentionMask.window: expected a positive integer, found {window!r}")
+        return cls("composite", block_size, segment_ids, key_valid, None, int(window), bool(clean_sees_noisy))
+
+    @property
+    def links(self) -> dict:
+        """The static Multi-Block Editing arguments of `allowed` (`window`, `clean_sees_noisy`)."""
+        return dict(window=self.window, clean_sees_noisy=self.clean_sees_noisy)
 
     @classmethod
     def from_dense(cls, mask: Bool[Array, "B T S"]) -> "AttentionMask":
@@ -114,7 +137,7 @@ class AttentionMask:
     def structure(self, length: int) -> np.ndarray:
         """The static `[T, T]` part (numpy), without segment ids or padding."""
         i = np.arange(length)
-        return np.asarray(allowed(np, self.kind, self.block_size, length, i[:, None], i[None, :]))
+        return np.asarray(allowed(np, self.kind, self.block_size, length, i[:, None], i[None, :], **self.links))
 
     def dynamic(self, q_idx=None, k_idx=None) -> Optional[Bool[Array, "B Tq Tk"]]:
         """The per-example part (segments, padding) restricted to query / key index arrays."""
@@ -133,7 +156,7 @@ class AttentionMask:
         if self.kind == "dense":
             return self.explicit
         i = jnp.arange(length)
-        m = allowed(jnp, self.kind, self.block_size, length, i[:, None], i[None, :])[None]
+        m = allowed(jnp, self.kind, self.block_size, length, i[:, None], i[None, :], **self.links)[None]
         d = self.dynamic()
         return m if d is None else m & d
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 
@@ -56,6 +57,36 @@ def composite(length: int, block_size: int) -> tuple[Bool[Array, "2L 2L"], Int[A
     clean_clean = q_clean & k_clean & (q_blk >= k_blk)
     positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
     return noisy_noisy | noisy_clean | clean_clean, positions
+
+
+def composite_mbe(length: int, block_size: int, window: int,
+                  clean_sees_noisy: bool = True) -> tuple[Bool[Array, "2L 2L"], Int[Array, "2L"]]:
+    """The Multi-Block Editing training mask over `[x_t ; x_0]`: `composite` plus cross-block links.
+
+    "Beyond Block Boundaries" (REFERENCE §5, via a secondary summary) adds two kinds of links to
+    the composite mask; within a window of K = `window` blocks (block b and the K - 1 after it):
+      x_t -> x_t : blocks b .. b+K-1 (the noisy block sees the noisy future of its window)
+      x_0 -> x_t : blocks b+1 .. b+K-1 with `clean_sees_noisy` (clean history sees the noisy
+                   blocks after it, as a reopened history block sees the newer blocks at decoding)
+      x_t -> x_0, x_0 -> x_0 : as `composite`
+    No noisy block sees a clean copy of its own or a later block, so no target leaks. Built block
+    by block, the slow obvious way: the dense oracle of `AttentionMask.composite(window=...)`.
+    `window=1` is `composite`.
+    """
+    _check("length", length)
+    _check("block_size", block_size)
+    _check("window", window)
+    base, positions = composite(length, block_size)
+    mask = np.array(base)
+    num_blocks = -(-length // block_size)
+    for b in range(num_blocks):
+        rows = slice(b * block_size, min((b + 1) * block_size, length))
+        for f in range(b + 1, min(b + window, num_blocks)):
+            cols = slice(f * block_size, min((f + 1) * block_size, length))
+            mask[rows, cols] = True  # noisy b -> noisy f
+            if clean_sees_noisy:
+                mask[length + rows.start:length + rows.stop, cols] = True  # clean b -> noisy f
+    return jnp.asarray(mask), positions
 
 
 def document(doc_ids: Int[Array, "... T"]) -> Bool[Array, "... T T"]:

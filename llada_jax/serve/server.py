@@ -4,10 +4,12 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the LLaDA2 chat 
 plain one with `"raw": true` for plain-text models such as the quickstart's), `GET /v1/models`,
 `GET /health` (200, or 503 with the reason once the engine has failed). `"stream": true` sends
 server-sent events, one per finished block (Draft-and-Edit finalises a block at a time; with
-Multi-Block Editing a block is sent once it has left the editing window), then `data: [DONE]`;
+Multi-Block Editing a block is sent once no window can reopen it: with "last" windows when it
+has left the window, with "surprisal" windows when the answer is done), then `data: [DONE]`;
 a client that disconnects cancels its requests and frees their slots. Decoding knobs are extra
 request fields: `mode` (S, Q, no_edit, llada20), `threshold`, `editing_threshold`,
-`max_post_steps`, `mbe_window`, `block_length`, `eos_early_stop`, `penalty_lambda`, `top_k`;
+`max_post_steps`, `mbe_window`, `mbe_max_steps`, `mbe_threshold`, `mbe_editing_threshold`,
+`mbe_fraction`, `block_length`, `eos_early_stop`, `penalty_lambda`, `top_k`;
 `max_tokens` is the generation length, `temperature` / `top_p` / `seed` as in OpenAI. OpenAI's
 `stop` (text cut before the first stop sequence, finish_reason "stop"; a stream cancels the
 request there), `n` (n engine requests, choice i seeded `seed + i`), `logprobs` (of the returned
@@ -42,7 +44,8 @@ from llada_jax import decode
 from llada_jax.decode.engine import Engine
 from llada_jax.data.tokenizer import Tokenizer, TokenizerError
 
-_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "mbe_window", "block_length", "eos_early_stop",
+_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "mbe_window", "mbe_max_steps", "mbe_threshold",
+          "mbe_editing_threshold", "mbe_fraction", "block_length", "eos_early_stop",
           "penalty_lambda", "top_k", "top_p", "temperature")
 
 

@@ -41,36 +41,44 @@ def peak_flops(device_kind: str) -> Optional[float]:
     return None
 
 
-def attention_pairs(length: int, block_size: int, mdlm: bool) -> int:
+def attention_pairs(length: int, block_size: int, mdlm: bool, window: int = 1, clean_sees_noisy: bool = False) -> int:
     """(query, key) pairs one sequence's training forward attends.
 
     MDLM (one block, or `mdlm`): L^2 over x_t alone. Block diffusion over [x_t ; x_0]: a noisy
     query of block b sees its noisy block and the clean blocks before it, a clean query the
     clean blocks up to its own: sum_b B * ((b + 1) B) twice = B^2 nb (nb + 1) (partial last
-    block counted as a full one: an upper bound by less than one block)."""
+    block counted as a full one: an upper bound by less than one block). Multi-Block Editing's
+    links (`window` K, `masks.composite_mbe`) add the noisy blocks b+1 .. b+K-1 to block b's noisy
+    queries, and with `clean_sees_noisy` to its clean ones."""
     if mdlm or block_size >= length:
         return length * length
     nb = -(-length // block_size)
-    return block_size * block_size * nb * (nb + 1)
+    # Multi-Block Editing links: block b's noisy (and clean) queries see min(K-1, nb-1-b) more noisy blocks.
+    ahead = sum(min(window - 1, nb - 1 - b) for b in range(nb))
+    return block_size * block_size * (nb * (nb + 1) + ahead * (2 if clean_sees_noisy else 1))
 
 
-def training_flops_per_sequence(config: ModelConfig, length: int, block_size: int, mdlm: bool = False) -> float:
+def training_flops_per_sequence(config: ModelConfig, length: int, block_size: int, mdlm: bool = False,
+                                window: int = 1, clean_sees_noisy: bool = False) -> float:
     """Model FLOPs of forward + backward for ONE (noised) sequence of `length` tokens."""
     c = config
     tokens = length if (mdlm or block_size >= length) else 2 * length  # the composite input
     head = c.vocab_size * c.hidden_size
     body = c.param_counts()["active"] - 2 * head  # the embedding is a gather; the lm_head below
     forward = 2 * body * tokens + 2 * head * length  # the lm_head sees the noisy half only
-    forward += 4 * c.num_layers * c.num_heads * c.head_dim * attention_pairs(length, block_size, mdlm)
+    forward += 4 * c.num_layers * c.num_heads * c.head_dim * attention_pairs(length, block_size, mdlm, window,
+                                                                                 clean_sees_noisy)
     return 3.0 * forward
 
 
 def training_flops_per_step(config: ModelConfig, batch_size: int, length: int, block_size: int, *,
-                            mdlm: bool = False, complementary: bool = True, mtf: bool = False) -> float:
+                            mdlm: bool = False, complementary: bool = True, mtf: bool = False,
+                            window: int = 1, clean_sees_noisy: bool = False) -> float:
     """Model FLOPs of one training step of `batch_size` sequences (complementary masking doubles
     the rows; MTF adds a second full forward + backward)."""
     rows = batch_size * (2 if complementary else 1)
-    return rows * (2 if mtf else 1) * training_flops_per_sequence(config, length, block_size, mdlm)
+    return rows * (2 if mtf else 1) * training_flops_per_sequence(config, length, block_size, mdlm, window,
+                                                                  clean_sees_noisy)
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_devices: int, device_kind: str) -> dict:

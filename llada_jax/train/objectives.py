@@ -16,6 +16,9 @@ Three pieces, all pure functions of arrays, static configs and explicit keys:
   `loss = m2t + lambda_t2t * t2t (+ lambda_mtf * mtf + cap_beta * cap)`. With one block as long
   as the sequence (MDLM) the clean half cannot be attended, so it is dropped.
 * `BlockSizeSchedule` / `block_size_at`: the CPT warm-up / stable / decay schedule over block sizes.
+* Multi-Block Editing SFT (`mbe_window`, its curriculum `mbe_window_schedule`): the composite
+  mask gains cross-block links (`masks.composite_mbe`), so the model learns to revise a block
+  while seeing the (noisy) blocks after it, what MBE decoding asks of it.
 
 The block size shapes the attention mask, which must be static under `jit`; the trainer therefore
 compiles one step per block size (`ObjectiveConfig` is a hashable static argument, and
@@ -71,10 +74,20 @@ class ObjectiveConfig:
     lambda_mtf: float = 1.0
     cap: bool = False  # entropy penalty on already-correct masked predictions (LLaDA2.0 CAP)
     cap_beta: float = 2.0
+    # Multi-Block Editing SFT (REFERENCE §5, "Beyond Block Boundaries"): window K of cross-block
+    # links added to the composite mask (`masks.composite_mbe`); 0 = off (1 adds no link either).
+    mbe_window: int = 0
+    # The curriculum over K: `((num_steps, K), ...)` stages, the last K holding after them (e.g.
+    # ((300, 2), (300, 3), (0, 4)) grows K from 2 to 4); () = `mbe_window` throughout.
+    mbe_window_schedule: tuple[tuple[int, int], ...] = ()
+    mbe_clean_sees_noisy: bool = True  # clean history blocks also see the window's noisy blocks
 
     def __post_init__(self):
         # ml_collections and JSON hand over lists; the config must stay hashable.
         object.__setattr__(self, "extra_special_ids", tuple(self.extra_special_ids))
+        schedule = self.mbe_window_schedule
+        if isinstance(schedule, (list, tuple)) and all(isinstance(st, (list, tuple)) for st in schedule):
+            object.__setattr__(self, "mbe_window_schedule", tuple(tuple(st) for st in schedule))
         self.validate()
 
     @classmethod
@@ -93,6 +106,25 @@ class ObjectiveConfig:
         """Sorted ids that T2T never samples: mask, EOS, PAD and `extra_special_ids`."""
         return tuple(sorted({self.mask_token_id, self.eos_token_id, self.pad_token_id,
                              *self.extra_special_ids}))
+
+    def mbe_window_at(self, step: int) -> int:
+        """The Multi-Block Editing window K in force at `step` (0-based): the curriculum's stage,
+        else `mbe_window`. Pure host-side Python of the step, so a resumed run gets the same K."""
+        if not self.mbe_window_schedule:
+            return self.mbe_window
+        return _stage_value(step, self.mbe_window_schedule)
+
+    @property
+    def mbe_windows(self) -> tuple[int, ...]:
+        """The distinct windows a run will train with, in order of first use."""
+        if not self.mbe_window_schedule:
+            return (self.mbe_window,)
+        return tuple(dict.fromkeys(k for _, k in self.mbe_window_schedule))
+
+    @property
+    def mask_links(self) -> dict:
+        """The composite mask's Multi-Block Editing arguments for `mbe_window` (the current K)."""
+        return dict(window=max(1, self.mbe_window), clean_sees_noisy=self.mbe_clean_sees_noisy)
 
     def is_mdlm(self, length: int) -> bool:
         """Whether sequences of `length` tokens train as MDLM (one block, clean half dropped)."""
@@ -128,6 +160,16 @@ class ObjectiveConfig:
         for f in ("keep_weight", "lambda_t2t", "lambda_mtf", "cap_beta"):
             if getattr(self, f) < 0:
                 fail(f, "a non-negative number", getattr(self, f))
+        if not isinstance(self.mbe_window, int) or isinstance(self.mbe_window, bool) or self.mbe_window < 0:
+            fail("mbe_window", "an integer >= 0 (0 = off)", self.mbe_window)
+        sched = self.mbe_window_schedule
+        ok = isinstance(sched, tuple) and all(
+            isinstance(st, tuple) and len(st) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in st)
+            and st[0] >= 0 and st[1] >= 0 for st in sched)
+        if not ok:
+            fail("mbe_window_schedule", "((num_steps >= 0, window >= 0), ...) stages", sched)
+        if not isinstance(self.mbe_clean_sees_noisy, bool):
+            fail("mbe_clean_sees_noisy", "true or false", self.mbe_clean_sees_noisy)
 
     def check_model(self, model_config: ModelConfig) -> None:
         """Raises `ConfigError` if this objective was built for another vocabulary or mask id."""
@@ -242,7 +284,8 @@ def noise(batch: Mapping[str, Any], key: PRNGKeyArray, config: ObjectiveConfig) 
 # ---------------------------------------------------------------------------------------- forward
 def denoiser_hidden(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
                     block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
-                    mdlm: bool = False, with_load: bool = False) -> Float[Array, "N L D"]:
+                    mdlm: bool = False, with_load: bool = False, mask_links: Optional[dict] = None
+                    ) -> Float[Array, "N L D"]:
     """The noisy half's last hidden states (before the final norm) from ONE forward.
 
     Block diffusion (REFERENCE §3): the input is `[x_t ; x_0]` (length 2L) under the composite
@@ -254,7 +297,9 @@ def denoiser_hidden(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x
     restarts the RoPE positions at each document (`masks.document_positions`), so every packed
     document is rotated as it would be alone (with one id per row these are `arange(L)`).
     With `with_load`, returns `(hidden, load)`: the rows each routed expert received in this
-    forward, `[MoE layers, E]` float32 (every routed token of the forward counts).
+    forward, `[MoE layers, E]` float32 (every routed token of the forward counts). `mask_links`
+    (`ObjectiveConfig.mask_links`: `window`, `clean_sees_noisy`) adds Multi-Block Editing's
+    cross-block links to the composite mask.
     """
     length = x_t.shape[1]
     positions = None if doc_ids is None else masks.document_positions(doc_ids)
@@ -266,7 +311,8 @@ def denoiser_hidden(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x
     positions = (jnp.concatenate([jnp.arange(length), jnp.arange(length)]) if positions is None
                  else jnp.concatenate([positions, positions], axis=1))
     hidden, load = _hidden(params, model_config, jnp.concatenate([x_t, x_0], axis=1), positions,
-                           AttentionMask.composite(block_size, segment_ids=segments), with_load)
+                           AttentionMask.composite(block_size, segment_ids=segments, **(mask_links or {})),
+                           with_load)
     return (hidden[:, :length], load) if with_load else hidden[:, :length]
 
 
@@ -300,14 +346,14 @@ def token_logprobs(logits: Float[Array, "N L V"], targets: Int[Array, "N L"]) ->
 
 def per_token_logprobs(params, model_config: ModelConfig, x_t: Int[Array, "N L"], x_0: Int[Array, "N L"],
                        block_size: int, doc_ids: Optional[Int[Array, "N L"]] = None,
-                       mdlm: bool = False) -> Float[Array, "N L"]:
+                       mdlm: bool = False, mask_links: Optional[dict] = None) -> Float[Array, "N L"]:
     """log p(x_0[i] | x_t, clean blocks before i's block) for every i: the vectorized likelihood.
 
     One forward gives every block's terms at once (REFERENCE §3, §6); EBPO sums them per block
     with `per_block_sums(jnp.where(masked, logp / t, 0), block_size)`. The lm_head and the
     log-softmax run in chunks of `model_config.logits_chunk` positions (no `[N, L, V]`).
     """
-    hidden = denoiser_hidden(params, model_config, x_t, x_0, block_size, doc_ids, mdlm)
+    hidden = denoiser_hidden(params, model_config, x_t, x_0, block_size, doc_ids, mdlm, mask_links=mask_links)
     return model.output_stats(params, model_config, hidden, x_0)["logp"]
 
 
@@ -405,7 +451,8 @@ def loss_denominators(params, model_config: ModelConfig, obj_config: "ObjectiveC
     if obj_config.mtf or obj_config.cap:
         mdlm = obj_config.is_mdlm(nb.x_0.shape[1])
         p = jax.lax.stop_gradient(params)
-        hidden = denoiser_hidden(p, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
+        hidden = denoiser_hidden(p, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
+                                 mask_links=obj_config.mask_links)
         counts.update(_forward_counts(_output_stats(p, model_config, hidden, nb, obj_config), nb, obj_config))
     return counts
 
@@ -434,7 +481,7 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
     # Hidden states of the noisy half only; lm_head, log-softmax, argmax and (CAP) entropy run in
     # chunks of positions, so no [N, L, V] tensor exists in the forward or the backward pass.
     hidden, load = denoiser_hidden(params, model_config, nb.x_t, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
-                                   with_load=True)
+                                   with_load=True, mask_links=obj_config.mask_links)
     stats = _output_stats(params, model_config, hidden, nb, obj_config)
     den = _noise_counts(nb, obj_config) | _forward_counts(stats, nb, obj_config)
     if denominators is not None:
@@ -463,7 +510,8 @@ def loss_fn(params, model_config: ModelConfig, obj_config: ObjectiveConfig, batc
         draft = jax.lax.stop_gradient(stats["draft"]).astype(nb.x_t.dtype)
         x_draft = jnp.where(nb.masked, draft, nb.x_t)
         wrong = nb.masked & (draft != nb.x_0)
-        logp2 = per_token_logprobs(params, model_config, x_draft, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm)
+        logp2 = per_token_logprobs(params, model_config, x_draft, nb.x_0, obj_config.block_size, nb.doc_ids, mdlm,
+                                   mask_links=obj_config.mask_links)
         mtf = _safe_div(jnp.sum(jnp.where(wrong, -logp2, 0.0)), den["draft_wrong"])
         total = total + obj_config.lambda_mtf * mtf
         metrics.update(mtf_loss=mtf, num_draft_wrong=jnp.sum(wrong))
@@ -506,12 +554,17 @@ class BlockSizeSchedule:
 
 def block_size_at(step: int, schedule: BlockSizeSchedule) -> int:
     """The block size in force at `step` (0-based)."""
+    return _stage_value(step, schedule.stages)
+
+
+def _stage_value(step: int, stages) -> int:
+    """The value of `((num_steps, value), ...)` stages at `step`; the last value holds after them."""
     end = 0
-    for num_steps, block_size in schedule.stages:
+    for num_steps, value in stages:
         end += num_steps
         if step < end:
-            return block_size
-    return schedule.stages[-1][1]
+            return value
+    return stages[-1][1]
 
 
 def wsd_block_schedule(seq_len: int, warmup_steps: int, stable_steps: int, decay_steps: int,

@@ -497,7 +497,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
 
     `train_iter` is an iterator of numpy batches with `get_state()` / `set_state()` (grain);
     its state is saved with every checkpoint. Returns the final state. With a `block_schedule`
-    the step's block size comes from it (logged as `block_size`), with one compiled step per size.
+    the step's block size comes from it (logged as `block_size`), with one compiled step per size;
+    likewise the Multi-Block Editing window from `objective.mbe_window_schedule` (logged as
+    `mbe_window`), one compiled step per (block size, window).
 
     `tokens_per_s` and the MFU count real tokens only (`real_mask`: padding excluded), and
     `real_token_fraction` is their share of the logged step's global batch. With `eval_data` (the
@@ -548,8 +550,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
         data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
         ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
 
-    programs = {}  # block size -> (compiled step, its model FLOPs)
-    evals = {}  # block size -> compiled eval step
+    programs = {}  # (block size, MBE window) -> (compiled step, its model FLOPs)
+    evals = {}  # (block size, MBE window) -> compiled eval step
     eval_every = int(cfg.get("eval_every", 0) or 0)
     eval_key = jax.random.fold_in(rng, (1 << 30) + 1)
     keep = ("tokens", "loss_mask", "doc_ids")
@@ -557,9 +559,9 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
         eval_data = [hosts.global_batch(mesh, {k: v for k, v in b.items() if k in keep}, cfg.data.batch_size)
                      for b in eval_data]
 
-    def validate(state, block_size):
-        if block_size not in evals:
-            obj = dataclasses.replace(obj_config, block_size=block_size)
+    def validate(state, block_size, window):
+        if (block_size, window) not in evals:
+            obj = dataclasses.replace(obj_config, block_size=block_size, mbe_window=window)
             replicated = NamedSharding(mesh, PartitionSpec())
             eval_step = make_eval_step(model_config, obj, loss_fn)
             in_shardings = (shardings.params, batch_sharding(mesh, dict(eval_data[0])), replicated)
@@ -567,8 +569,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 eval_step = (lambda step, c: lambda p, b, k, base: step(lora.combine(base, lora.prepare(p, c)), b, k))(
                     eval_step, adapters.config)
                 in_shardings += (adapters.base_shardings,)
-            evals[block_size] = jax.jit(eval_step, in_shardings=in_shardings, out_shardings=replicated)
-        outs = jax.device_get([evals[block_size](state.params, b, jax.random.fold_in(eval_key, i), *base_args)
+            evals[block_size, window] = jax.jit(eval_step, in_shardings=in_shardings, out_shardings=replicated)
+        outs = jax.device_get([evals[block_size, window](state.params, b, jax.random.fold_in(eval_key, i), *base_args)
                                for i, b in enumerate(eval_data)])
         return {f"val_{k}": float(np.mean([o[k] for o in outs])) for k in outs[0]}
 
@@ -587,19 +589,21 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 batch = {k: v for k, v in batch.items() if k in keep} | {"real": real}
                 batch = hosts.global_batch(mesh, batch, cfg.data.batch_size)
                 block_size = obj_config.block_size if sizes is None else objectives.block_size_at(step, sizes)
-                if block_size not in programs:
-                    obj = dataclasses.replace(obj_config, block_size=block_size)
+                window = obj_config.mbe_window_at(step)  # the MBE curriculum's K (REFERENCE §5)
+                key = (block_size, window)
+                if key not in programs:
+                    obj = dataclasses.replace(obj_config, block_size=block_size, mbe_window=window)
                     b_global, length = np.shape(batch["tokens"])
-                    programs[block_size] = (hosts.compile_together(jit_train_step(make_train_step(
+                    programs[key] = (hosts.compile_together(jit_train_step(make_train_step(
                         model_config, obj, tx, schedule, cfg.optim.accum_steps, loss_fn,
                         expert_bias_rate=cfg.optim.get("expert_bias_rate", 0.0),
                         lora_config=adapters.config if adapters else None), shardings, mesh, batch,
                         adapters.base_shardings if adapters else None),
-                        state, batch, rng, *base_args, name=f"train_step/block_size={block_size}"),
+                        state, batch, rng, *base_args, name=f"train_step/block_size={block_size},mbe_window={window}"),
                         flops.training_flops_per_step(
                             model_config, b_global, length, block_size, mdlm=obj.is_mdlm(length),
-                            complementary=obj.complementary, mtf=obj.mtf))
-                step_fn, step_flops = programs[block_size]
+                            complementary=obj.complementary, mtf=obj.mtf, **obj.mask_links))
+                step_fn, step_flops = programs[key]
                 profile(step)
                 state, metrics = step_fn(state, batch, rng, *base_args)
                 flops_since += step_flops * float(real.mean())  # the useful FLOPs: real tokens only
@@ -607,7 +611,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                 profile(done, state)
                 val = {}
                 if eval_data and eval_every > 0 and (done % eval_every == 0 or done == cfg.total_steps):
-                    val = validate(state, block_size)
+                    val = validate(state, block_size, window)
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     metrics = jax.device_get(metrics)
                     if not np.isfinite(metrics["loss"]):
@@ -622,6 +626,8 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, model_config: Mod
                     metrics.update(val)
                     if sizes is not None:
                         metrics["block_size"] = block_size
+                    if obj_config.mbe_window_schedule:
+                        metrics["mbe_window"] = window
                     t_last, tokens_since, flops_since = now, 0, 0.0
                     log.write(done, {k: v for k, v in metrics.items() if k != "tokens_per_s"} |
                               {"tokens_per_s": round(float(metrics["tokens_per_s"]), 1)})

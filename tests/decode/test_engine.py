@@ -60,10 +60,13 @@ def test_engine_matches_one_by_one_with_arrivals(tiny_hf):
 
 
 def test_engine_mbe_matches_one_by_one(tiny_hf):
-    """With a Multi-Block Editing window (a request may turn it off), still request-for-request."""
+    """With a Multi-Block Editing window (surprisal windows; a request may turn it off or set its
+    own edit-step cap and thresholds), still request-for-request."""
     config, params = tiny_hf
     eng = engine.Engine(params, config, slots=3, max_length=128, block_length=B, mbe_window=2)
-    reqs = [(p, dict(o, mbe_window=2 if i % 3 else 0)) for i, (p, o) in enumerate(_requests(6, seed=2, max_len=60))]
+    reqs = [(p, dict(o, mbe_window=2 if i % 3 else 0, mbe_max_steps=[5, 2][i % 2],
+                     mbe_editing_threshold=[0.0, 0.3][i % 2], mbe_fraction=[0.25, 1.0][i % 2]))
+            for i, (p, o) in enumerate(_requests(6, seed=2, max_len=60))]
     for (prompt, opts), got in zip(reqs, eng.run(reqs)):
         want = _alone(tiny_hf, prompt, opts)
         assert got.tokens == want.tokens[0]
@@ -97,6 +100,7 @@ def test_cancel_frees_the_slot_for_the_next_request(tiny_hf):
 @pytest.mark.parametrize("opts, field", [
     (dict(block_length=32), "block_length"),
     (dict(mbe_window=3), "mbe_window"),
+    (dict(mbe_select="last"), "mbe_select"),
     (dict(temperature=0.5), "temperature"),
     (dict(gen_length=400), "gen_length"),
     (dict(threshold="high"), "threshold"),

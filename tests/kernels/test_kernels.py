@@ -1,8 +1,9 @@
 """Attention kernels against the dense oracle, and mask descriptions against `masks`.
 
 Every implementation is compared with `xla` (dense scores under the dense twin) in values and
-gradients, fp32, on the four masks the project uses: bidirectional, block causal, composite and
-packed documents (composite + segment ids), plus key padding. Shapes are tiny; splash runs in
+gradients, fp32, on the masks the project uses: bidirectional, block causal, composite, the
+composite with Multi-Block Editing links (window 3, clean sees noisy; window 2 over packed
+documents) and packed documents (composite + segment ids), plus key padding. Shapes are tiny; splash runs in
 interpret mode (T = 128, its smallest tile).
 """
 
@@ -32,6 +33,8 @@ def _masks():
         "block_causal": AttentionMask.block_causal(BS),
         "composite": AttentionMask.composite(BS),
         "packed_documents": AttentionMask.composite(BS, segment_ids=_docs()),
+        "composite_mbe": AttentionMask.composite(BS, window=3, clean_sees_noisy=True),
+        "mbe_packed_documents": AttentionMask.composite(BS, segment_ids=_docs(), window=2, clean_sees_noisy=True),
         "bidirectional_documents": AttentionMask.bidirectional(segment_ids=_docs()),
     }
 
@@ -67,7 +70,7 @@ def _assert_same(impl, mask, rows=None, **kw):
 
 
 @pytest.mark.parametrize("name,q_tile", [(name, 16) for name in _masks()]
-                         + [("composite", 48), ("packed_documents", 48)])
+                         + [("composite", 48), ("packed_documents", 48), ("composite_mbe", 48)])
 def test_blocked_equals_dense(name, q_tile):
     _assert_same("blocked", _masks()[name], tiles=TileSizes(blocked_q=q_tile))
 
@@ -78,7 +81,8 @@ def test_cudnn_path_equals_dense(name):
     _assert_same("cudnn", _masks()[name])
 
 
-@pytest.mark.parametrize("name", ["bidirectional", "block_causal", "composite", "packed_documents"])
+@pytest.mark.parametrize("name", ["bidirectional", "block_causal", "composite", "packed_documents",
+                                  "mbe_packed_documents"])
 def test_splash_interpret_equals_dense(name):
     _assert_same("splash", _masks()[name], interpret=True)
 
@@ -145,13 +149,25 @@ def test_dense_twins_are_the_mask_builders():
     docs = _docs()
     np.testing.assert_array_equal(AttentionMask.composite(BS, segment_ids=docs).dense(T),
                                   masks.composite(T // 2, BS)[0][None] & masks.document(docs))
+    for window in (1, 2, 3, 5):  # 5 > the 4 blocks of L = 64
+        for clean in (False, True):
+            np.testing.assert_array_equal(
+                AttentionMask.composite(BS, window=window, clean_sees_noisy=clean).dense(T)[0],
+                masks.composite_mbe(T // 2, BS, window, clean)[0], err_msg=f"window={window} clean={clean}")
+    # a last block shorter than the others (L = 60, blocks of 16)
+    np.testing.assert_array_equal(AttentionMask.composite(BS, window=2, clean_sees_noisy=True).dense(120)[0],
+                                  masks.composite_mbe(60, BS, 2)[0])
+    # window 1 is the plain composite mask; a wider window only adds links
+    np.testing.assert_array_equal(masks.composite_mbe(T // 2, BS, 1)[0], masks.composite(T // 2, BS)[0])
+    assert (masks.composite_mbe(T // 2, BS, 3)[0] >= masks.composite(T // 2, BS)[0]).all()
 
 
 def test_blocked_tiles_cover_exactly_the_allowed_entries():
-    for kind, length in (("composite", 2 * 512), ("block_causal", 512)):
-        structure = AttentionMask(kind, 32).structure(length)
+    for kind, length, links in (("composite", 2 * 512, (1, False)), ("block_causal", 512, (1, False)),
+                                ("composite", 2 * 512, (3, True))):
+        structure = AttentionMask(kind, 32, window=links[0], clean_sees_noisy=links[1]).structure(length)
         seen = np.zeros_like(structure)
-        for tile in blocked_tiles(kind, 32, length, 128):
+        for tile in blocked_tiles(kind, 32, length, 128, *links):
             cols = np.concatenate([np.arange(a, b) for a, b in tile.key_runs])
             assert not seen[tile.q_start:tile.q_end][:, cols].any()
             seen[tile.q_start:tile.q_end][:, cols] = tile.local
@@ -166,6 +182,8 @@ def test_bad_descriptions_name_the_field():
         attention(q, k, v, AttentionMask.bidirectional(), impl="flash")
     with pytest.raises(ValueError, match="block_size"):
         AttentionMask.composite(0)
+    with pytest.raises(ValueError, match="AttentionMask.window"):
+        AttentionMask.composite(BS, window=0)
     with pytest.raises(ValueError, match="segment_ids"):
         attention(q, k, v, AttentionMask.composite(BS, segment_ids=jnp.zeros((B, T - 1), jnp.int32)))
     with pytest.raises(ValueError, match=">= 128"):

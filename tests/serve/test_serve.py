@@ -330,3 +330,11 @@ def test_launcher_serves_the_readme_quickstart_command(fixture_dir, tmp_path):
 def _port_open(port):
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_mbe_knobs_pass_through_to_the_engine_options():
+    """The Multi-Block Editing fields of a request reach the engine's options unchanged."""
+    body = {"mode": "S", "mbe_window": 2, "mbe_max_steps": 3, "mbe_threshold": 0.6, "mbe_editing_threshold": 0.2,
+            "mbe_fraction": 0.5}
+    opts, _, _ = server._options(body, 32)
+    assert {k: opts[k] for k in body if k != "mode"} == {k: v for k, v in body.items() if k != "mode"}

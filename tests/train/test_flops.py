@@ -12,6 +12,9 @@ def test_attention_pairs_equal_the_composite_mask():
         mdlm = block >= length
         mask, _ = masks.composite(length, block) if not mdlm else (np.ones((length, length), bool), None)
         assert flops.attention_pairs(length, block, mdlm) == int(np.asarray(mask).sum())
+    for window, clean in ((2, True), (3, False), (9, True)):  # Multi-Block Editing links
+        mask, _ = masks.composite_mbe(32, 8, window, clean)
+        assert flops.attention_pairs(32, 8, False, window, clean) == int(np.asarray(mask).sum())
 
 
 def test_training_flops_by_hand():

@@ -632,3 +632,41 @@ def test_block_schedule_config_errors_name_the_field():
     cfg.block_schedule = {"warmup_steps": 10, "stable_steps": 10}
     with pytest.raises(ValueError, match=r"block_schedule.decay_steps: expected a number of steps, found none"):
         train.block_schedule(cfg)
+
+
+# ------------------------------------------------------------------------------ MBE SFT: window curriculum
+def test_mbe_window_curriculum_resumes_exactly(tmp_path):
+    """The Multi-Block Editing curriculum K = 2 then 3 over 4 steps: the step's K logged, and a run
+    killed at the first step of K = 3 resumes from the checkpoint before it with the same metrics."""
+    cfg = quickstart_config(**{"objective.block_size": 8, "data.seq_len": 32, "total_steps": 4,
+                               "checkpoint_every": 2, "log_every": 1, "optim.lr": 1e-3,
+                               "objective.mbe_window_schedule": ((2, 2), (0, 3))})
+    model_config = train.build_model_config(cfg)
+    obj = train.build_objective(cfg, model_config)
+    assert obj.mbe_windows == (2, 3)
+    train.run_training(cfg, str(tmp_path / "ref"), model_config, obj, _Batches(), progress=False)
+
+    def kill(step, metrics):
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _Batches(), progress=False, on_log=kill)
+    assert checkpoint.Checkpointer(str(tmp_path / "killed" / "checkpoints")).latest_step() == 2
+    train.run_training(cfg, str(tmp_path / "killed"), model_config, obj, _Batches(), progress=False)
+    ref, got = _metrics(tmp_path / "ref"), _metrics(tmp_path / "killed")
+    assert [r["mbe_window"] for r in ref] == [2, 2, 3, 3]
+    assert [r["step"] for r in got] == list(range(1, 5))
+    assert got == ref  # every metric of every step, bit for bit
+
+
+def test_mbe_config_errors_name_the_field():
+    from llada_jax.model.config import ConfigError
+
+    cfg = quickstart_config(**{"objective.mbe_window": -1})
+    model_config = train.build_model_config(cfg)
+    with pytest.raises(ConfigError, match=r"ObjectiveConfig.mbe_window: expected an integer >= 0"):
+        train.build_objective(cfg, model_config)
+    cfg = quickstart_config(**{"objective.mbe_window_schedule": ((10, 2), (5,))})
+    with pytest.raises(ConfigError, match=r"ObjectiveConfig.mbe_window_schedule: expected \(\(num_steps"):
+        train.build_objective(cfg, model_config)
