@@ -288,9 +288,8 @@ def cast_base(base: Any, abstract: Any, shardings: Any) -> Any:
     one leaf at a time so the widest copy of the model never exists twice at once. A leaf already
     in its dtype is placed as is."""
     def one(x, a, s):
-        if x.dtype == a.dtype:
-            return jax.device_put(x, s)
-        return jax.jit(lambda v: v.astype(a.dtype), out_shardings=s)(x)
+        x = jax.device_put(x, s)  # host arrays onto their shards first (every process holds its slices)
+        return x if x.dtype == a.dtype else jax.jit(lambda v: v.astype(a.dtype), out_shardings=s)(x)
 
     return jax.tree_util.tree_map(one, base, abstract, shardings)
 
