@@ -216,3 +216,20 @@ def test_lora_base_dtype_bfloat16_trains_fp32_adapters_on_a_base_cast_once(tmp_p
         _run(_cfg(data_dir, **small), workdir, base, str(tmp_path / "base"))
     with pytest.raises(ValueError, match=r"lora.base_dtype: expected one of \['', 'bfloat16', 'float32'\]"):
         lora.LoraConfig(rank=4, base_dtype="float16")
+
+
+def test_base_is_read_straight_into_base_dtype(tmp_path):
+    """launcher.setup reads a LoRA run's base with `param_dtype = lora.base_dtype`
+    (`train.lora_base_config`): from an fp32 checkpoint each leaf arrives as its bf16 rounding
+    (router and expert_bias fp32), no fp32 copy of the model in between."""
+    from llada_jax import launcher
+
+    config = model.get_config("tiny")
+    base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
+    checkpoint.save_params(str(tmp_path / "base"), config, base)
+    read_as = train.lora_base_config(config, lora.LoraConfig(rank=4, base_dtype="bfloat16"))
+    assert read_as.param_dtype == "bfloat16" and train.lora_base_config(config, lora.LoraConfig(rank=4)) is config
+    _, loaded = launcher.load_params(str(tmp_path / "base"), read_as)
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(loaded)} == {"bfloat16", "float32"}
+    for got, want in zip(jax.tree_util.tree_leaves(jax.device_get(loaded)), jax.tree_util.tree_leaves(base)):
+        np.testing.assert_array_equal(got, want.astype(got.dtype))
