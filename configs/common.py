@@ -117,6 +117,9 @@ def lora_config() -> ml_collections.ConfigDict:
     c.alpha = 16.0  # the adapters' update is scaled by alpha / rank
     c.targets = ",".join(TARGETS)  # comma-separated projection names (model.lora.TARGETS)
     c.dropout = 0.0  # rank dropout: each rank component dropped with this probability per step
+    # Storage dtype of the frozen base, cast once at the start: "bfloat16" halves it; "" keeps the
+    # model's param_dtype. Adapters and their optimizer state are fp32 either way.
+    c.base_dtype = ""
     return c
 
 

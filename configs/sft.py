@@ -15,6 +15,10 @@ The defaults are plans for this hardware with no overrides (README "Memory plans
   size=flash       L = 4096,  global batch 128, v5p-256 (128 chips: fsdp=16 x expert=8)
   size=mini,long   L = 32768 (mini's context), global batch 32, v5p-64 (32 chips: fsdp=32,
                    moe_impl=expert_parallel routing per device, no expert axis)
+  size=mini,lora   LoRA rank 8 on every projection, the base frozen in bf16 (lora.base_dtype),
+                   L = 4096, global batch 8, v5e-8 (8 chips x 16 GB: fsdp=8, expert_parallel
+                   routing per device, no expert axis); compiled as overrides of size=mini
+                   (bench/plans/lora.jsonl): 13.4 GiB per chip of 15.75
 
 The fitting plan they carry: full remat, the chunked lm_head + log-prob (always on,
 `ModelConfig.logits_chunk`), a mesh with an `expert` axis (not `long`), gradient accumulation
@@ -38,6 +42,14 @@ from common import base_config, parse_arg  # noqa: E402
 # the experts are routed per device without an expert axis (expert_parallel with P = 1: nothing
 # exchanged, the buffer T_local * k rows), named explicitly since "auto" picks ragged (GSPMD, a
 # global sort) on a mesh without one.
+# `lora`: mini fine-tuned with adapters on a small slice (issue #23: v5e-8). The base in bf16 is 4 GB
+# per chip over 8 chips, the adapters ~0.3B parameters; the activations of one 4096-token sequence
+# (8192 composite positions) per chip are the rest. With an expert axis of 8 the dropless exchange's
+# worst-case receive buffer (P * T_local * min(k, E/P) rows) alone asks 31.4 GiB of temporaries, so the
+# experts are routed per device (expert_parallel with P = 1, as `long` does) and FSDP takes every chip.
+# lr 1e-4: adapters start at zero and take a larger step than the full model's 1e-5.
+LORA = {"mini": dict(batch=8, seq_len=4096, accum=1, mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),
+                     moe_impl="expert_parallel", rank=8, alpha=16.0, lr=1e-4)}
 SIZES = {
     "mini": dict(steps=2000, batch=64, seq_len=8192, accum=2, mesh=dict(data=1, fsdp=-1, tensor=1, expert=8)),
     "flash": dict(steps=1000, batch=128, seq_len=4096, accum=1, mesh=dict(data=-1, fsdp=16, tensor=1, expert=8)),
@@ -47,12 +59,16 @@ LONG = {"mini": dict(batch=32, seq_len=32768, accum=1, mesh=dict(data=1, fsdp=-1
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="mini", long=False)
+    a = parse_arg(arg, size="mini", long=False, lora=False)
     if a.size not in SIZES:
         raise KeyError(f"config argument size: expected one of {sorted(SIZES)}, found {a.size!r}")
     if a.long and a.size not in LONG:
         raise KeyError(f"config argument long: expected a size in {sorted(LONG)}, found size={a.size!r}")
-    s = dict(SIZES[a.size], **(LONG[a.size] if a.long else {}))
+    if a.lora and a.size not in LORA:
+        raise KeyError(f"config argument lora: expected a size in {sorted(LORA)}, found size={a.size!r}")
+    if a.lora and a.long:
+        raise KeyError("config arguments long, lora: expected one of them, found both")
+    s = dict(SIZES[a.size], **(LONG[a.size] if a.long else {}), **(LORA[a.size] if a.lora else {}))
     c = base_config()
     c.total_steps = s["steps"]
     c.checkpoint_every = 200
@@ -78,5 +94,10 @@ def get_config(arg=None):
     c.optim.accum_steps = s["accum"]
     if "moe_impl" in s:
         c.model.overrides.moe_impl = s["moe_impl"]
+    if a.lora:  # adapters on every projection, the base frozen in bf16 (needs --init_from or model.hf_dir)
+        c.lora.rank = s["rank"]
+        c.lora.alpha = s["alpha"]
+        c.lora.base_dtype = "bfloat16"
+        c.optim.lr = s["lr"]
     c.mesh.update(s["mesh"])
     return c

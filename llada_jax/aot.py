@@ -192,7 +192,7 @@ def _model_info(cfg, model_config) -> dict:
 def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     """The trainer's update step on a global batch of `data.batch_size` x `data.seq_len` tokens; with
     `lora.rank > 0` the LoRA step: adapters and their Adam state in the state, the base (in
-    `model.overrides.param_dtype`) a frozen argument."""
+    `lora.base_dtype`, else `model.overrides.param_dtype`) a frozen argument."""
     import flax.linen as nn
 
     from llada_jax import model, train
@@ -214,13 +214,14 @@ def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
         state, shardings = _state(model_config, tx, mesh)
         return Job(train.jit_train_step(step, shardings, mesh, batch), (state, batch, _key(mesh)), info)
     # LoRA: the state is the adapters (trainer.lora_setup), the frozen base a fourth argument.
-    base_boxed = model.abstract_params(model_config)
+    base_boxed = model.abstract_params(train.lora_base_config(model_config, settings))
     boxed = lora.abstract_adapters(base_boxed, settings)
     shardings = train.state_shardings(model_config, tx, mesh, boxed=boxed)
     state = _abstract(train.init_state_abstract(model_config, tx, boxed), shardings)
     base_sh = sharding.param_shardings(base_boxed, mesh)
     base = _abstract(nn.meta.unbox(base_boxed), base_sh)
     info["trainable_params"] = lora.count(state.params)
+    info["base_dtype"] = settings.base_dtype or model_config.param_dtype
     fn = train.jit_train_step(step, shardings, mesh, batch, base_sh)
     return Job(fn, (state, batch, _key(mesh), base), info)
 

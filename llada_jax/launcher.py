@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 from absl import flags, logging
 
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.model import abstract_params, backends, hf, quant
+from llada_jax.model import abstract_params, backends, hf, lora, quant
 from llada_jax.model.config import DTYPES, ModelConfig
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint, trainer
@@ -84,7 +84,12 @@ def setup(cfg, workdir: str, *, init_from: Optional[str] = None) -> Run:
     if source:
         if init_from:
             adopt_run_files(cfg, init_from)
-        model_config, params = load_params(source, model_config, mesh)
+        # A LoRA run's frozen base is read straight into `lora.base_dtype` (a bf16 base never
+        # exists in fp32 beside it); the model config keeps the run's param_dtype.
+        settings = lora.LoraConfig.from_mapping(cfg.get("lora"))
+        read_as = trainer.lora_base_config(model_config, settings) if settings.enabled else model_config
+        loaded_config, params = load_params(source, read_as, mesh)
+        model_config = loaded_config.replace(param_dtype=model_config.param_dtype)
     tokenizer = trainer.load_tokenizer(cfg, workdir)
     trainer.check_tokenizer(model_config, tokenizer)
     return Run(model_config, params, tokenizer, mesh)

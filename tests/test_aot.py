@@ -143,6 +143,21 @@ def test_sft_config_resolves_splash_and_expert_parallel_on_its_tpu_mesh():
     assert report["fits"] is True
 
 
+@needs_libtpu
+def test_sft_lora_config_plans_adapters_on_a_bf16_base_over_fsdp():
+    """configs/sft.py:size=mini,lora (the v5e-8 LoRA plan) with nothing else passed compiles the LoRA
+    step: rank 8, the base in bf16, FSDP over every chip with per-device expert routing (no expert
+    axis: its exchange buffer is what does not fit), the adapters alone trainable. The tiny preset
+    stands in for mini (whose compile takes many minutes; bench/plans/rows_lora.txt)."""
+    out = compile_job("--config=configs/sft.py:size=mini,lora", "--config.model.preset=tiny",
+                      "--config.data.seq_len=64", "--job=sft", "--topology=v5e:2x4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads([line for line in out.stdout.splitlines() if line.strip()][-1])
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    assert (report["lora_rank"], report["base_dtype"], report["moe_impl"]) == (8, "bfloat16", "expert_parallel")
+    assert 0 < report["trainable_params"] < 0.5 * 338_496 and report["fits"] is True  # tiny: 338,496 params
+
+
 def test_run_mesh_is_the_configs_with_flag_overrides():
     """`aot.run_mesh`: the mesh launch/train.py builds from the config's `mesh` section (here over
     the 8 fake CPU devices), single axes overridden; an override to -1 takes the config's -1."""

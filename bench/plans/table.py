@@ -47,6 +47,8 @@ def main(paths):
                 print("| " + " | ".join(label + [f"{why} (no report)"] + [""] * (len(head) - len(label) - 2) + [cmd]) + " |")
                 continue
             dt = r.get("param_dtype") if r["job"] == "decode" else ""
+            if r.get("lora_rank"):  # LoRA SFT: the adapters' rank and the frozen base's dtype
+                dt = f"LoRA r{r['lora_rank']}, {r.get('base_dtype', r.get('param_dtype'))} base"
             cells = label + [r["job"], f"{r['model']}{' ' + dt if dt else ''}", f"{r['cloud_name']} ({r['chips']} chips)",
                              mesh(r), shape(r), r["remat"], r.get("attention", "xla"), r.get("moe_impl", ""),
                              g(r.get("argument_bytes")), g(r.get("temporary_bytes", r.get("required_bytes"))),

@@ -53,6 +53,7 @@ LAYOUTS: dict[str, tuple[int, int]] = {
 }
 TARGETS = tuple(LAYOUTS)
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+BASE_DTYPES = ("", "bfloat16", "float32")  # lora.base_dtype: "" = the model's param_dtype
 _STACKS = ("dense_layers", "moe_layers")  # scanned layer stacks: a leading `layers` axis
 
 
@@ -60,12 +61,15 @@ _STACKS = ("dense_layers", "moe_layers")  # scanned layer stacks: a leading `lay
 class LoraConfig:
     """`rank` 0 = off. `targets`: names in `TARGETS` (every layer's projection of that name;
     `gate_proj` / `up_proj` / `down_proj` are the dense MLPs and the shared experts, `wi_gate` /
-    `wi_up` / `wo` the routed experts). `dropout`: rank dropout (module docstring)."""
+    `wi_up` / `wo` the routed experts). `dropout`: rank dropout (module docstring). `base_dtype`:
+    the frozen base's storage dtype, cast once at the start ("" keeps the model's `param_dtype`);
+    the adapters and their optimizer state are fp32 whatever it is."""
 
     rank: int = 0
     alpha: float = 16.0
     targets: tuple[str, ...] = TARGETS
     dropout: float = 0.0
+    base_dtype: str = ""
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 0:
@@ -80,6 +84,9 @@ class LoraConfig:
             raise ValueError(f"lora.targets: expected names among {list(TARGETS)}, found {unknown[0]!r}")
         if self.rank and not targets:
             raise ValueError(f"lora.targets: expected at least one of {list(TARGETS)} with rank {self.rank}, found none")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"lora.base_dtype: expected one of {list(BASE_DTYPES)} (\"\" = the model's param_dtype), "
+                             f"found {self.base_dtype!r}")
         object.__setattr__(self, "targets", targets)
 
     @property
@@ -91,7 +98,8 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "dropout": self.dropout}
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "dropout": self.dropout,
+                "base_dtype": self.base_dtype}
 
     @classmethod
     def from_mapping(cls, section: Optional[Mapping[str, Any]]) -> "LoraConfig":
@@ -259,9 +267,10 @@ def combine(base: Any, adapters: dict) -> Any:
     return join(base, adapters)
 
 
-def merge(base: Any, adapters: dict, config: LoraConfig) -> Any:
+def merge(base: Any, adapters: dict, config: LoraConfig, dtype: Any = None) -> Any:
     """Base-shaped parameters with `W + (alpha / rank) A @ B` folded into every adapted weight, each
-    in its base dtype (what export and serving use). Dropout is off."""
+    in its base dtype, or in `dtype` when given (a bf16 base's merged weights kept in fp32, as the
+    training forward forms them). Every other leaf is the base's. Dropout is off."""
     prepared = prepare(adapters, config)
     out = jax.tree_util.tree_map(lambda x: x, base)  # a fresh container; leaves shared
     for keys, name, a, b in _adapter_leaves(prepared):
@@ -270,8 +279,19 @@ def merge(base: Any, adapters: dict, config: LoraConfig) -> Any:
         fn = merged_weight
         for _ in range(lead):
             fn = jax.vmap(fn)
-        _set(out, keys + (name,), fn(w, a, b).astype(w.dtype))
+        _set(out, keys + (name,), fn(w, a, b).astype(w.dtype if dtype is None else dtype))
     return out
+
+
+def cast_base(base: Any, abstract: Any, shardings: Any) -> Any:
+    """`base` with each leaf cast to its `abstract` leaf's dtype (`lora.base_dtype`) in its shards,
+    one leaf at a time so the widest copy of the model never exists twice at once. A leaf already
+    in its dtype is placed as is."""
+    def one(x, a, s):
+        x = jax.device_put(x, s)  # host arrays onto their shards first (every process holds its slices)
+        return x if x.dtype == a.dtype else jax.jit(lambda v: v.astype(a.dtype), out_shardings=s)(x)
+
+    return jax.tree_util.tree_map(one, base, abstract, shardings)
 
 
 def count(tree: Any) -> int:

@@ -336,7 +336,10 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     if adapters:
         extra_json["lora"] = adapters.to_json()
         base_args = (adapters.base,)
-        merge = jax.jit(lambda b, a: lora.merge(b, a, adapters.config), out_shardings=adapters.base_shardings)
+        # Merged weights in the run's param_dtype: with a bf16 base (lora.base_dtype) the rollouts decode
+        # the weights the update's forward forms in fp32, not their bf16 rounding.
+        merge = jax.jit(lambda b, a: lora.merge(b, a, adapters.config, dtype=model_config.param_dtype),
+                        out_shardings=adapters.base_shardings)
 
     def policy(state):
         """The params that decode: the state's, or the base with the adapters merged."""

@@ -12,15 +12,15 @@ from llada_jax.train.trainer import (Batch, LoraRun, NonFiniteLossError, TrainSt
                                      build_model_config, build_objective, check_lora_resume, check_tokenizer, decay_mask,
                                      enable_compilation_cache, eval_batches, expert_load_metrics, init_state,
                                      init_state_abstract, jit_train_step, learning_rate_schedule, load_tokenizer,
-                                     lora_setup, make_checkpointer, make_eval_step, make_optimizer, make_train_step,
-                                     mesh_from_config, open_examples, real_mask, real_tokens, run_training,
+                                     lora_base_config, lora_setup, make_checkpointer, make_eval_step, make_optimizer,
+                                     make_train_step, mesh_from_config, open_examples, real_mask, real_tokens, run_training,
                                      state_shardings, train_iterator, trainable_labels, update_expert_bias)
 
 __all__ = [
     "Batch", "LoraRun", "MetricsLog", "NonFiniteLossError", "TrainState", "batch_sharding", "block_schedule",
     "build_model_config", "build_objective", "check_lora_resume", "check_tokenizer", "decay_mask",
     "enable_compilation_cache", "eval_batches", "expert_load_metrics", "init_state", "init_state_abstract",
-    "jit_train_step", "learning_rate_schedule", "load_tokenizer", "lora_setup", "make_checkpointer", "make_eval_step",
-    "make_optimizer", "make_train_step", "mesh_from_config", "open_examples", "read_metrics", "real_mask",
+    "jit_train_step", "learning_rate_schedule", "load_tokenizer", "lora_base_config", "lora_setup", "make_checkpointer",
+    "make_eval_step", "make_optimizer", "make_train_step", "mesh_from_config", "open_examples", "read_metrics", "real_mask",
     "real_tokens", "run_training", "state_shardings", "train_iterator", "trainable_labels", "update_expert_bias",
 ]

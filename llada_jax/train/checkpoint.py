@@ -512,7 +512,7 @@ def _load_adapted(ckpt: "Checkpointer", directory: str, step: int, meta: dict, c
     from llada_jax.parallel import sharding as sharding_rules
 
     settings = lora.LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
-                               dropout=float(meta.get("dropout", 0.0)))
+                               dropout=float(meta.get("dropout", 0.0)), base_dtype=meta.get("base_dtype", ""))
     base_path = meta.get("base")
     if not base_path:
         raise FileNotFoundError(f"{directory} step {step}: LoRA adapters, expected the path of their base in "
@@ -534,4 +534,13 @@ def _load_adapted(ckpt: "Checkpointer", directory: str, step: int, meta: dict, c
         state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
     adapters = restored["state"]["params"]
-    return jax.jit(lambda b, a: lora.merge(b, a, settings), out_shardings=shardings)(base, adapters)
+    # The adapters were trained against the base as stored in `base_dtype`: round it the same way,
+    # then merge; every weight comes back in the loaded dtype (a bf16-rounded base in fp32 is exact).
+    trained_on = nn.meta.unbox(abstract_params(config.replace(param_dtype=settings.base_dtype)
+                                               if settings.base_dtype else config))
+
+    def merged(b, a):
+        rounded = jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype).astype(x.dtype), b, trained_on)
+        return lora.merge(rounded, a, settings)
+
+    return jax.jit(merged, out_shardings=shardings)(base, adapters)

@@ -679,14 +679,20 @@ def lora_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, mesh, 
     if base_params is None:
         raise ValueError(f"lora.rank: {config.rank} adapts a base model, expected one (--init_from or "
                          f"config.model.hf_dir), found none")
-    base_boxed = model.abstract_params(model_config)
+    base_boxed = model.abstract_params(lora_base_config(model_config, config))
     base_sh = sharding.param_shardings(base_boxed, mesh)
-    base = jax.device_put(base_params, base_sh)
     abstract_base = nn.meta.unbox(base_boxed)
+    base = lora.cast_base(base_params, abstract_base, base_sh)  # lora.base_dtype, once
     if base_from is not None and not checkpoint.is_url(base_from):
         base_from = os.path.abspath(base_from)
     return LoraRun(config, base, base_sh, base_from, lora.abstract_adapters(base_boxed, config),
                    lambda r: lora.init_adapters(abstract_base, config, r))
+
+
+def lora_base_config(model_config: ModelConfig, config: lora.LoraConfig) -> ModelConfig:
+    """The model config the frozen base is stored under: `param_dtype` = `lora.base_dtype` when set
+    (leaves the model keeps in fp32, `expert_bias`, stay fp32)."""
+    return model_config.replace(param_dtype=config.base_dtype) if config.base_dtype else model_config
 
 
 def check_lora_resume(extra: dict, adapters: Optional[LoraRun], where: str) -> None:
@@ -701,8 +707,8 @@ def check_lora_resume(extra: dict, adapters: Optional[LoraRun], where: str) -> N
         raise ValueError(f"lora base: {where} was trained on {stored.get('base')!r}, this run starts from "
                          f"{now.get('base')!r}")
     if stored is not None:
-        for k in ("rank", "alpha", "targets", "dropout"):
-            if stored.get(k) != now.get(k):
+        for k in ("rank", "alpha", "targets", "dropout", "base_dtype"):
+            if stored.get(k, "" if k == "base_dtype" else None) != now.get(k):
                 raise ValueError(f"lora.{k}: {where} was trained with {stored.get(k)!r}, found {now.get(k)!r}")
 
 

@@ -5,6 +5,9 @@
 The reward is the fraction of digits in a completion (a random init already varies on it, so
 advantages and updates are not zero). The held-out evaluation runs before the first step and
 after the last (the task's reward on the test split).
+
+Then, in the same processes (no second launch: these tests are CI's slowest), 3 LoRA SFT steps
+(rank 4, base frozen in bf16) on a seeded random base into WORKDIR/lora_sft.
 """
 
 import os
@@ -12,10 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 
+import jax  # noqa: E402
 from absl import app  # noqa: E402
 
 from helpers import load_config  # noqa: E402
-from llada_jax import train  # noqa: E402
+from llada_jax import model, train  # noqa: E402
 from llada_jax.parallel import hosts  # noqa: E402
 from llada_jax.rl import loop as rl_loop  # noqa: E402
 
@@ -40,6 +44,18 @@ def main(argv):
     model_config = train.build_model_config(cfg)
     tokenizer = train.load_tokenizer(cfg, workdir)
     rl_loop.run_rl(cfg, workdir, model_config, tokenizer, reward_fn=digit_fraction, progress=False)
+
+    lora_dir = os.path.join(workdir, "lora_sft")
+    cfg = load_config("quickstart.py", **{
+        "data.data_dir": data_dir, "data.num_train": 2000, "data.num_test": 50, "data.batch_size": 8,
+        "total_steps": 3, "checkpoint_every": 3, "log_every": 1, "optim.lr": 1e-2, "optim.warmup_frac": 0.0,
+        "lora.rank": 4, "lora.alpha": 8.0, "lora.base_dtype": "bfloat16"})
+    model_config = train.build_model_config(cfg)
+    base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(model_config, jax.random.key(7)))
+    tokenizer = train.load_tokenizer(cfg, lora_dir)
+    obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
+    train.run_training(cfg, lora_dir, model_config, obj, train.train_iterator(cfg, lora_dir, tokenizer),
+                       init_params=base, progress=False)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_checkpoint_of_two_processes_resumes_on_one(sft_runs, data_dir):
 
 
 @pytest.mark.multihost
-def test_rl_on_two_hosts_logs_the_metrics_of_one(tmp_path, data_dir):
+def test_rl_and_lora_sft_on_two_hosts_log_the_metrics_of_one(tmp_path, data_dir):
     script = os.path.join("tests", "parallel", "multihost_rl.py")
     one = _spawn([script, str(tmp_path / "one"), data_dir], processes=1, devices=8, log_dir=tmp_path / "one_logs")
     two = _spawn([script, str(tmp_path / "two"), data_dir], processes=2, devices=4, log_dir=tmp_path / "two_logs")
@@ -205,6 +205,11 @@ def test_rl_on_two_hosts_logs_the_metrics_of_one(tmp_path, data_dir):
     # The RL loss is a small difference of large terms: the cross-process summation order shows
     # in its last digits (observed 2e-5 relative, 2e-6 absolute), rollouts and rewards are exact.
     _assert_rows_close(got, want, rtol=1e-4)
+    # The same processes then ran 3 LoRA SFT steps (adapters only, base in bf16): 2 x 4 logs 1 x 8's
+    # rows (steps 2 and 3 see the adapters each step before moved: their gradients are not zero).
+    want, got = _metrics(tmp_path / "one" / "lora_sft"), _metrics(tmp_path / "two" / "lora_sft")
+    assert [r["step"] for r in want] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in want)
+    _assert_rows_close(got, want)
 
 
 # ------------------------------------------------------------------------------ one process

@@ -63,7 +63,7 @@ def test_lora_sft_freezes_the_base_saves_adapters_only_and_resumes_exactly(tmp_p
     _, extra = checkpoint._stored_extra(stored, ckpts, 20)
     stored.close()
     assert extra["lora"] == {"rank": 4, "alpha": 8.0, "targets": list(lora.TARGETS), "dropout": 0.25,
-                             "base": str(tmp_path / "base")}
+                             "base_dtype": "", "base": str(tmp_path / "base")}
     meta = ocp.StandardCheckpointer().metadata(str(workdir / "checkpoints" / "20" / "state")).item_metadata
     stored_names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(meta.tree)[0]}
     assert stored_names - names == {"step", "count"}, stored_names  # adapters, Adam moments, counters
@@ -158,3 +158,78 @@ def test_aot_plans_the_lora_sft_step():
     assert lora.count(base) == train.build_model_config(cfg).param_counts()["total"]
     with jax.set_mesh(mesh):
         job.fn.lower(*job.args)
+
+
+def test_lora_base_dtype_bfloat16_trains_fp32_adapters_on_a_base_cast_once(tmp_path):
+    """`lora.base_dtype=bfloat16`: the frozen base is cast once at the start (expert_bias stays fp32),
+    the adapters and every optimizer moment are fp32, the loss goes down, and the model the checkpoint
+    loads is the bf16-rounded base bit for bit wherever no adapter sits, with the adapters merged in
+    fp32 on that rounded base elsewhere. A resume under another base_dtype is refused."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    data_dir = str(tmp_path / "data")
+    small = {"lora.dropout": 0.0, "total_steps": 6, "checkpoint_every": 3, "mesh.data": -1, "mesh.fsdp": 1}
+    cfg = _cfg(data_dir, **small, **{"lora.base_dtype": "bfloat16"})
+    model_config = train.build_model_config(cfg)
+    base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(model_config, jax.random.key(7)))
+    checkpoint.save_params(str(tmp_path / "base"), model_config, base)
+    # what the run trains on: each leaf rounded to its dtype under param_dtype=bfloat16 (the router
+    # and expert_bias, which the model keeps in fp32, unchanged)
+    dtypes = jax.tree_util.tree_map(lambda a: a.dtype, nn.meta.unbox(
+        model.abstract_params(model_config.replace(param_dtype="bfloat16"))))
+    assert {jnp.dtype(d) for d in jax.tree_util.tree_leaves(dtypes)} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    rounded = jax.tree_util.tree_map(lambda x, d: x.astype(d).astype(x.dtype), base, dtypes)
+
+    frozen = train.lora_setup(cfg, model_config, train.mesh_from_config(cfg), base, str(tmp_path / "base"))
+    for got, want, d in zip(*(jax.tree_util.tree_leaves(t) for t in (jax.device_get(frozen.base), rounded, dtypes))):
+        assert got.dtype == d
+        np.testing.assert_array_equal(got.astype(jnp.float32), want)
+    del frozen
+
+    workdir = tmp_path / "run"
+    state = _run(cfg, workdir, base, str(tmp_path / "base"))
+    rows = _rows(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    floats = [x for x in jax.tree_util.tree_leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+
+    trained = jax.device_get(state.params)
+    _, merged = checkpoint.load_params(str(workdir / "checkpoints"))
+    want = lora.merge(rounded, trained, lora.LoraConfig.from_mapping(cfg.lora))
+    for (path, got), w, r in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(merged))[0],
+                                 jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(rounded)):
+        assert got.dtype == jnp.float32, path
+        np.testing.assert_array_equal(got, w)
+        if str(path[-1].key) not in lora.TARGETS:
+            np.testing.assert_array_equal(got, r)
+
+    # the adapters learned: the objective on a fixed batch and noise key is lower than the base's
+    tokenizer = train.load_tokenizer(cfg, str(workdir))
+    obj = train.build_objective(cfg, model_config, extra_special_ids=tokenizer.special_ids)
+    batch = next(train.train_iterator(cfg, str(workdir), tokenizer))
+    batch = {k: batch[k] for k in ("tokens", "loss_mask")} | {"example_ids": np.arange(8, dtype=np.int32)}
+    loss = jax.jit(lambda p: train.objectives.loss_fn(p, model_config, obj, batch, jax.random.key(3))[0])
+    assert float(loss(merged)) < float(loss(rounded)), (float(loss(merged)), float(loss(rounded)))
+
+    with pytest.raises(ValueError, match=r"lora.base_dtype: .* was trained with 'bfloat16', found ''"):
+        _run(_cfg(data_dir, **small), workdir, base, str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=r"lora.base_dtype: expected one of \['', 'bfloat16', 'float32'\]"):
+        lora.LoraConfig(rank=4, base_dtype="float16")
+
+
+def test_base_is_read_straight_into_base_dtype(tmp_path):
+    """launcher.setup reads a LoRA run's base with `param_dtype = lora.base_dtype`
+    (`train.lora_base_config`): from an fp32 checkpoint each leaf arrives as its bf16 rounding
+    (router and expert_bias fp32), no fp32 copy of the model in between."""
+    from llada_jax import launcher
+
+    config = model.get_config("tiny")
+    base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
+    checkpoint.save_params(str(tmp_path / "base"), config, base)
+    read_as = train.lora_base_config(config, lora.LoraConfig(rank=4, base_dtype="bfloat16"))
+    assert read_as.param_dtype == "bfloat16" and train.lora_base_config(config, lora.LoraConfig(rank=4)) is config
+    _, loaded = launcher.load_params(str(tmp_path / "base"), read_as)
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(loaded)} == {"bfloat16", "float32"}
+    for got, want in zip(jax.tree_util.tree_leaves(jax.device_get(loaded)), jax.tree_util.tree_leaves(base)):
+        np.testing.assert_array_equal(got, want.astype(got.dtype))

@@ -464,7 +464,7 @@ def test_state_initialised_from_a_hugging_face_checkpoint(tiny_hf):
 
 
 @pytest.mark.parametrize("path,arg", [("quickstart.py", None), ("quickstart.py", "task=sudoku4x4"),
-                                      ("sft.py", "size=mini"), ("sft.py", "size=flash"),
+                                      ("sft.py", "size=mini"), ("sft.py", "size=flash"), ("sft.py", "size=mini,lora"),
                                       ("rl.py", None), ("rl.py", "algorithm=dipo"), ("cpt.py", None)])
 def test_every_config_builds(path, arg):
     cfg = load_config(path, arg)
@@ -474,6 +474,15 @@ def test_every_config_builds(path, arg):
     schedule = train.block_schedule(cfg)  # every size divides seq_len, or an error
     assert (schedule is not None) == (path == "cpt.py")
     assert cfg.total_steps > 0 and cfg.checkpoint_every > 0
+
+
+def test_sft_lora_variant_is_mini_only_and_not_long():
+    cfg = load_config("sft.py", "size=mini,lora")
+    assert (cfg.lora.rank, cfg.lora.base_dtype, cfg.data.seq_len, cfg.data.batch_size) == (8, "bfloat16", 4096, 8)
+    with pytest.raises(KeyError, match="config argument lora: expected a size in"):
+        load_config("sft.py", "size=flash,lora")
+    with pytest.raises(KeyError, match="config arguments long, lora: expected one of them"):
+        load_config("sft.py", "size=mini,long,lora")
 
 
 @pytest.mark.parametrize("variant", [{}, {"weighting": "token_mean", "mtf": True, "cap": True, "keep_weight": 0.5}])
