@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +174,31 @@ def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.Gradient
     return step
 
 
+def run_updates(step: Callable, state: TrainState, batches: Sequence[dict], key: PRNGKeyArray, mu: int,
+                on_policy_first: bool = True) -> tuple[TrainState, list]:
+    """μ epochs over a rollout batch's mini-batches (verl's `ppo_mini_batch_size`): μ x len(batches)
+    updates with `step` (`make_rl_step`'s, jitted), mini-batches in order within each epoch, one
+    noise key throughout.
+
+    θ_old is the policy that drew the rollouts in every update, so each mini-batch's
+    `old_terms` stay as given for all μ epochs. With `on_policy_first` (θ == θ_old at the first
+    update) the first mini-batch's come from the first update's own program (`on_policy=True`:
+    exact ratio 1 in any precision) and are set in `batches[0]`; the other mini-batches must
+    bring θ_old's terms, taken before the first update (`policy_terms`). Without it (pipelining:
+    the rollouts are from the params before the previous update) every mini-batch brings its
+    own. Returns the new state and each update's metrics, in order.
+    """
+    metrics = []
+    for epoch in range(mu):
+        for j, batch in enumerate(batches):
+            first = on_policy_first and epoch == 0 and j == 0
+            state, m, terms = step(state, batch, key, np.bool_(first))
+            if first:
+                batch["old_terms"] = terms
+            metrics.append(m)
+    return state, metrics
+
+
 def run_inner_updates(step: Callable, state: TrainState, batch: dict, key: PRNGKeyArray,
                       mu: int) -> tuple[TrainState, list]:
     """The μ inner updates of one rollout batch with `step` (`make_rl_step`'s, jitted).
@@ -182,12 +207,6 @@ def run_inner_updates(step: Callable, state: TrainState, batch: dict, key: PRNGK
     terms in its own program (`on_policy=True`) and they stay `batch['old_terms']` for updates
     2..μ. (Feeding each update's returned terms to the next would clip update i against θ_{i-1}:
     the clip would bound each step and not the drift from the rollout policy.) `batch` gets
-    `old_terms`; returns the new state and each update's metrics.
+    `old_terms`; returns the new state and each update's metrics. One mini-batch of `run_updates`.
     """
-    metrics = []
-    for i in range(mu):
-        state, m, terms = step(state, batch, key, np.bool_(i == 0))
-        if i == 0:
-            batch["old_terms"] = terms
-        metrics.append(m)
-    return state, metrics
+    return run_updates(step, state, [batch], key, mu)
