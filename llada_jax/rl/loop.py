@@ -15,14 +15,23 @@
   4. `rl.pack_rollouts` (DiPO: `rl.pack_trajectory`, the decoder's every write) and, when
      beta > 0, the reference's terms from a frozen on-device copy of the initial params, with the
      update key `fold_in(noise_key, s)` (common random numbers);
-  5. μ jitted `rl.make_rl_step` updates with that same batch and key, the state donated; the
-     first runs at θ == θ_old and takes θ_old's terms from its own program (exact ratio 1 in any
-     precision), the later ones get the terms the previous update returned. With
-     `rl.skip_no_signal`, a step whose advantages are all zero (every group's rewards equal) skips
-     4-5: its gradient is zero (KL aside), but Adam would still move the params along its
-     momentum, and the likelihood and updates are most of a step's time;
+  5. μ epochs of `rl.mini_batches` jitted `rl.make_rl_step` updates (`rl.run_updates`; each
+     accumulated over `optim.accum_steps` micro-batches) with that same key, the state donated.
+     θ_old is the policy that drew the rollouts in every update: the first update runs at
+     θ == θ_old and takes the first mini-batch's terms from its own program (exact ratio 1 in any
+     precision), the other mini-batches' are taken from the same params before it, and all stay
+     for the μ epochs. With `rl.skip_no_signal`, a step whose advantages are all zero (every
+     group's rewards equal) skips 4-5: its gradient is zero (KL aside), but Adam would still move
+     the params along its momentum, and the likelihood and updates are most of a step's time;
   6. one metrics row per step to the progress bar and `<workdir>/metrics.jsonl`;
-  7. an Orbax checkpoint every `checkpoint_every` steps: the state and the prompt iterator.
+  7. an Orbax checkpoint every `checkpoint_every` steps, and at the step in progress when SIGTERM
+     arrives (`parallel.preemption`; the loop then returns): the state and the prompt iterator.
+
+With `rl.pipeline` (one step off-policy), step s+1's rollouts are decoded from the params before
+update s, with θ_old's terms from those params (staleness 1; the first step after a start is
+on-policy); update s is then dispatched and step s+1's rewards are scored on the host while the
+device runs it. A checkpoint then also holds step s+1's packed rollouts, rewards and θ_old's
+terms (they come from params no checkpoint keeps), in the per-process data state.
 
 Exact resume: every key is a function of (seed, s), the prompt iterator state is checkpointed,
 the optimizer state is restored and `metrics.jsonl` is cut back to the restored step, so a run
@@ -313,6 +322,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         raise ConfigError(f"rl.group_size: expected >= 2 for ESPO's leave-one-out advantages, found {r.group_size}")
     os.makedirs(workdir, exist_ok=True)
     mesh = train.mesh_from_config(cfg)
+    per_update = check_update_config(cfg, mesh)  # global rollouts of one update (a mini-batch); before any work
     tx = make_rl_optimizer(cfg)
     adapters = train.lora_setup(cfg, model_config, mesh, init_params, base_from)
     if adapters and adapters.config.dropout > 0:
@@ -378,7 +388,6 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
 
     terms_fns: dict = {}  # jitted programs per RLConfig (DiPO: one per num_steps bucket)
     step_fns: dict = {}
-    per_update = check_update_config(cfg, mesh)  # global rollouts of one update (a mini-batch)
     n_mini = r.get("mini_batches", 1)
     local_per_update = local_rows // n_mini
 
