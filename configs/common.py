@@ -143,6 +143,14 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     # μ updates per rollout batch, same batch and noise key; None: the algorithm's default
     # (rl_loop.INNER_UPDATES: EBPO 2, ESPO 8 as in its paper, DiPO 2).
     c.inner_updates = config_dict.placeholder(int)
+    # Updates per inner epoch (verl's ppo_mini_batch_size = P x G / mini_batches): the step's rollouts
+    # split into this many mini-batches, μ x mini_batches updates per step, θ_old the rollout policy
+    # in all of them. Each update can be accumulated over optim.accum_steps micro-batches.
+    c.mini_batches = 1
+    # One-step off-policy (AReaL, DARE): step s+1's rollouts are decoded from the params before
+    # update s, and their rewards scored on the host while update s runs; θ_old's terms are the
+    # rollout params' (staleness 1). The first step after a start is on-policy.
+    c.pipeline = False
     c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
     c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
     # Compute dtype of the rollouts' decoding (activations, KV cache): None = the model's

@@ -3,9 +3,12 @@ an `rl` section (REFERENCE §6). Fits a v5p-64 (32 chips) for mini with no overr
 likelihood terms one timestep at a time (`rl.vectorize=scan`) with the replay gradient
 (`rl.grad_mode=replay`), full remat, "auto" attention (TPU: splash), and the experts routed per
 device on an FSDP mesh with no expert axis (`moe_impl=expert_parallel`, P = 1, nothing
-exchanged: 28.1 GiB per chip, README "Memory plans"). An update has no micro-batches, and with
-the SFT mesh's expert=8 the dropless exchange's worst-case buffers for a chip's 8 rollouts x
-4096 composite positions are those of SFT's one 64-sequence micro-batch at 8K (111.5 GiB).
+exchanged, README "Memory plans"). The step's 256 rollouts make 4 mini-batches
+(`rl.mini_batches`, verl's ppo_mini_batch_size = 64): μ x 4 updates per step of 2 rollouts per
+chip each, θ_old the rollout policy in all (28.1 GiB per chip with one update of all 256, no
+mini-batches; `optim.accum_steps` further splits an update into micro-batches with the objective
+unchanged). With the SFT mesh's expert=8 the dropless exchange's worst-case buffers for a chip's
+8 rollouts x 4096 composite positions are those of SFT's one 64-sequence micro-batch at 8K (111.5 GiB).
 
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl
   python launch/compile.py --config=configs/rl_pod.py:size=mini --topology=v5p-64 --job=rl \
@@ -40,6 +43,7 @@ def get_config(arg=None):
     c.rl.eval_every = 0
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1, expert=1))
     c.model.overrides.moe_impl = "expert_parallel"  # per device, no expert axis ("auto" would pick ragged)
+    c.rl.mini_batches = 4  # 64 rollouts per update
     c.optim.accum_steps = 1
     c.rl.vectorize = "scan"  # one timestep's activations at a time
     c.rl.grad_mode = "replay"  # exact gradient, activation memory independent of N

@@ -8,7 +8,8 @@ r"""RL (EBPO / ESPO / DiPO) of a block-diffusion model on a verifiable task (REF
 directory (config.json + safetensors); without it the model starts from a random init. When it
 is `<sft workdir>/checkpoints`, that run's tokenizer.json and prepared data are used unless
 --config.data.tokenizer / --config.data.data_dir say otherwise. Rerunning the same command
-resumes from the latest checkpoint in --workdir. Metrics: <workdir>/metrics.jsonl.
+resumes from the latest checkpoint in --workdir; SIGTERM saves the current step and exits 0
+(preemption). Metrics: <workdir>/metrics.jsonl.
 """
 
 from absl import app, flags, logging
@@ -41,6 +42,10 @@ def main(argv):
     for row in (row for row in rows if modes and f"eval_{modes[0]}_accuracy" in row):
         print(f"step {row['step']:>4}: held-out " + ", ".join(
             f"{m} acc {row[f'eval_{m}_accuracy']:.3f} TPF {row[f'eval_{m}_tpf']:.2f}" for m in modes))
+    if rows[-1]["step"] < cfg.total_steps:  # SIGTERM: saved at this step, exit 0 so a scheduler requeues
+        print(f"preempted at RL step {rows[-1]['step']} of {cfg.total_steps}; checkpoint in "
+              f"{FLAGS.workdir}/checkpoints, rerun the same command to resume")
+        return
     print(f"finished at RL step {rows[-1]['step']} ({int(state.step)} updates); metrics in "
           f"{FLAGS.workdir}/metrics.jsonl, checkpoints in {FLAGS.workdir}/checkpoints")
 

@@ -227,10 +227,11 @@ def sft_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
 
 
 def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
-    """One inner update of `cfg.rl.algorithm` (EBPO or ESPO) on `prompts_per_step * group_size`
-    rollouts of `data.seq_len` tokens, jitted as `rl_loop.run_rl` does (the same program serves the
-    on-policy first update and the later ones), θ_old's (and, at beta > 0, the reference's) terms
-    as inputs. DiPO is not planned: its batch holds the decoder's recorded writes per position,
+    """One update of `cfg.rl.algorithm` (EBPO or ESPO) on one mini-batch of the step's
+    `prompts_per_step * group_size` rollouts of `data.seq_len` tokens (`rl.mini_batches` of them,
+    each accumulated over `optim.accum_steps` micro-batches), jitted as `rl_loop.run_rl` does (the
+    same program serves the on-policy first update and the later ones), θ_old's (and, at
+    beta > 0, the reference's) terms as inputs. DiPO is not planned: its batch holds the decoder's recorded writes per position,
     whose count is known only after decoding."""
     import numpy as np
 
@@ -246,7 +247,7 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
     model_config = backends.resolve(train.build_model_config(cfg), mesh)
     block = cfg.objective.block_size
     length = rl_loop.bucket(cfg.data.seq_len, block)  # as rl_loop packs the rollouts
-    b = r.prompts_per_step * r.group_size
+    b = rl_loop.check_update_config(cfg, mesh)  # the rollouts of one update (a mini-batch)
     config = rl_loop.build_rl_config(cfg)
     tx = rl_loop.make_rl_optimizer(cfg)
     state, shardings = _state(model_config, tx, mesh)
@@ -258,9 +259,11 @@ def rl_job(cfg: ml_collections.ConfigDict, mesh) -> Job:
         shapes["ref_terms"] = terms
     shapes["old_terms"] = terms
     batch = _batch(mesh, shapes)
-    fn = rl_loop._jit_rl_step(rl.make_rl_step(model_config, config, tx), shardings, mesh, batch)
+    fn = rl_loop._jit_rl_step(rl.make_rl_step(model_config, config, tx, accum_steps=cfg.optim.accum_steps),
+                              shardings, mesh, batch)
     on_policy = jax.ShapeDtypeStruct((), jnp.bool_, sharding=NamedSharding(mesh, PartitionSpec()))
-    info = dict(_model_info(cfg, model_config), algorithm=r.algorithm, rollouts=b, seq_len=length, block_size=block,
+    info = dict(_model_info(cfg, model_config), algorithm=r.algorithm, rollouts=r.prompts_per_step * r.group_size,
+                mini_batches=r.get("mini_batches", 1), accum_steps=cfg.optim.accum_steps, seq_len=length, block_size=block,
                 num_timesteps=config.likelihood.num_timesteps, vectorize=config.likelihood.vectorize,
                 grad_mode=config.grad_mode)
     return Job(fn, (state, batch, _key(mesh), on_policy), info)

@@ -17,7 +17,9 @@ def shape(r):
         return f"L={r['seq_len']}, batch {r['batch']}" + (f", accum {r['accum_steps']}" if r.get("accum_steps", 1) > 1 else "")
     if r["job"] == "rl":
         lay = f"{r.get('vectorize')}/{r.get('grad_mode')}"
-        return f"L={r['seq_len']}, {r['rollouts']} rollouts, N={r.get('num_timesteps')}, {lay}"
+        updates = (f", {r['mini_batches']} mini-batches" if r.get("mini_batches", 1) > 1 else "") + \
+            (f", accum {r['accum_steps']}" if r.get("accum_steps", 1) > 1 else "")
+        return f"L={r['seq_len']}, {r['rollouts']} rollouts{updates}, N={r.get('num_timesteps')}, {lay}"
     return f"batch {r['batch']}, prompt {r['prompt_length']}, gen {r['gen_length']}"
 
 

@@ -15,14 +15,23 @@
   4. `rl.pack_rollouts` (DiPO: `rl.pack_trajectory`, the decoder's every write) and, when
      beta > 0, the reference's terms from a frozen on-device copy of the initial params, with the
      update key `fold_in(noise_key, s)` (common random numbers);
-  5. μ jitted `rl.make_rl_step` updates with that same batch and key, the state donated; the
-     first runs at θ == θ_old and takes θ_old's terms from its own program (exact ratio 1 in any
-     precision), the later ones get the terms the previous update returned. With
-     `rl.skip_no_signal`, a step whose advantages are all zero (every group's rewards equal) skips
-     4-5: its gradient is zero (KL aside), but Adam would still move the params along its
-     momentum, and the likelihood and updates are most of a step's time;
+  5. μ epochs of `rl.mini_batches` jitted `rl.make_rl_step` updates (`rl.run_updates`; each
+     accumulated over `optim.accum_steps` micro-batches) with that same key, the state donated.
+     θ_old is the policy that drew the rollouts in every update: the first update runs at
+     θ == θ_old and takes the first mini-batch's terms from its own program (exact ratio 1 in any
+     precision), the other mini-batches' are taken from the same params before it, and all stay
+     for the μ epochs. With `rl.skip_no_signal`, a step whose advantages are all zero (every
+     group's rewards equal) skips 4-5: its gradient is zero (KL aside), but Adam would still move
+     the params along its momentum, and the likelihood and updates are most of a step's time;
   6. one metrics row per step to the progress bar and `<workdir>/metrics.jsonl`;
-  7. an Orbax checkpoint every `checkpoint_every` steps: the state and the prompt iterator.
+  7. an Orbax checkpoint every `checkpoint_every` steps, and at the step in progress when SIGTERM
+     arrives (`parallel.preemption`; the loop then returns): the state and the prompt iterator.
+
+With `rl.pipeline` (one step off-policy), step s+1's rollouts are decoded from the params before
+update s, with θ_old's terms from those params (staleness 1; the first step after a start is
+on-policy); update s is then dispatched and step s+1's rewards are scored on the host while the
+device runs it. A checkpoint then also holds step s+1's packed rollouts, rewards and θ_old's
+terms (they come from params no checkpoint keeps), in the per-process data state.
 
 Exact resume: every key is a function of (seed, s), the prompt iterator state is checkpointed,
 the optimizer state is restored and `metrics.jsonl` is cut back to the restored step, so a run
@@ -54,7 +63,7 @@ import optax
 
 from llada_jax import decode, model, rewards, rl, train
 from llada_jax.evaluation import benchmarks, heldout
-from llada_jax.parallel import hosts, sharding
+from llada_jax.parallel import hosts, preemption, sharding
 from llada_jax.train import checkpoint
 from llada_jax.model import lora
 from llada_jax.model.config import DTYPES, ConfigError, ModelConfig
@@ -106,6 +115,33 @@ def inner_updates(cfg: ml_collections.ConfigDict) -> int:
     """μ: `rl.inner_updates`, or the algorithm's default (`INNER_UPDATES`)."""
     mu = cfg.rl.inner_updates
     return INNER_UPDATES[cfg.rl.algorithm] if mu is None else int(mu)
+
+
+def check_update_config(cfg: ml_collections.ConfigDict, mesh=None) -> int:
+    """The rollouts of one update (a mini-batch, over every process), after checking the update
+    settings the RL step must honour: `rl.mini_batches` (updates per inner epoch) divides the
+    step's `rl.prompts_per_step x rl.group_size` rollouts into equal mini-batches that split over
+    the mesh's batch axes, `optim.accum_steps` divides a mini-batch, and nothing the RL step
+    does not do is asked for (`optim.expert_bias_rate`: CPT's balancing only)."""
+    r = cfg.rl
+    rollouts = r.prompts_per_step * r.group_size
+    m = r.get("mini_batches", 1)
+    if not (isinstance(m, int) and m >= 1 and rollouts % m == 0):
+        raise ConfigError(f"rl.mini_batches: expected a divisor >= 1 of the step's rl.prompts_per_step x "
+                          f"rl.group_size = {rollouts} rollouts, found {m!r}")
+    per_update = rollouts // m
+    if mesh is not None:
+        hosts.batch_rows(mesh, per_update, f"rl.mini_batches (a mini-batch of {per_update} rollouts)")
+    a = cfg.optim.accum_steps
+    if not (isinstance(a, int) and a >= 1 and per_update % a == 0):
+        raise ConfigError(f"optim.accum_steps: expected a divisor >= 1 of the {per_update} rollouts of an update "
+                          f"(rl.prompts_per_step x rl.group_size / rl.mini_batches), found {a!r}")
+    if cfg.optim.get("expert_bias_rate", 0.0):
+        raise ConfigError(f"optim.expert_bias_rate: expected 0 for RL (the RL step does not update the expert "
+                          f"bias), found {cfg.optim.expert_bias_rate}")
+    if not isinstance(r.get("pipeline", False), bool):
+        raise ConfigError(f"rl.pipeline: expected True or False, found {r.pipeline!r}")
+    return per_update
 
 
 def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = None) -> ml_collections.ConfigDict:
@@ -286,6 +322,7 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         raise ConfigError(f"rl.group_size: expected >= 2 for ESPO's leave-one-out advantages, found {r.group_size}")
     os.makedirs(workdir, exist_ok=True)
     mesh = train.mesh_from_config(cfg)
+    per_update = check_update_config(cfg, mesh)  # global rollouts of one update (a mini-batch); before any work
     tx = make_rl_optimizer(cfg)
     adapters = train.lora_setup(cfg, model_config, mesh, init_params, base_from)
     if adapters and adapters.config.dropout > 0:
@@ -316,12 +353,15 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 jax.random.fold_in(rng, _INIT_STREAM))
         else:
             init_params = jax.device_put(init_params, shardings.params)
-    start = ckpt.latest_step()
+    start, resumed_pending = ckpt.latest_step(), None
     if start is not None:
         abstract = checkpoint.abstract_with_shardings(train.init_state_abstract(model_config, tx, boxed), shardings)
         state, extra = ckpt.restore(abstract, step=start, config=model_config)
         train.check_lora_resume(extra, adapters, ckpt.directory)
-        prompts_it.set_state(checkpoint.data_state_for_process(extra, start, r.prompts_per_step // proc_count))
+        data_state = checkpoint.data_state_for_process(extra, start, r.prompts_per_step // proc_count)
+        if isinstance(data_state, dict) and "iterator" in data_state:  # saved with the next step's rollouts
+            resumed_pending, data_state = data_state.get("pending"), data_state["iterator"]
+        prompts_it.set_state(data_state)
     else:
         start = 0
         if adapters:
@@ -351,11 +391,32 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
 
     terms_fns: dict = {}  # jitted programs per RLConfig (DiPO: one per num_steps bucket)
     step_fns: dict = {}
+    n_mini = r.get("mini_batches", 1)
+    local_per_update = local_rows // n_mini
 
-    def update(state, s, prompts, out, adv, keep):
-        """Steps 4-5: pack, the reference's terms, μ updates with one key; θ_old's terms come from
-        the first update's own program (`rl.make_rl_step`). Returns the new state, the reduced
-        update metrics and the time the reference terms were ready."""
+    def global_mini_batches(batch: Mapping[str, np.ndarray]) -> list[dict]:
+        """This process's rows in `rl.mini_batches` consecutive slices, each a global batch."""
+        n = local_per_update
+        return [hosts.global_batch(mesh, {k: np.asarray(v)[j * n:(j + 1) * n] for k, v in batch.items()},
+                                   per_update, "rl.mini_batches") for j in range(n_mini)]
+
+    def terms_of(params, config, mb, key):
+        """`rl.policy_terms` of one mini-batch (θ_old's or the reference's), one program per config."""
+        mb = {k: v for k, v in mb.items() if k in ("tokens", "completion_mask", "example_ids", "write_step",
+                                                    "write_token")}  # what the terms read: one program
+        if config not in terms_fns:
+            fn = functools.partial(rl.policy_terms, model_config=model_config, config=config)
+            terms_fns[config] = hosts.compile_together(jax.jit(fn), params, mb, key, name=f"rl_terms/{len(terms_fns)}")
+        return terms_fns[config](params, mb, key)
+
+    def decode_step(s, params, with_old: bool) -> dict:
+        """Steps 1 and 4's packing: step s's prompts, rollouts from `params`, this process's rows
+        packed (global row ids), and with `with_old` θ_old's terms of every mini-batch from
+        `params`, the policy that drew them (pipelining: taken before the update in flight)."""
+        rows = next(prompts_it)
+        prompts = [row["prompt"] for row in rows]
+        metas = [row["meta"] for row in rows for _ in range(r.group_size)]
+        out = rollout(params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
         block = cfg.objective.block_size
         if r.algorithm == "dipo":
             batch = rl.pack_trajectory(out, bucket(max(cfg.data.seq_len, int(out.canvas_lengths.max())), block),
@@ -364,92 +425,176 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
             batch = rl.pack_rollouts([p for p in prompts for _ in range(r.group_size)], out.tokens,
                                      bucket(cfg.data.seq_len, block), pad_id=tokenizer.pad_id, gen_length=r.gen_length)
         # Global row ids: each example's noise is that of its row in the one-process batch.
-        batch.update(advantages=adv, sample_mask=keep,
-                     example_ids=np.arange(len(adv), dtype=np.int32) + proc_index * local_rows)
-        config, extra = rl_config, {}
+        batch["example_ids"] = np.arange(len(out.tokens), dtype=np.int32) + proc_index * local_rows
+        extra = {}
         if r.algorithm == "dipo":  # a static length: the longest trajectory of any process
             longest = int(hosts.allgather(np.int64(rl.dipo_num_steps(batch["write_step"], block))).max())
             extra["dipo_num_steps"] = bucket(longest, r.dipo_step_bucket)
-            config = build_rl_config(cfg, extra["dipo_num_steps"])
+        rec = dict(s=s, metas=metas, out=out, batch=batch, extra=extra, old=None, staleness=int(with_old))
+        if with_old:
+            config, key = step_config(extra), jax.random.fold_in(noise_key, s)
+            rec["old"] = [terms_of(params, config, mb, key) for mb in global_mini_batches(batch)]
+        return rec
+
+    def score_step(rec) -> dict:
+        """Step 3: rewards, advantages and the step's reward metrics (every process's rows)."""
+        out = rec.pop("out")
+        texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
+        scores, errors = rewards.score(texts, rec.pop("metas"), reward, workers=r.reward_workers,
+                                       timeout_s=r.reward_timeout_s)
+        adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
+        # Every process's rows, in global order: the metrics and the skip decision are global.
+        every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
+            scores=np.asarray(scores, np.float32), adv=adv, keep=keep.astype(np.int32), generated=out.num_generated,
+            forwards=np.asarray(out.forwards), length=np.array([len(t) for t in out.tokens]),
+            errors=np.array([len(errors)]),
+            timeouts=np.array([sum(e.error_type == "TimeoutError" for e in errors)]))).items()}
+        all_scores = every["scores"].astype(np.asarray(scores).dtype)
+        rec.update(adv=adv, keep=keep, signal=bool(np.any((every["adv"] != 0) & (every["keep"] > 0))), metrics=dict(
+            reward_mean=float(all_scores.mean()), reward_std=float(all_scores.std()),
+            accuracy=float(np.mean(all_scores >= 1.0)), reward_errors=int(every["errors"].sum()),
+            reward_timeouts=int(every["timeouts"].sum()), samples_kept=float(every["keep"].mean()),
+            rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
+            completion_tokens=float(np.mean(every["length"])), prompts_dropped=dropped))
+        return rec
+
+    def step_config(extra):
+        return build_rl_config(cfg, extra["dipo_num_steps"]) if r.algorithm == "dipo" else rl_config
+
+    def update(state, rec):
+        """Steps 4-5: the reference's terms and μ epochs of `rl.mini_batches` updates with one key.
+        θ_old is the policy that drew the rollouts in every update: its terms are `rec["old"]` when
+        `decode_step` took them (pipelining), else the first update's own (`rl.make_rl_step`'s
+        on-policy program) and, for the other mini-batches, taken from the current params before
+        the first update. Returns the new state, the updates' metrics (on device, not waited for),
+        the step's fixed metrics and the time the terms were ready."""
+        s, config, extra = rec["s"], step_config(rec["extra"]), rec["extra"]
         key = jax.random.fold_in(noise_key, s)
-        global_rows = local_rows * proc_count
-        batch = hosts.global_batch(mesh, batch, global_rows, "rl.prompts_per_step x rl.group_size")
-        terms_fn = functools.partial(rl.policy_terms, model_config=model_config, config=config)
+        batch = dict(rec["batch"], advantages=rec["adv"], sample_mask=rec["keep"])
+        mbs = global_mini_batches(batch)
         if ref_params is not None:
-            if config not in terms_fns:
-                terms_fns[config] = hosts.compile_together(jax.jit(terms_fn), ref_params, batch, key,
-                                                           name=f"rl_ref_terms/{len(terms_fns)}")
-            batch["ref_terms"] = terms_fns[config](ref_params, batch, key)
-        # Placeholder for θ_old's terms: the first update (on_policy) ignores it and returns its own.
-        zeros = np.zeros(rl.terms_shape(batch, config), np.float32)
-        batch["old_terms"] = hosts.global_batch(mesh, {"t": zeros[:local_rows]}, global_rows)["t"]
-        jax.block_until_ready(batch)
+            for mb in mbs:
+                mb["ref_terms"] = terms_of(ref_params, config, mb, key)
+        old = rec["old"]
+        if old is None:
+            params = policy(state)
+            old = [None] + [terms_of(params, config, mb, key) for mb in mbs[1:]]
+        # The first update's placeholder (on-policy: ignored, replaced by its own terms).
+        zeros = np.zeros(rl.terms_shape(mbs[0], config), np.float32)
+        for mb, o in zip(mbs, old):
+            mb["old_terms"] = o if o is not None else \
+                hosts.global_batch(mesh, {"t": zeros[:local_per_update]}, per_update)["t"]
+        jax.block_until_ready(mbs)
         t_terms = time.perf_counter()
         if config not in step_fns:
             compiled = hosts.compile_together(
-                _jit_rl_step(rl.make_rl_step(model_config, config, tx, adapters.config if adapters else None),
-                             shardings, mesh, batch, adapters.base_shardings if adapters else None),
-                state, batch, key, np.bool_(True), *base_args, name=f"rl_step/{len(step_fns)}")
+                _jit_rl_step(rl.make_rl_step(model_config, config, tx, adapters.config if adapters else None,
+                                             accum_steps=cfg.optim.accum_steps),
+                             shardings, mesh, mbs[0], adapters.base_shardings if adapters else None),
+                state, mbs[0], key, np.bool_(True), *base_args, name=f"rl_step/{len(step_fns)}")
             step_fns[config] = (lambda c: lambda st, b, k, op: c(st, b, k, op, *base_args))(compiled)
-        state, inner = rl.run_inner_updates(step_fns[config], state, batch, key, inner_updates(cfg))
-        return state, _reduce_inner(jax.device_get(inner)) | extra, t_terms
+        state, inner = rl.run_updates(step_fns[config], state, mbs, key, inner_updates(cfg),
+                                      on_policy_first=old[0] is None)
+        return state, inner, extra, t_terms
+
+    pending = None  # the next step's decoded and scored rollouts (pipelining), or None
+    if resumed_pending is not None:
+        pending = _pending_from_json(resumed_pending, mesh, per_update)
+        if pending["s"] != start:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"{ckpt.directory} step {start}: the saved next-step rollouts are step {pending['s']}'s")
 
     bar = _progress(start, cfg.total_steps, progress)
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES), \
+                preemption.PreemptionGuard(check_every=cfg.get("preemption_check_every", 1)) as guard:
             if start == 0 and r.eval_every > 0:
                 log.write(0, held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
             for s in range(start, cfg.total_steps):
                 t0 = time.perf_counter()
-                rows = next(prompts_it)
-                prompts = [row["prompt"] for row in rows]
-                metas = [row["meta"] for row in rows for _ in range(r.group_size)]
-                out = rollout(policy(state), model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
-                texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
-                scores, errors = rewards.score(texts, metas, reward, workers=r.reward_workers,
-                                               timeout_s=r.reward_timeout_s)
-                adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
-                # Every process's rows, in global order: the metrics and the skip decision are global.
-                every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
-                    scores=np.asarray(scores, np.float32), adv=adv, keep=keep.astype(np.int32), generated=out.num_generated,
-                    forwards=np.asarray(out.forwards), length=np.array([len(t) for t in out.tokens]),
-                    errors=np.array([len(errors)]),
-                    timeouts=np.array([sum(e.error_type == "TimeoutError" for e in errors)]))).items()}
-                t1 = time.perf_counter()
-                signal = bool(np.any((every["adv"] != 0) & (every["keep"] > 0)))
-                metrics, t2 = {"updated": int(signal or not r.skip_no_signal)}, t1
+                rec, pending = pending, None
+                if rec is None:  # on-policy: drawn from the current params
+                    rec = score_step(decode_step(s, policy(state), with_old=False))
+                done = s + 1
+                metrics = {"updated": int(rec["signal"] or not r.skip_no_signal), "rollout_staleness": rec["staleness"]}
+                if r.get("pipeline", False) and done < cfg.total_steps:
+                    # One step off-policy: step s+1's rollouts from the params before update s,
+                    # decoded (and θ_old's terms taken) before the update is dispatched.
+                    pending = decode_step(done, policy(state), with_old=True)
+                t1 = t2 = time.perf_counter()
+                inner = None
                 if metrics["updated"]:
-                    state, update_metrics, t2 = update(state, s, prompts, out, adv, keep)
-                    metrics.update(update_metrics)
+                    state, inner, extra, t2 = update(state, rec)
+                    metrics.update(extra)
+                if pending is not None:
+                    pending = score_step(pending)  # on the host, while the device runs update s
+                if inner is not None:
+                    metrics.update(_reduce_inner(jax.device_get(inner)))
                 t3 = time.perf_counter()
 
-                done = s + 1
                 if not np.isfinite(metrics.get("loss", 0.0)):
                     raise train.NonFiniteLossError(
                         f"RL step {done}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
                         f"step {ckpt.latest_step()} in {ckpt.directory}")
-                all_scores = every["scores"].astype(np.asarray(scores).dtype)
-                metrics.update(
-                    reward_mean=float(all_scores.mean()), reward_std=float(all_scores.std()),
-                    accuracy=float(np.mean(all_scores >= 1.0)), reward_errors=int(every["errors"].sum()),
-                    reward_timeouts=int(every["timeouts"].sum()),
-                    samples_kept=float(every["keep"].mean()),
-                    rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
-                    completion_tokens=float(np.mean(every["length"])), prompts_dropped=dropped)
+                metrics.update(rec["metrics"])
                 metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
                     metrics.update(held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
                 log.write(done, metrics)
-                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-                    ckpt.save(done, state, extra=extra_json, data_state=prompts_it.get_state(), force=True)
+
+                def save():
+                    data_state = prompts_it.get_state()
+                    if pending is not None:  # the next step's rollouts: drawn from params no checkpoint holds
+                        data_state = {"iterator": data_state, "pending": _pending_to_json(pending, mesh)}
+                    ckpt.save(done, state, extra=extra_json, data_state=data_state, force=True)
+
+                saved = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
+                if saved:
+                    save()
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 clip=f"{metrics.get('clip_frac', 0.0):.3f}")
                 bar.update(1)
+                if guard.should_stop(done) and done < cfg.total_steps:
+                    if not saved:
+                        save()
+                    logging.warning("preempted (%s): saved RL step %d of %d in %s; rerun the same command to "
+                                    "resume", guard.reason, done, cfg.total_steps, ckpt.directory)
+                    break
     finally:
         bar.close()
         ckpt.close()
     return state
+
+
+def _array_to_json(x: np.ndarray) -> dict:
+    x = np.asarray(x)
+    return {"dtype": str(x.dtype), "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+
+
+def _array_from_json(d: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+
+
+def _pending_to_json(rec: Mapping[str, Any], mesh) -> dict:
+    """A decoded and scored step (pipelining) as JSON for the checkpoint's per-process data state:
+    this process's packed rows, advantages and θ_old's terms, and the step's reward metrics.
+    Exact: float32 values go through Python floats, which hold them."""
+    out = {k: rec[k] for k in ("s", "extra", "staleness", "signal", "metrics")}
+    out["batch"] = {k: _array_to_json(v) for k, v in rec["batch"].items()}
+    out["adv"], out["keep"] = _array_to_json(rec["adv"]), _array_to_json(rec["keep"])
+    out["old"] = None if rec["old"] is None else [_array_to_json(hosts.host_local(o, mesh)) for o in rec["old"]]
+    return out
+
+
+def _pending_from_json(d: Mapping[str, Any], mesh, per_update: int) -> dict:
+    """`_pending_to_json`'s inverse: θ_old's terms back on the mesh as the mini-batches' rows."""
+    rec = {k: d[k] for k in ("s", "extra", "staleness", "signal", "metrics")}
+    rec["batch"] = {k: _array_from_json(v) for k, v in d["batch"].items()}
+    rec["adv"], rec["keep"] = _array_from_json(d["adv"]), _array_from_json(d["keep"])
+    rec["old"] = None if d["old"] is None else [
+        hosts.global_batch(mesh, {"t": _array_from_json(o)}, per_update, "rl.mini_batches")["t"] for o in d["old"]]
+    return rec
 
 
 def _jit_rl_step(step_fn, shardings: train.TrainState, mesh, example_batch: Mapping[str, Any],

@@ -13,7 +13,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from llada_jax.model.config import ConfigError, ModelConfig
 from llada_jax.rl.batches import batch_arrays
-from llada_jax.rl.configs import Batch, DiPOConfig, EBPOConfig, ESPOConfig, KL_ESTIMATORS, MAX_LOG_RATIO, NEVER
+from llada_jax.rl.configs import (Batch, DiPOConfig, EBPOConfig, ESPOConfig, KL_ESTIMATORS, MAX_LOG_RATIO, NEVER,
+                                  RLConfig)
 from llada_jax.rl.likelihood import likelihood_terms, policy_logprobs, sample_noise
 from llada_jax.train import objectives
 
@@ -78,9 +79,11 @@ def policy_loss(log_ratio: Array, advantages: Array, weight: Array, eps_low: flo
     return loss, metrics
 
 
-def _mean_weight(counted: Array) -> Array:
+def _mean_weight(counted: Array, total: Optional[Array] = None) -> Array:
+    """`counted` over its count: over `total` when given (the whole update's count, of which
+    `counted` is one micro-batch's share: `make_rl_step`'s accumulation)."""
     counted = counted.astype(jnp.float32)
-    return counted / jnp.maximum(counted.sum(), 1.0)
+    return counted / jnp.maximum(counted.sum() if total is None else total, 1.0)
 
 
 def _ref_terms(batch: Batch, beta: float) -> Optional[Array]:
@@ -89,9 +92,10 @@ def _ref_terms(batch: Batch, beta: float) -> Optional[Array]:
 
 
 # ---------------------------------------------------------------------------------------- EBPO / ESPO
-def ebpo_objective(terms: Float[Array, "B N K"], batch: Batch,
-                   config: EBPOConfig) -> tuple[Float[Array, ""], dict[str, Array]]:
-    """EBPO's loss as a function of θ's ELBO terms (batch from `batch_arrays`)."""
+def ebpo_objective(terms: Float[Array, "B N K"], batch: Batch, config: EBPOConfig,
+                   total: Optional[Array] = None) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """EBPO's loss as a function of θ's ELBO terms (batch from `batch_arrays`); `total`: the
+    update's `weight_count` when `batch` is one micro-batch of it (None: this batch's own)."""
     bs = config.likelihood.block_size
     adv, keep = batch["advantages"].astype(jnp.float32), batch["sample_mask"]
     delta = (terms - batch["old_terms"]).mean(1)  # [B, K]: sum_n w_n with w_n = 1/N
@@ -99,7 +103,7 @@ def ebpo_objective(terms: Float[Array, "B N K"], batch: Batch,
     ref_delta = None if ref is None else (ref - terms).mean(1)
     tokens_per_block = objectives.per_block_sums(batch["completion_mask"].astype(jnp.float32), bs)  # [B, K]
     if config.ratio_level == "sequence":
-        log_ratio, weight, a = delta.sum(-1), _mean_weight(keep), adv
+        log_ratio, weight, a = delta.sum(-1), _mean_weight(keep, total), adv
         ref_lr = None if ref is None else ref_delta.sum(-1)
         if config.normalize == "token":
             n = jnp.maximum(tokens_per_block.sum(-1), 1.0)
@@ -107,7 +111,7 @@ def ebpo_objective(terms: Float[Array, "B N K"], batch: Batch,
     else:
         blocks = tokens_per_block > 0
         per_sample = blocks / jnp.maximum(blocks.sum(-1, keepdims=True), 1)
-        log_ratio, weight, a = delta, per_sample * _mean_weight(keep)[:, None], adv[:, None]
+        log_ratio, weight, a = delta, per_sample * _mean_weight(keep, total)[:, None], adv[:, None]
         ref_lr = ref_delta
         if config.normalize == "token":
             n = jnp.maximum(tokens_per_block, 1.0)
@@ -115,20 +119,21 @@ def ebpo_objective(terms: Float[Array, "B N K"], batch: Batch,
     kl = None if ref is None else kl_estimate(ref_lr, config.kl_estimator)
     loss, metrics = policy_loss(log_ratio, a, weight, config.eps_low, config.eps_high, kl, config.beta,
                                 config.dual_clip)
-    metrics["elbo_per_token"] = jnp.sum(_mean_weight(keep) * terms.mean(1).sum(-1) /
+    metrics["elbo_per_token"] = jnp.sum(_mean_weight(keep, total) * terms.mean(1).sum(-1) /
                                         jnp.maximum(batch["completion_mask"].sum(-1), 1))
     return loss, metrics
 
 
-def espo_objective(terms: Float[Array, "B N K"], batch: Batch,
-                   config: ESPOConfig) -> tuple[Float[Array, ""], dict[str, Array]]:
-    """ESPO's loss as a function of θ's ELBO terms: sequence ratio exp(ΔELBO / L), k2 KL / L."""
+def espo_objective(terms: Float[Array, "B N K"], batch: Batch, config: ESPOConfig,
+                   total: Optional[Array] = None) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """ESPO's loss as a function of θ's ELBO terms: sequence ratio exp(ΔELBO / L), k2 KL / L
+    (`total` as in `ebpo_objective`)."""
     length = jnp.maximum(batch["completion_mask"].sum(-1), 1).astype(jnp.float32)  # [B]
     elbo = terms.mean(1).sum(-1)  # [B]
     log_ratio = (elbo - batch["old_terms"].mean(1).sum(-1)) / length
     ref = _ref_terms(batch, config.beta)
     kl = None if ref is None else 0.5 * (elbo - ref.mean(1).sum(-1)) ** 2 / length
-    weight = _mean_weight(batch["sample_mask"])
+    weight = _mean_weight(batch["sample_mask"], total)
     loss, metrics = policy_loss(log_ratio, batch["advantages"].astype(jnp.float32), weight, config.eps_low,
                                 config.eps_high, kl, config.beta)
     metrics["elbo_per_token"] = jnp.sum(weight * elbo / length)
@@ -136,6 +141,20 @@ def espo_objective(terms: Float[Array, "B N K"], batch: Batch,
 
 
 OBJECTIVES = {EBPOConfig: ebpo_objective, ESPOConfig: espo_objective}
+
+
+def weight_count(batch: Batch, config: RLConfig) -> Array:
+    """The count an objective's mean divides by: kept samples (EBPO, ESPO), scored writes (DiPO).
+    Summed over an update's micro-batches it is the `total` that keeps the accumulated objective
+    the unaccumulated one (`make_rl_step`)."""
+    if isinstance(config, DiPOConfig):
+        return _dipo_scored(batch, config)[1].sum().astype(jnp.float32)
+    return batch["sample_mask"].sum().astype(jnp.float32)
+
+
+# Update metrics that are not additive over micro-batches, with their reduction and its identity
+# (all others are sums of weighted shares, from 0).
+METRIC_REDUCTIONS = {"ratio_min": (jnp.minimum, np.inf), "ratio_max": (jnp.maximum, -np.inf)}
 
 
 def _elbo_setup(batch: Batch, key: PRNGKeyArray, config: Union[EBPOConfig, ESPOConfig]):
@@ -235,16 +254,22 @@ def dipo_batch(batch: Batch, config: DiPOConfig, required: Sequence[str] = ()) -
     return batch_arrays(batch, config.block_size, ("write_step", "write_token", *required))
 
 
-def dipo_objective(logp: Float[Array, "B L W"], batch: Batch,
-                   config: DiPOConfig) -> tuple[Float[Array, ""], dict[str, Array]]:
-    """DiPO's loss as a function of θ's per-write log-probs (batch from `dipo_batch`)."""
+def _dipo_scored(batch: Batch, config: DiPOConfig) -> tuple[Array, Array]:
+    """`(written, scored)` [B, L, W]: the recorded writes of kept samples, and those within `num_steps`."""
     local = dipo_local_steps(batch["write_step"], config.block_size)
     written = (local < NEVER) & batch["completion_mask"][..., None] & batch["sample_mask"][:, None, None]
-    scored = written & (local < config.num_steps)
+    return written, written & (local < config.num_steps)
+
+
+def dipo_objective(logp: Float[Array, "B L W"], batch: Batch, config: DiPOConfig,
+                   total: Optional[Array] = None) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """DiPO's loss as a function of θ's per-write log-probs (batch from `dipo_batch`; `total` as
+    in `ebpo_objective`)."""
+    written, scored = _dipo_scored(batch, config)
     ref = _ref_terms(batch, config.beta)
     kl = None if ref is None else kl_estimate(ref - logp, "k3")
     adv = jnp.broadcast_to(batch["advantages"].astype(jnp.float32)[:, None, None], logp.shape)
-    loss, metrics = policy_loss(logp - batch["old_terms"], adv, _mean_weight(scored), config.eps_low,
+    loss, metrics = policy_loss(logp - batch["old_terms"], adv, _mean_weight(scored, total), config.eps_low,
                                 config.eps_high, kl, config.beta)
     metrics.update(scored_tokens=scored.sum(), unscored_tokens=(written & ~scored).sum())
     return loss, metrics

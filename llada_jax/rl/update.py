@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from llada_jax.model.config import ModelConfig
 from llada_jax.rl.batches import batch_arrays
 from llada_jax.rl.configs import Batch, DiPOConfig, RLConfig
 from llada_jax.rl.likelihood import likelihood_terms, replay_value_and_grad, sample_noise
-from llada_jax.rl.losses import dipo_batch, dipo_objective, dipo_token_logprobs, OBJECTIVES
+from llada_jax.rl.losses import (METRIC_REDUCTIONS, OBJECTIVES, dipo_batch, dipo_objective, dipo_token_logprobs,
+                                weight_count)
 from llada_jax.train.trainer import TrainState
 
 
@@ -51,7 +52,7 @@ def _with_old(batch: dict, terms: Array, on_policy) -> dict:
 
 
 def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: ModelConfig, config: RLConfig,
-                  on_policy=None, to_model: Optional[Callable] = None):
+                  on_policy=None, to_model: Optional[Callable] = None, total=None):
     """`((loss, metrics), grads)` of the method that `config` names, in its `grad_mode`.
 
     `on_policy` (a bool, traced or not): θ_old == θ, so θ_old's terms are θ's own from this same
@@ -60,6 +61,8 @@ def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: Mode
     differently and the ratio at θ == θ_old drifts from 1 with the completion length. `metrics`
     carries θ's terms under "policy_terms" (the next inner update's θ_old). `to_model` maps the
     differentiated tree to the model's params (LoRA: adapters -> `lora.combine(base, ...)`).
+    `total`: the whole update's `losses.weight_count` when `batch` is one micro-batch of it (the
+    loss and gradient are then this micro-batch's share of the update's; None: `batch` is all).
     """
     if to_model is not None and getattr(config, "grad_mode", "direct") == "replay":
         raise ValueError("rl.grad_mode: expected 'direct' with lora.rank > 0 (replay differentiates the model's "
@@ -72,7 +75,7 @@ def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: Mode
 
         def dipo(p):
             logp = dipo_token_logprobs(to_model(p), model_config, batch, config)
-            loss, metrics = dipo_objective(logp, _with_old(batch, logp, on_policy), config)
+            loss, metrics = dipo_objective(logp, _with_old(batch, logp, on_policy), config, total)
             return loss, dict(metrics, policy_terms=jax.lax.stop_gradient(logp))
 
         return jax.value_and_grad(dipo, has_aux=True)(params)
@@ -84,7 +87,7 @@ def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: Mode
     lik = config.likelihood
 
     def of_terms(terms):
-        loss, metrics = objective(terms, _with_old(batch, terms, on_policy), config)
+        loss, metrics = objective(terms, _with_old(batch, terms, on_policy), config, total)
         return loss, dict(metrics, policy_terms=jax.lax.stop_gradient(terms))
 
     if config.grad_mode == "replay":
@@ -97,7 +100,7 @@ def loss_and_grad(params, batch: Batch, key: PRNGKeyArray, *, model_config: Mode
 
 
 def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.GradientTransformation,
-                 lora_config: Optional[lora.LoraConfig] = None) -> Callable:
+                 lora_config: Optional[lora.LoraConfig] = None, accum_steps: int = 1) -> Callable:
     """`step(state, batch, key, on_policy=None) -> (state, metrics, terms)`, one optimizer update,
     not yet jitted.
 
@@ -112,23 +115,88 @@ def make_rl_step(model_config: ModelConfig, config: RLConfig, tx: optax.Gradient
     reads `batch['old_terms']` as given. `tx` is e.g. `train.make_optimizer(cfg)`. Jit with
     `model_config` and `config` closed over and the state donated.
 
+    With `accum_steps > 1` the update is accumulated over that many micro-batches (activation
+    memory of one) with the objective unchanged, as the trainer's SFT step does: the objective's
+    count (`losses.weight_count`: kept samples, DiPO's scored writes) is taken over the whole
+    batch first, each micro-batch's loss, gradient and metrics are its share against that total,
+    and they are summed (`ratio_min` / `ratio_max` reduced by min / max). Micro-batch a holds rows
+    a, a + A, a + 2A, ... (A = `accum_steps`): a batch split over devices by rows keeps every
+    micro-batch on every device. The examples keep their `example_ids`, so the noise is the
+    unaccumulated step's; `terms` come back in the batch's row order. The batch's rows must be a
+    multiple of `accum_steps`.
+
     With an enabled `lora_config` the state's params are the adapters and the step is
     `step(state, batch, key, on_policy, base)`: the policy is `lora.combine(base, adapters)` (no
     dropout: the scored policy is the one that sampled), the base a frozen argument.
     """
     use_lora = lora_config is not None and lora_config.enabled
+    if not (isinstance(accum_steps, (int, np.integer)) and accum_steps >= 1):
+        raise ValueError(f"optim.accum_steps: expected an integer >= 1, found {accum_steps!r}")
+    block = config.block_size if isinstance(config, DiPOConfig) else config.likelihood.block_size
 
     def step(state: TrainState, batch: Batch, key: PRNGKeyArray, on_policy=None, base=None):
         to_model = (lambda ad: lora.combine(base, lora.prepare(ad, lora_config))) if use_lora else None
-        (_, metrics), grads = loss_and_grad(state.params, batch, key, model_config=model_config, config=config,
-                                            on_policy=on_policy, to_model=to_model)
-        terms = metrics.pop("policy_terms")
+        grad_of = lambda mb, total=None: loss_and_grad(state.params, mb, key, model_config=model_config,
+                                                       config=config, on_policy=on_policy, to_model=to_model,
+                                                       total=total)
+        if accum_steps == 1:
+            (_, metrics), grads = grad_of(batch)
+            terms = metrics.pop("policy_terms")
+        else:
+            # Row ids and the sample mask filled in over the whole batch: the noise is keyed by them.
+            full = batch_arrays(batch, block)
+            b = full["tokens"].shape[0]
+            if b % accum_steps:
+                raise ValueError(f"optim.accum_steps: expected a divisor of the update's {b} rollouts, found "
+                                 f"{accum_steps}")
+            total = weight_count(full, config)
+            split = lambda x: jnp.swapaxes(jnp.reshape(x, (b // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+            micro = jax.tree_util.tree_map(split, full)  # [A, B/A, ...]: micro-batch a = rows a, a + A, ...
+
+            def body(acc, mb):
+                (_, m), g = grad_of(mb, total)
+                t = m.pop("policy_terms")
+                m = {k: METRIC_REDUCTIONS.get(k, (jnp.add,))[0](acc[1][k], v) for k, v in m.items()}
+                return (jax.tree_util.tree_map(jnp.add, acc[0], g), m), t
+
+            shapes = jax.eval_shape(lambda mb: grad_of(mb, total), jax.tree_util.tree_map(lambda x: x[0], micro))
+            (_, m_shape), g_shape = shapes
+            init = (jax.tree_util.tree_map(jnp.zeros_like, g_shape),
+                    {k: jnp.full(v.shape, METRIC_REDUCTIONS.get(k, (None, 0.0))[1], v.dtype)
+                     for k, v in m_shape.items() if k != "policy_terms"})
+            (grads, metrics), terms = jax.lax.scan(body, init, micro)
+            terms = jnp.reshape(jnp.swapaxes(terms, 0, 1), (b,) + terms.shape[2:])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), \
             dict(metrics, grad_norm=optax.tree.norm(grads)), terms
 
     return step
+
+
+def run_updates(step: Callable, state: TrainState, batches: Sequence[dict], key: PRNGKeyArray, mu: int,
+                on_policy_first: bool = True) -> tuple[TrainState, list]:
+    """μ epochs over a rollout batch's mini-batches (verl's `ppo_mini_batch_size`): μ x len(batches)
+    updates with `step` (`make_rl_step`'s, jitted), mini-batches in order within each epoch, one
+    noise key throughout.
+
+    θ_old is the policy that drew the rollouts in every update, so each mini-batch's
+    `old_terms` stay as given for all μ epochs. With `on_policy_first` (θ == θ_old at the first
+    update) the first mini-batch's come from the first update's own program (`on_policy=True`:
+    exact ratio 1 in any precision) and are set in `batches[0]`; the other mini-batches must
+    bring θ_old's terms, taken before the first update (`policy_terms`). Without it (pipelining:
+    the rollouts are from the params before the previous update) every mini-batch brings its
+    own. Returns the new state and each update's metrics, in order.
+    """
+    metrics = []
+    for epoch in range(mu):
+        for j, batch in enumerate(batches):
+            first = on_policy_first and epoch == 0 and j == 0
+            state, m, terms = step(state, batch, key, np.bool_(first))
+            if first:
+                batch["old_terms"] = terms
+            metrics.append(m)
+    return state, metrics
 
 
 def run_inner_updates(step: Callable, state: TrainState, batch: dict, key: PRNGKeyArray,
@@ -139,12 +207,6 @@ def run_inner_updates(step: Callable, state: TrainState, batch: dict, key: PRNGK
     terms in its own program (`on_policy=True`) and they stay `batch['old_terms']` for updates
     2..μ. (Feeding each update's returned terms to the next would clip update i against θ_{i-1}:
     the clip would bound each step and not the drift from the rollout policy.) `batch` gets
-    `old_terms`; returns the new state and each update's metrics.
+    `old_terms`; returns the new state and each update's metrics. One mini-batch of `run_updates`.
     """
-    metrics = []
-    for i in range(mu):
-        state, m, terms = step(state, batch, key, np.bool_(i == 0))
-        if i == 0:
-            batch["old_terms"] = terms
-        metrics.append(m)
-    return state, metrics
+    return run_updates(step, state, [batch], key, mu)
