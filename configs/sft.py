@@ -9,7 +9,7 @@ Import chat JSONL first (the validation split feeds the validation loss every ev
 Several datasets by weight: --config.data.dataset= --config.data.mixture=chat_jsonl/a:3,chat_jsonl/b:1
 
 The defaults are plans for this hardware with no overrides (README "Memory plans",
-`launch/compile.py`; compiled: mini 76.7 GiB per chip of 95.7, flash 81.3; long not yet):
+`launch/compile.py`; compiled: mini 76.7 GiB per chip of 95.7, flash 81.3, mini long 82.1):
 
   size=mini        L = 8192,  global batch 64 (2 micro-batches of 32), v5p-64 (32 chips: fsdp=4 x expert=8)
   size=flash       L = 4096,  global batch 128, v5p-256 (128 chips: fsdp=16 x expert=8)
