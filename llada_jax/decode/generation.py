@@ -103,22 +103,8 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     if not greedy and rng is None:
         fail("rng", "a PRNG key when temperature > 0", rng)
     rows = check_prompts(prompts, vocab, mask_id)
-    prompt_lens = np.array([len(r) for r in rows], np.int32)
-    canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
-                           np.int32)
-    length = int(canvas_lens.max())
-    if mesh is not None:  # static shapes and settings must agree on every process
-        from llada_jax.parallel import hosts
-
-        length = int(hosts.allgather(np.array([length], np.int64)).max())
-    if length > config.max_position_embeddings:
-        fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
-              f"<= max_position_embeddings={config.max_position_embeddings}", length)
-    # The compiled canvas is a power of two of blocks; rows never read past their own length.
-    length = block_length * canvas_bucket(length // block_length, config.max_position_embeddings // block_length)
-    canvas = np.full((len(rows), length), mask_id, np.int32)
-    for i, row in enumerate(rows):
-        canvas[i, :len(row)] = row
+    canvas, prompt_lens, canvas_lens = prepare_canvas(rows, config, gen_length=gen_length,
+                                                      block_length=block_length, mask_id=mask_id, mesh=mesh)
 
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
@@ -154,6 +140,30 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         if f.name != "cache" and getattr(getattr(state, f.name), "ndim", 0) >= 1
         and getattr(state, f.name).shape[0] == rows})
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+def prepare_canvas(rows: list[list[int]], config: ModelConfig, *, gen_length: int, block_length: int, mask_id: int,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(canvas [N, L], prompt_lens [N], canvas_lens [N])` of checked prompt rows: each row's prompt
+    then mask ids; L is a power of two of blocks covering the longest row (on a mesh, of every
+    process), so prompts of many lengths share a few compiled programs."""
+    prompt_lens = np.array([len(r) for r in rows], np.int32)
+    canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
+                           np.int32)
+    length = int(canvas_lens.max())
+    if mesh is not None:  # static shapes and settings must agree on every process
+        from llada_jax.parallel import hosts
+
+        length = int(hosts.allgather(np.array([length], np.int64)).max())
+    if length > config.max_position_embeddings:
+        fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
+              f"<= max_position_embeddings={config.max_position_embeddings}", length)
+    # The compiled canvas is a power of two of blocks; rows never read past their own length.
+    length = block_length * canvas_bucket(length // block_length, config.max_position_embeddings // block_length)
+    canvas = np.full((len(rows), length), mask_id, np.int32)
+    for i, row in enumerate(rows):
+        canvas[i, :len(row)] = row
+    return canvas, prompt_lens, canvas_lens
 
 
 _COMPILED_ON_MESH: dict = {}  # `generate(mesh=...)`'s programs, by static settings and argument layout
