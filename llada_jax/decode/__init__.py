@@ -1,7 +1,8 @@
 """Draft-and-Edit decoding (REFERENCE §5): options, presets and knobs (`options`), the decoding
 step and its `lax.while_loop` with the block KV cache and Multi-Block Editing (`loop`), the
-cached forward (`kvcache`), the host entry point `generate` with streaming (`generation`), and
-continuous batching over the same step (`engine`).
+cached forward (`kvcache`), the host entry point `generate` with streaming (`generation`),
+continuous batching over the same step (`engine`), and RL's group rollouts with a shared prompt prefill
+(`rollouts`).
 
 May import `model`, `kernels`, `parallel`; not training, rewards, RL, evaluation or serving.
 """

@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 from absl import logging
@@ -53,6 +53,7 @@ import numpy as np
 import optax
 
 from llada_jax import decode, model, rewards, rl, train
+from llada_jax.decode import rollouts as group_rollouts
 from llada_jax.evaluation import benchmarks, heldout
 from llada_jax.parallel import hosts, sharding
 from llada_jax.train import checkpoint
@@ -78,6 +79,10 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
         raise ConfigError(f"rl.algorithm: expected one of {ALGORITHMS}, found {r.algorithm!r}")
     if r.get("rollout_dtype") and r.rollout_dtype not in DTYPES:
         raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {r.rollout_dtype!r}")
+    if r.get("rollout_engine", "groups") not in ROLLOUT_ENGINES:
+        raise ConfigError(f"rl.rollout_engine: expected one of {ROLLOUT_ENGINES}, found {r.rollout_engine!r}")
+    if not isinstance(r.get("eos_early_stop", True), bool):
+        raise ConfigError(f"rl.eos_early_stop: expected true or false, found {r.eos_early_stop!r}")
     block = cfg.objective.block_size
     common = {k: r[k] for k in ("eps_low", "eps_high", "beta") if r[k] is not None}
     # Log-probs of the distribution the rollouts were sampled from (greedy rollouts: temperature 1).
@@ -210,21 +215,45 @@ def bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
+ROLLOUT_ENGINES = ("groups", "generate")
+
+
 def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
-            key: jax.Array, mesh=None) -> decode.GenerateOutput:
-    """G samples per prompt from the policy `params` as they are (rows grouped by prompt); DiPO's
-    also record every write of the decoder (its exact trajectory). With `mesh`, `prompts` are
-    this process's and the rows are decoded as part of the global batch."""
+            key: jax.Array, mesh=None,
+            on_finish: Optional[Callable[[int, list[int]], None]] = None) -> decode.GenerateOutput:
+    """G samples per prompt from the policy `params` as they are (rows grouped by prompt, row r
+    sampling with `fold_in(key, r)`); DiPO's also record every write of the decoder (its exact
+    trajectory). With `mesh`, `prompts` are this process's and the rows are decoded as part of
+    the global batch.
+
+    `rl.rollout_engine` "groups" (default) decodes with `decode.rollouts.generate_groups`: each
+    prompt prefilled once for its G rows, rows stopped at their EOS (`rl.eos_early_stop`) and
+    the batch shrunk as they finish; `on_finish(row, tokens)` hears of each row as it finishes.
+    "generate" is the static batch of `decode.generate` (every row decoded until the slowest is
+    done; `on_finish` called for every row at the end), also what several processes use: they
+    would have to agree on every shrink. Both give the same rollouts, token for token.
+    """
     r = cfg.rl
-    rows = [p for p in prompts for _ in range(r.group_size)]
     dtype = r.get("rollout_dtype")
     if dtype:
         if dtype not in DTYPES:
             raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {dtype!r}")
         model_config = model_config.replace(dtype=dtype)
-    return decode.generate(params, model_config, rows, gen_length=r.gen_length,
-                             block_length=cfg.objective.block_size, preset=r.preset,
-                             temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo", mesh=mesh)
+    engine = r.get("rollout_engine", "groups")
+    if engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"rl.rollout_engine: expected one of {ROLLOUT_ENGINES}, found {engine!r}")
+    kw = dict(gen_length=r.gen_length, block_length=cfg.objective.block_size, preset=r.preset,
+              temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo",
+              eos_early_stop=bool(r.get("eos_early_stop", True)))
+    if engine == "groups" and jax.process_count() == 1:
+        return group_rollouts.generate_groups(params, model_config, list(prompts), group_size=r.group_size,
+                                              on_finish=on_finish, mesh=mesh, **kw)
+    rows = [p for p in prompts for _ in range(r.group_size)]
+    out = decode.generate(params, model_config, rows, mesh=mesh, **kw)
+    if on_finish is not None:
+        for row, tokens in enumerate(out.tokens):
+            on_finish(row, tokens)
+    return out
 
 
 def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
@@ -401,10 +430,12 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                 rows = next(prompts_it)
                 prompts = [row["prompt"] for row in rows]
                 metas = [row["meta"] for row in rows for _ in range(r.group_size)]
-                out = rollout(policy(state), model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
-                texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
-                scores, errors = rewards.score(texts, metas, reward, workers=r.reward_workers,
-                                               timeout_s=r.reward_timeout_s)
+                # Rows are scored as they finish decoding, in the pool's threads beside the decode.
+                scorer = rewards.Scorer(metas, reward, workers=r.reward_workers, timeout_s=r.reward_timeout_s)
+                out = rollout(policy(state), model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh,
+                              on_finish=lambda row, tokens: scorer.add(row, heldout.completion_text(tokens, tokenizer)))
+                t_decoded = time.perf_counter()
+                scores, errors = scorer.result()
                 adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
                 # Every process's rows, in global order: the metrics and the skip decision are global.
                 every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
@@ -433,7 +464,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                     samples_kept=float(every["keep"].mean()),
                     rollout_tpf=float(every["generated"].sum() / max(every["forwards"].sum(), 1)),
                     completion_tokens=float(np.mean(every["length"])), prompts_dropped=dropped)
-                metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
+                metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}decode_s": t_decoded - t0,
+                                f"{TIME_PREFIX}reward_wait_s": t1 - t_decoded, f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
                     metrics.update(held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
