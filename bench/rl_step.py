@@ -4,7 +4,7 @@ r"""One RL step, before and after group rollouts, side by side in one run, print
   python bench/rl_step.py --preset=small                    # the issue's full settings (slow on a CPU)
   python bench/rl_step.py --prompts=4 --group=4 --gen=128 --steps=2   # a quick look
 
-Both arms run `rl.loop.run_rl` (EBPO, its default μ = 2 and N = 8) for `--steps` steps from the
+Both arms run `rl.loop.run_rl` (EBPO, its default μ = 2, N = `--timesteps`) for `--steps` steps from the
 same params on the same prompts with the same reward; only the rollout settings differ:
 
   before: `rl.rollout_engine=generate`, `rl.eos_early_stop=False` (the static batch: every row
@@ -60,6 +60,8 @@ flags.DEFINE_float("slow_share", 0.2, "Share of completions whose program is slo
 flags.DEFINE_float("slow_s", 0.5, "Seconds a slow program sleeps.")
 flags.DEFINE_float("sharpen", 6.0, "lm_head scale of the synthetic policy.")
 flags.DEFINE_float("eos_scale", 1.6, "EOS column norm / mean column norm of the synthetic policy.")
+flags.DEFINE_integer("timesteps", 8, "EBPO likelihood timesteps N of the update (rl.num_timesteps).")
+flags.DEFINE_string("vectorize", "batch", "rl.vectorize of the update: batch (N timesteps at once) or scan.")
 flags.DEFINE_list("arms", ["before", "after"], "Arms to run, in this order.")
 
 ARMS = {"before": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False},
@@ -82,7 +84,8 @@ def _config(data_dir: str, arm: str):
     overrides = {"model.preset": FLAGS.preset, "data.data_dir": data_dir, "data.seq_len": seq,
                  "objective.block_size": FLAGS.block, "total_steps": FLAGS.steps, "checkpoint_every": 10 ** 6,
                  "rl.prompts_per_step": FLAGS.prompts, "rl.group_size": FLAGS.group, "rl.gen_length": FLAGS.gen,
-                 "rl.eval_every": 0, "rl.reward_workers": FLAGS.workers, "rl.skip_no_signal": False, **ARMS[arm]}
+                 "rl.eval_every": 0, "rl.reward_workers": FLAGS.workers, "rl.skip_no_signal": False,
+                 "rl.num_timesteps": FLAGS.timesteps, "rl.vectorize": FLAGS.vectorize, **ARMS[arm]}
     with cfg.unlocked():
         for key, value in overrides.items():
             node = cfg
@@ -109,7 +112,7 @@ def main(argv):
     root = tempfile.mkdtemp(prefix="rl_step_")
     out = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "platform": platform.machine(),
            "preset": FLAGS.preset, "prompts": FLAGS.prompts, "group": FLAGS.group, "gen": FLAGS.gen,
-           "block": FLAGS.block, "steps_counted": FLAGS.steps - 1, "reward_workers": FLAGS.workers,
+           "block": FLAGS.block, "timesteps": FLAGS.timesteps, "vectorize": FLAGS.vectorize, "steps_counted": FLAGS.steps - 1, "reward_workers": FLAGS.workers,
            "slow_share": FLAGS.slow_share, "slow_s": FLAGS.slow_s, "arms": {}}
     for arm in FLAGS.arms:
         cfg = _config(os.path.join(root, "data"), arm)
