@@ -26,7 +26,9 @@ end at varied lengths (printed: their quantiles). The reward: a code-execution v
 completion's program run in the sandbox (`rewards.sandbox`), `--slow_share` of them sleeping
 `--slow_s` seconds (a slow test suite), chosen by a hash of the completion.
 
-On CPU only the ratios of this one run mean anything.
+On CPU only the ratios of this one run mean anything. Memory: the update at gen 256 (canvas 320,
+128 rows) needs more than the 15 GB this project's 23 GB CPU machine had free (killed there even
+with the tiny preset, N = 2 scanned); the README's figures are at smaller sizes.
 """
 
 import copy
