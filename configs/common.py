@@ -156,6 +156,11 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     # Compute dtype of the rollouts' decoding (activations, KV cache): None = the model's
     # (`model.overrides.dtype`); "bfloat16" decodes as a bf16 release is served.
     c.rollout_dtype = config_dict.placeholder(str)
+    # "groups": decode.rollouts (each prompt prefilled once for its G rows, the batch shrinking as
+    # rows finish, rewards scored as they do); "generate": the static batch of decode.generate.
+    # Same rollouts token for token; several processes always use "generate".
+    c.rollout_engine = "groups"
+    c.eos_early_stop = True  # a rollout stops after the block holding its first EOS (same answers)
     c.gen_length = 16
     c.reward = "by_task"  # a name in rewards.REWARDS, or a user's verifier "package.module:function"
     # Scoring: reward_workers threads (0 = one after another in the loop's thread, no timeout); a

@@ -1,8 +1,9 @@
 """Draft-and-Edit decoding (REFERENCE §5): options, presets and knobs (`options`), the decoding
 step and its `lax.while_loop` with the block KV cache and Multi-Block Editing (`loop`), the
 cached forward (`kvcache`), the host entry point `generate` with streaming (`generation`),
-continuous batching over the same step (`engine`), and the prefix cache across the engine's
-requests (`prefix_cache`: whole prompt blocks' K/V in a radix tree, LRU under a byte budget).
+continuous batching over the same step (`engine`), the prefix cache across the engine's
+requests (`prefix_cache`: whole prompt blocks' K/V in a radix tree, LRU under a byte budget), and
+RL's group rollouts with a shared prompt prefill (`rollouts`).
 
 May import `model`, `kernels`, `parallel`; not training, rewards, RL, evaluation or serving.
 """

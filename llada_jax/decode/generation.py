@@ -113,29 +113,15 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
     if not greedy and rng is None:
         fail("rng", "a PRNG key when temperature > 0", rng)
     rows = check_prompts(prompts, vocab, mask_id)
-    prompt_lens = np.array([len(r) for r in rows], np.int32)
-    canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
-                           np.int32)
-    length = int(canvas_lens.max())
-    if mesh is not None:  # static shapes and settings must agree on every process
-        from llada_jax.parallel import hosts
-
-        length = int(hosts.allgather(np.array([length], np.int64)).max())
-    if length > config.max_position_embeddings:
-        fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
-              f"<= max_position_embeddings={config.max_position_embeddings}", length)
-    # The compiled canvas is a power of two of blocks; rows never read past their own length.
-    length = block_length * canvas_bucket(length // block_length, config.max_position_embeddings // block_length)
-    canvas = np.full((len(rows), length), mask_id, np.int32)
-    for i, row in enumerate(rows):
-        canvas[i, :len(row)] = row
+    canvas, prompt_lens, canvas_lens = prepare_canvas(rows, config, gen_length=gen_length,
+                                                      block_length=block_length, mask_id=mask_id, mesh=mesh)
 
     settings = DecodeSettings(
         block_length=block_length, mask_id=int(mask_id), eos_id=int(eos_id), pad_id=config.pad_token_id,
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None),
         use_cache=use_cache, mbe_window=mbe_window, mbe_attention=mbe_attention, mbe_select=mbe_select,
         record_writes=trajectory_capacity(block_length, max_post_steps, mbe_window, mbe_max_steps=mbe_max_steps,
-                                          mbe_select=mbe_select, num_blocks=length // block_length)
+                                          mbe_select=mbe_select, num_blocks=canvas.shape[1] // block_length)
         if record_trajectory else 0)
     knobs = make_knobs(vocab, threshold=threshold, editing_threshold=editing_threshold, temperature=temperature,
                        top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, max_post_steps=max_post_steps,
@@ -168,6 +154,30 @@ def generate(params, config: ModelConfig, prompts, *, gen_length: int, block_len
         if f.name != "cache" and getattr(getattr(state, f.name), "ndim", 0) >= 1
         and getattr(state, f.name).shape[0] == rows})
     return summarize(state, prompt_lens, canvas_lens, gen_length, settings)
+
+
+def prepare_canvas(rows: list[list[int]], config: ModelConfig, *, gen_length: int, block_length: int, mask_id: int,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(canvas [N, L], prompt_lens [N], canvas_lens [N])` of checked prompt rows: each row's prompt
+    then mask ids; L is a power of two of blocks covering the longest row (on a mesh, of every
+    process), so prompts of many lengths share a few compiled programs."""
+    prompt_lens = np.array([len(r) for r in rows], np.int32)
+    canvas_lens = np.array([math.ceil((p + gen_length) / block_length) * block_length for p in prompt_lens],
+                           np.int32)
+    length = int(canvas_lens.max())
+    if mesh is not None:  # static shapes and settings must agree on every process
+        from llada_jax.parallel import hosts
+
+        length = int(hosts.allgather(np.array([length], np.int64)).max())
+    if length > config.max_position_embeddings:
+        fail("canvas length ceil((prompt + gen_length) / block_length) * block_length",
+              f"<= max_position_embeddings={config.max_position_embeddings}", length)
+    # The compiled canvas is a power of two of blocks; rows never read past their own length.
+    length = block_length * canvas_bucket(length // block_length, config.max_position_embeddings // block_length)
+    canvas = np.full((len(rows), length), mask_id, np.int32)
+    for i, row in enumerate(rows):
+        canvas[i, :len(row)] = row
+    return canvas, prompt_lens, canvas_lens
 
 
 _COMPILED_ON_MESH: dict = {}  # `generate(mesh=...)`'s programs, by static settings and argument layout

@@ -507,18 +507,21 @@ def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSt
 
 
 def init_state(params, canvas: Int[Array, "N L"], prompt_lens: Int[Array, "N"], *, config: ModelConfig,
-               settings: DecodeSettings) -> DecodeState:
+               settings: DecodeSettings, cache: Any = None) -> DecodeState:
     """The loop state before the first step: each row at its prompt's last block, the prompt's
-    full blocks prefilled into a fresh cache (cached path)."""
+    full blocks prefilled into a fresh cache (cached path). `cache`: the rows' prefilled cache
+    instead (`decode.rollouts.prefill_groups` shares one prefill among a group's rows)."""
     n, length = canvas.shape
     b = settings.block_length
     zeros = jnp.zeros((n,), jnp.int32)
-    cache = None
     cache_writes = zeros
-    if settings.use_cache:
+    if not settings.use_cache:
+        cache = None
+    elif cache is None:
         cache = kvcache.prefill(params, config, canvas, prompt_lens // b, kvcache.init_cache(config, n, length),
                                 block_length=b, chunk_blocks=settings.prefill_chunk_blocks,
                                 prefix_buckets=prefix_buckets(settings, length // b))
+    if settings.use_cache:
         cache_writes = (prompt_lens >= b).astype(jnp.int32)
     record = mbe_fields(n, min(settings.mbe_window, length // b), length, b) if settings.mbe_window else {}
     if settings.record_writes:

@@ -9,10 +9,10 @@ touches a model.
 from llada_jax.rewards.verifiers import (REWARDS, RewardError, RewardFn, by_task, code_check, code_reward,
                                          code_reward_with, extract_boxed, extract_code, final_number, get_reward,
                                          gsm8k_reward, judge, load_reward, math_equal, math_reward, normalise_math,
-                                         parse_number, reward_fn, score)
+                                         parse_number, reward_fn, score, Scorer)
 
 __all__ = [
     "REWARDS", "RewardError", "RewardFn", "by_task", "code_check", "code_reward", "code_reward_with",
     "extract_boxed", "extract_code", "final_number", "get_reward", "gsm8k_reward", "judge", "load_reward",
-    "math_equal", "math_reward", "normalise_math", "parse_number", "reward_fn", "score",
+    "math_equal", "math_reward", "normalise_math", "parse_number", "reward_fn", "score", "Scorer",
 ]

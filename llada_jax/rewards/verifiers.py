@@ -29,6 +29,7 @@ verifier, with the code reward under given sandbox limits.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fractions
 import functools
@@ -511,78 +512,134 @@ def score(completions: Sequence[str], metas: Sequence[Mapping[str, Any]], reward
     """
     if len(completions) != len(metas):
         raise ValueError(f"score: {len(completions)} completions but {len(metas)} metas")
-    if workers < 0 or (timeout_s is not None and not timeout_s > 0):
-        raise ValueError(f"score: expected workers >= 0 and timeout_s None or > 0, found {workers}, {timeout_s}")
-    fn = get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    scorer = Scorer(metas, reward_fn, on_error=on_error, max_chars=max_chars, workers=workers, timeout_s=timeout_s)
+    for index, completion in enumerate(completions):
+        scorer.add(index, completion)
+    return scorer.result()
 
-    def one(index: int):
+
+class Scorer:
+    """`score` for completions that arrive one at a time (RL rollouts as they finish decoding).
+
+    `add(index, completion)` queues sample `index` (its meta is `metas[index]`); with `workers`
+    threads it starts scoring at once, beside the caller's work. `result()` waits for every
+    sample (each index added once) and returns what `score` returns for the same completions:
+    the same rewards, errors and logs, whatever the order of arrival. `timeout_s` counts from the
+    moment a sample's scoring starts; a call past it is cut off when `result()` waits.
+    """
+
+    def __init__(self, metas: Sequence[Mapping[str, Any]], reward_fn: RewardFn | str = "by_task", *,
+                 on_error: float = 0.0, max_chars: int = 200, workers: int = 0, timeout_s: float | None = None):
+        if workers < 0 or (timeout_s is not None and not timeout_s > 0):
+            raise ValueError(f"score: expected workers >= 0 and timeout_s None or > 0, found {workers}, {timeout_s}")
+        self._fn = get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
+        self._metas, self._on_error, self._max_chars = list(metas), on_error, max_chars
+        self._completions: list = [None] * len(self._metas)
+        self._pool = _Pool(self._one, len(self._metas), workers, timeout_s)
+
+    def _one(self, index: int):
         try:
-            value = float(fn(completions[index], metas[index]))
+            value = float(self._fn(self._completions[index], self._metas[index]))
             if not math.isfinite(value):
                 raise ValueError(f"non-finite reward {value}")
             return value, None
         except Exception as e:  # noqa: BLE001 - any verifier failure is reported, not raised
             return None, e
 
-    if workers == 0:
-        outcomes = [one(i) for i in range(len(completions))]
-    else:
-        outcomes = _pool(one, len(completions), workers, timeout_s)
-    rewards = np.full(len(completions), on_error, np.float32)
-    errors: list[RewardError] = []
-    for index, (value, e) in enumerate(outcomes):
-        if e is None:
-            rewards[index] = value
-            continue
-        completion = completions[index]
-        shown = completion if len(completion) <= max_chars else completion[:max_chars] + "..."
-        errors.append(RewardError(index, shown, metas[index], type(e).__name__, str(e)))
-        _log.warning("reward %s failed on sample %d (%s: %s); reward set to %s. completion=%r meta=%r",
-                     getattr(fn, "__name__", fn), index, type(e).__name__, e, on_error, shown, metas[index])
-    return rewards, errors
+    def add(self, index: int, completion: str) -> None:
+        if not 0 <= index < len(self._metas) or self._completions[index] is not None:
+            raise ValueError(f"Scorer.add: index: expected a new index in [0, {len(self._metas)}), found {index}")
+        self._completions[index] = completion
+        self._pool.submit(index)
+
+    def result(self) -> tuple[np.ndarray, list[RewardError]]:
+        missing = [i for i, c in enumerate(self._completions) if c is None]
+        if missing:
+            raise ValueError(f"Scorer.result: expected every sample added, found {len(missing)} missing "
+                             f"(indices {missing[:5]})")
+        outcomes = self._pool.wait()
+        rewards = np.full(len(self._metas), self._on_error, np.float32)
+        errors: list[RewardError] = []
+        fn = self._fn
+        for index, (value, e) in enumerate(outcomes):
+            if e is None:
+                rewards[index] = value
+                continue
+            completion = self._completions[index]
+            shown = completion if len(completion) <= self._max_chars else completion[:self._max_chars] + "..."
+            errors.append(RewardError(index, shown, self._metas[index], type(e).__name__, str(e)))
+            _log.warning("reward %s failed on sample %d (%s: %s); reward set to %s. completion=%r meta=%r",
+                         getattr(fn, "__name__", fn), index, type(e).__name__, e, self._on_error, shown,
+                         self._metas[index])
+        return rewards, errors
 
 
-def _pool(one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | None) -> list[tuple]:
-    """`[one(i) for i in range(n)]` in `workers` daemon threads; a call still running `timeout_s`
-    after it started gives `(None, TimeoutError)` and its thread is replaced (and abandoned)."""
-    outcomes: list = [None] * n
-    started: dict[int, float] = {}  # running calls: index -> start time
-    lock = threading.Condition()
-    queue = iter(range(n))
+class _Pool:
+    """`one(i)` for submitted indices: in `workers` daemon threads as they are submitted, or (0
+    workers) one after another in `wait`. A call still running `timeout_s` after it started gives
+    `(None, TimeoutError)` and its thread is replaced (and abandoned)."""
 
-    def worker():
+    def __init__(self, one: Callable[[int], tuple], n: int, workers: int, timeout_s: float | None):
+        self._one, self._workers, self._timeout_s = one, workers, timeout_s
+        self._outcomes: list = [None] * n
+        self._started: dict[int, float] = {}  # running calls: index -> start time
+        self._pending: collections.deque = collections.deque()
+        self._closed = False
+        self._lock = threading.Condition()
+        for _ in range(min(workers, n)):
+            self._spawn()
+
+    def _spawn(self):
+        threading.Thread(target=self._worker, name="reward-worker", daemon=True).start()
+
+    def _worker(self):
+        lock = self._lock
         while True:
             with lock:
-                index = next(queue, None)
-                if index is None:
+                while not self._pending and not self._closed:
+                    lock.wait()
+                if not self._pending:
                     return
-                started[index] = time.monotonic()
+                index = self._pending.popleft()
+                self._started[index] = time.monotonic()
                 lock.notify_all()  # the waiter's deadline now includes this call
-            outcome = one(index)
+            outcome = self._one(index)
             with lock:
-                if outcomes[index] is not None:  # cut off meanwhile: a replacement took over
+                if self._outcomes[index] is not None:  # cut off meanwhile: a replacement took over
                     return
-                outcomes[index] = outcome
-                del started[index]
+                self._outcomes[index] = outcome
+                del self._started[index]
                 lock.notify_all()
 
-    def spawn():
-        threading.Thread(target=worker, name="reward-worker", daemon=True).start()
+    def submit(self, index: int):
+        if not self._workers:
+            self._pending.append(index)
+            return
+        with self._lock:
+            self._pending.append(index)
+            self._lock.notify_all()
 
-    for _ in range(min(workers, n)):
-        spawn()
-    with lock:
-        while True:
-            now, wait = time.monotonic(), None
-            if timeout_s is not None:
-                for index, t in list(started.items()):
-                    if now - t >= timeout_s:
-                        outcomes[index] = (None, TimeoutError(f"reward still running after {timeout_s:g} s"))
-                        del started[index]
-                        spawn()
-                if started:
-                    wait = max(min(started.values()) + timeout_s - now, 1e-3)
-            if all(o is not None for o in outcomes):  # checked after the cut-offs: the last may be one
-                break
-            lock.wait(wait)
-    return outcomes
+    def wait(self) -> list[tuple]:
+        """Every outcome, in index order (all indices submitted)."""
+        if not self._workers:
+            for index in self._pending:
+                self._outcomes[index] = self._one(index)
+            return self._outcomes
+        lock, timeout_s = self._lock, self._timeout_s
+        with lock:
+            self._closed = True
+            lock.notify_all()
+            while True:
+                now, wait = time.monotonic(), None
+                if timeout_s is not None:
+                    for index, t in list(self._started.items()):
+                        if now - t >= timeout_s:
+                            self._outcomes[index] = (None, TimeoutError(f"reward still running after {timeout_s:g} s"))
+                            del self._started[index]
+                            self._spawn()
+                    if self._started:
+                        wait = max(min(self._started.values()) + timeout_s - now, 1e-3)
+                if all(o is not None for o in self._outcomes):  # checked after the cut-offs: the last may be one
+                    break
+                lock.wait(wait)
+        return self._outcomes

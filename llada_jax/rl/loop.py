@@ -50,7 +50,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 from absl import logging
@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from llada_jax import decode, model, rewards, rl, train
+from llada_jax.decode import rollouts as group_rollouts
 from llada_jax.evaluation import benchmarks, heldout
 from llada_jax.parallel import hosts, preemption, sharding
 from llada_jax.train import checkpoint
@@ -87,6 +88,10 @@ def build_rl_config(cfg: ml_collections.ConfigDict, num_steps: Optional[int] = N
         raise ConfigError(f"rl.algorithm: expected one of {ALGORITHMS}, found {r.algorithm!r}")
     if r.get("rollout_dtype") and r.rollout_dtype not in DTYPES:
         raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {r.rollout_dtype!r}")
+    if r.get("rollout_engine", "groups") not in ROLLOUT_ENGINES:
+        raise ConfigError(f"rl.rollout_engine: expected one of {ROLLOUT_ENGINES}, found {r.rollout_engine!r}")
+    if not isinstance(r.get("eos_early_stop", True), bool):
+        raise ConfigError(f"rl.eos_early_stop: expected true or false, found {r.eos_early_stop!r}")
     block = cfg.objective.block_size
     common = {k: r[k] for k in ("eps_low", "eps_high", "beta") if r[k] is not None}
     # Log-probs of the distribution the rollouts were sampled from (greedy rollouts: temperature 1).
@@ -246,21 +251,45 @@ def bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
+ROLLOUT_ENGINES = ("groups", "generate")
+
+
 def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]], cfg: ml_collections.ConfigDict,
-            key: jax.Array, mesh=None) -> decode.GenerateOutput:
-    """G samples per prompt from the policy `params` as they are (rows grouped by prompt); DiPO's
-    also record every write of the decoder (its exact trajectory). With `mesh`, `prompts` are
-    this process's and the rows are decoded as part of the global batch."""
+            key: jax.Array, mesh=None,
+            on_finish: Optional[Callable[[int, list[int]], None]] = None) -> decode.GenerateOutput:
+    """G samples per prompt from the policy `params` as they are (rows grouped by prompt, row r
+    sampling with `fold_in(key, r)`); DiPO's also record every write of the decoder (its exact
+    trajectory). With `mesh`, `prompts` are this process's and the rows are decoded as part of
+    the global batch.
+
+    `rl.rollout_engine` "groups" (default) decodes with `decode.rollouts.generate_groups`: each
+    prompt prefilled once for its G rows, rows stopped at their EOS (`rl.eos_early_stop`) and
+    the batch shrunk as they finish; `on_finish(row, tokens)` hears of each row as it finishes.
+    "generate" is the static batch of `decode.generate` (every row decoded until the slowest is
+    done; `on_finish` called for every row at the end), also what several processes use: they
+    would have to agree on every shrink. Both give the same rollouts, token for token.
+    """
     r = cfg.rl
-    rows = [p for p in prompts for _ in range(r.group_size)]
     dtype = r.get("rollout_dtype")
     if dtype:
         if dtype not in DTYPES:
             raise ConfigError(f"rl.rollout_dtype: expected None or one of {DTYPES}, found {dtype!r}")
         model_config = model_config.replace(dtype=dtype)
-    return decode.generate(params, model_config, rows, gen_length=r.gen_length,
-                             block_length=cfg.objective.block_size, preset=r.preset,
-                             temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo", mesh=mesh)
+    engine = r.get("rollout_engine", "groups")
+    if engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"rl.rollout_engine: expected one of {ROLLOUT_ENGINES}, found {engine!r}")
+    kw = dict(gen_length=r.gen_length, block_length=cfg.objective.block_size, preset=r.preset,
+              temperature=r.temperature, rng=key, record_trajectory=r.algorithm == "dipo",
+              eos_early_stop=bool(r.get("eos_early_stop", True)))
+    if engine == "groups" and jax.process_count() == 1:
+        return group_rollouts.generate_groups(params, model_config, list(prompts), group_size=r.group_size,
+                                              on_finish=on_finish, mesh=mesh, **kw)
+    rows = [p for p in prompts for _ in range(r.group_size)]
+    out = decode.generate(params, model_config, rows, mesh=mesh, **kw)
+    if on_finish is not None:
+        for row, tokens in enumerate(out.tokens):
+            on_finish(row, tokens)
+    return out
 
 
 def _reduce_inner(metrics: Sequence[Mapping[str, Any]]) -> dict:
@@ -416,7 +445,12 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         rows = next(prompts_it)
         prompts = [row["prompt"] for row in rows]
         metas = [row["meta"] for row in rows for _ in range(r.group_size)]
-        out = rollout(params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh)
+        # Rows are scored as they finish decoding, in the reward threads beside the decode.
+        scorer = rewards.Scorer(metas, reward, workers=r.reward_workers, timeout_s=r.reward_timeout_s)
+        t = time.perf_counter()
+        out = rollout(params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh,
+                      on_finish=lambda row, tokens: scorer.add(row, heldout.completion_text(tokens, tokenizer)))
+        decode_s = time.perf_counter() - t
         block = cfg.objective.block_size
         if r.algorithm == "dipo":
             batch = rl.pack_trajectory(out, bucket(max(cfg.data.seq_len, int(out.canvas_lengths.max())), block),
@@ -430,7 +464,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         if r.algorithm == "dipo":  # a static length: the longest trajectory of any process
             longest = int(hosts.allgather(np.int64(rl.dipo_num_steps(batch["write_step"], block))).max())
             extra["dipo_num_steps"] = bucket(longest, r.dipo_step_bucket)
-        rec = dict(s=s, metas=metas, out=out, batch=batch, extra=extra, old=None, staleness=int(with_old))
+        rec = dict(s=s, scorer=scorer, out=out, batch=batch, extra=extra, old=None, staleness=int(with_old),
+                   decode_s=decode_s)
         if with_old:
             config, key = step_config(extra), jax.random.fold_in(noise_key, s)
             rec["old"] = [terms_of(params, config, mb, key) for mb in global_mini_batches(batch)]
@@ -439,9 +474,9 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     def score_step(rec) -> dict:
         """Step 3: rewards, advantages and the step's reward metrics (every process's rows)."""
         out = rec.pop("out")
-        texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
-        scores, errors = rewards.score(texts, rec.pop("metas"), reward, workers=r.reward_workers,
-                                       timeout_s=r.reward_timeout_s)
+        t = time.perf_counter()
+        scores, errors = rec.pop("scorer").result()  # what is still running when the last row finished
+        rec["reward_wait_s"] = time.perf_counter() - t
         adv, keep = advantages(r.algorithm, scores, r.group_size)  # groups are whole on each process
         # Every process's rows, in global order: the metrics and the skip decision are global.
         every = {k: v.reshape(-1) for k, v in hosts.allgather(dict(
@@ -537,7 +572,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
                         f"RL step {done}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
                         f"step {ckpt.latest_step()} in {ckpt.directory}")
                 metrics.update(rec["metrics"])
-                metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}likelihood_s": t2 - t1,
+                metrics.update({f"{TIME_PREFIX}rollout_s": t1 - t0, f"{TIME_PREFIX}decode_s": rec["decode_s"],
+                                f"{TIME_PREFIX}reward_wait_s": rec["reward_wait_s"], f"{TIME_PREFIX}likelihood_s": t2 - t1,
                                 f"{TIME_PREFIX}update_s": t3 - t2, f"{TIME_PREFIX}step_s": t3 - t0})
                 if r.eval_every > 0 and (done % r.eval_every == 0 or done == cfg.total_steps):
                     metrics.update(held_out_eval(policy(state), model_config, tokenizer, eval_examples, cfg, mesh))
@@ -580,7 +616,7 @@ def _pending_to_json(rec: Mapping[str, Any], mesh) -> dict:
     """A decoded and scored step (pipelining) as JSON for the checkpoint's per-process data state:
     this process's packed rows, advantages and θ_old's terms, and the step's reward metrics.
     Exact: float32 values go through Python floats, which hold them."""
-    out = {k: rec[k] for k in ("s", "extra", "staleness", "signal", "metrics")}
+    out = {k: rec[k] for k in ("s", "extra", "staleness", "signal", "metrics", "decode_s", "reward_wait_s")}
     out["batch"] = {k: _array_to_json(v) for k, v in rec["batch"].items()}
     out["adv"], out["keep"] = _array_to_json(rec["adv"]), _array_to_json(rec["keep"])
     out["old"] = None if rec["old"] is None else [_array_to_json(hosts.host_local(o, mesh)) for o in rec["old"]]
@@ -589,7 +625,7 @@ def _pending_to_json(rec: Mapping[str, Any], mesh) -> dict:
 
 def _pending_from_json(d: Mapping[str, Any], mesh, per_update: int) -> dict:
     """`_pending_to_json`'s inverse: θ_old's terms back on the mesh as the mini-batches' rows."""
-    rec = {k: d[k] for k in ("s", "extra", "staleness", "signal", "metrics")}
+    rec = {k: d[k] for k in ("s", "extra", "staleness", "signal", "metrics", "decode_s", "reward_wait_s")}
     rec["batch"] = {k: _array_from_json(v) for k, v in d["batch"].items()}
     rec["adv"], rec["keep"] = _array_from_json(d["adv"]), _array_from_json(d["keep"])
     rec["old"] = None if d["old"] is None else [

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import load_config, xla_flags
 from llada_jax import decode, rewards, train
+from llada_jax.decode import rollouts
 from llada_jax.model.config import ConfigError
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
@@ -57,19 +58,19 @@ def digit_fraction(completion, meta):
 @pytest.fixture(scope="module")
 def ebpo_run(data_dir, tmp_path_factory):
     """4 EBPO steps from a random init, evaluated at steps 0, 2 and 4, with the params that each
-    rollout (the sampled `decode.generate` calls; evaluation is greedy) decoded with recorded."""
+    rollout (the sampled `decode.rollouts.generate_groups` calls; evaluation is greedy) decoded with recorded."""
     workdir = tmp_path_factory.mktemp("ebpo")
     cfg = rl_config(data_dir, **{"rl.eval_every": 2, "rl.eval_examples": 8, "rl.eval_modes": ("S",)})
     seen = []  # host copies: the state's buffers are donated to the next update
-    generate = decode.generate
+    generate_groups = rollouts.generate_groups
 
-    def recording_generate(params, *args, **kw):
+    def recording_generate_groups(params, *args, **kw):
         if kw.get("temperature", 0.0) > 0:
             seen.append(jax.tree.map(np.array, params))
-        return generate(params, *args, **kw)
+        return generate_groups(params, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decode, "generate", recording_generate)
+        mp.setattr(rollouts, "generate_groups", recording_generate_groups)
         state = run(cfg, workdir, reward_fn=digit_fraction)
     return cfg, workdir, state, seen
 
@@ -277,7 +278,7 @@ def test_rollouts_decode_in_rl_rollout_dtype(data_dir, monkeypatch):
     """`rl.rollout_dtype` sets the rollouts' compute dtype (None keeps the model's); a bad one is
     refused when the RL config is built, before any step."""
     seen = []
-    monkeypatch.setattr(decode, "generate", lambda params, config, rows, **kw: seen.append(config.dtype))
+    monkeypatch.setattr(rollouts, "generate_groups", lambda params, config, rows, **kw: seen.append(config.dtype))
     cfg = rl_config(data_dir)
     model_config = train.build_model_config(cfg)
     rl_loop.rollout(None, model_config, [[1, 2]], cfg, jax.random.key(0))
@@ -286,3 +287,5 @@ def test_rollouts_decode_in_rl_rollout_dtype(data_dir, monkeypatch):
     assert seen == [model_config.dtype, "bfloat16"]
     with pytest.raises(ConfigError, match="rl.rollout_dtype: expected None or one of"):
         rl_loop.build_rl_config(rl_config(data_dir, **{"rl.rollout_dtype": "bf16"}))
+    with pytest.raises(ConfigError, match=r"rl.rollout_engine: expected one of \('groups', 'generate'\), found 'engine'"):
+        rl_loop.build_rl_config(rl_config(data_dir, **{"rl.rollout_engine": "engine"}))
