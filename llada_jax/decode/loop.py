@@ -433,7 +433,7 @@ def _window_op(params, row_keys, prompt_lens, num_blocks, knobs, state: DecodeSt
     write_kv = rewriting[:, None] & (q_blk >= state.cursor[:, None]) & (q_blk <= cur[:, None])
 
     if settings.use_cache:
-        buckets = kvcache.buckets(nb)
+        buckets = prefix_buckets(settings, nb)
         needed = jnp.where(proposing, cur, jnp.where(rewriting, first, 0)).max()
         logits, kv = kvcache.forward_chunk(params, config, tokens, idx, first * b, chunk_mask, state.cache,
                                            kvcache.bucket_index(buckets, needed), prefix_buckets=buckets,
