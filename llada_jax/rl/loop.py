@@ -152,7 +152,10 @@ def check_update_config(cfg: ml_collections.ConfigDict, mesh=None) -> int:
 def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = None) -> ml_collections.ConfigDict:
     """The RL run config of a config with an `rl_stage` section (configs/quickstart.py): a copy
     with that section's step budget (or `total_steps`), checkpoint interval, constant learning
-    rate and weight decay in place of the SFT ones, and the section itself dropped."""
+    rate and weight decay in place of the SFT ones, and the section itself dropped. The SFT
+    stage's expert-bias balancing (`optim.expert_bias_rate`) is the section's
+    `expert_bias_rate` (default 0; the RL step does not update the bias, and a non-zero value
+    is refused by `check_update_config`)."""
     stage = cfg.rl_stage
     # A deep copy keeps typed placeholders (None-valued fields with a type), so the RL config's
     # `--config.rl.num_timesteps=...` overrides still parse; resolving them would leave NoneType.
@@ -162,6 +165,7 @@ def stage_config(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = No
         out.checkpoint_every = stage.checkpoint_every
         out.optim.lr = stage.lr
         out.optim.weight_decay = stage.weight_decay
+        out.optim.expert_bias_rate = stage.get("expert_bias_rate", 0.0)
         del out["rl_stage"]
     return out
 
