@@ -114,6 +114,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     """The README's main command, shortened: SFT, evaluation, RL, evaluation, the table and the report."""
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
+               "--config.data.batch_size=8",
                "--eval_examples=16", "--rl_steps=2", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
                "--config.rl.num_timesteps=2", "--rl_eval_examples=8")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -143,6 +144,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     # second training seed and the longer-SFT control, with the spread over seeds.
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",
                "--config.checkpoint_every=6", "--config.data.num_train=500", "--config.data.num_test=40",
+               "--config.data.batch_size=8",
                "--eval_examples=16", "--rl_steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=4",
                "--algorithms=dipo", "--seeds=0,1", "--sft_longer_steps=2", "--modes=S", "--rl_eval_every=0")
     report = json.loads((tmp_path / "report.json").read_text())

@@ -36,8 +36,15 @@ def _run(cfg, workdir, base, base_from):
                               base_from=base_from)
 
 
-def test_lora_sft_freezes_the_base_saves_adapters_only_and_resumes_exactly(tmp_path):
-    data_dir = str(tmp_path / "data")
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The quickstart's dataset at `_cfg`'s sizes, generated once for the LoRA runs below."""
+    d = str(tmp_path_factory.mktemp("data"))
+    train.open_examples(_cfg(d), d, "train")
+    return d
+
+
+def test_lora_sft_freezes_the_base_saves_adapters_only_and_resumes_exactly(tmp_path, data_dir):
     cfg = _cfg(data_dir)
     model_config = train.build_model_config(cfg)
     base = jax.jit(model.init_params, static_argnums=0)(model_config, jax.random.key(7))
@@ -160,7 +167,7 @@ def test_aot_plans_the_lora_sft_step():
         job.fn.lower(*job.args)
 
 
-def test_lora_base_dtype_bfloat16_trains_fp32_adapters_on_a_base_cast_once(tmp_path):
+def test_lora_base_dtype_bfloat16_trains_fp32_adapters_on_a_base_cast_once(tmp_path, data_dir):
     """`lora.base_dtype=bfloat16`: the frozen base is cast once at the start (expert_bias stays fp32),
     the adapters and every optimizer moment are fp32, the loss goes down, and the model the checkpoint
     loads is the bf16-rounded base bit for bit wherever no adapter sits, with the adapters merged in
@@ -168,7 +175,6 @@ def test_lora_base_dtype_bfloat16_trains_fp32_adapters_on_a_base_cast_once(tmp_p
     import flax.linen as nn
     import jax.numpy as jnp
 
-    data_dir = str(tmp_path / "data")
     small = {"lora.dropout": 0.0, "total_steps": 6, "checkpoint_every": 3, "mesh.data": -1, "mesh.fsdp": 1}
     cfg = _cfg(data_dir, **small, **{"lora.base_dtype": "bfloat16"})
     model_config = train.build_model_config(cfg)
