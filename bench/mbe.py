@@ -57,7 +57,7 @@ flags.DEFINE_list("modes", ["S", "Q"], "Presets.")
 flags.DEFINE_string("moe_impl", "dense", "MoE back end (dense is faster on CPU).")
 flags.DEFINE_bool("study", False, "Train (or resume) plain and MBE-SFT runs per seed and decode the study's variants.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "--study: training seeds.")
-flags.DEFINE_integer("mbe_steps", 300, "--study: MBE SFT steps at the end of the run's total_steps (a multiple of 3).")
+flags.DEFINE_integer("mbe_steps", 150, "--study: MBE SFT steps at the end of the run's total_steps (a multiple of 3).")
 
 
 def branch_run(source: str, target: str, step: int) -> None:
@@ -100,6 +100,8 @@ def study(cfg, workdir: str) -> dict:
         if json.loads(json.dumps(settings)) == previous["settings"]:  # same study: keep its seeds
             report = previous
     for seed in (int(s) for s in FLAGS.seeds):
+        if str(seed) in report["by_seed"]:  # done by an earlier command of this study
+            continue
         base = os.path.join(workdir, f"seed_{seed}")
         plain = copy.deepcopy(cfg)
         with plain.unlocked():
@@ -126,10 +128,25 @@ def study(cfg, workdir: str) -> dict:
         report["by_seed"][str(seed)] = result
         report["seconds"][str(seed)] = {"train": round(t1 - t0, 1), "decode": round(time.perf_counter() - t1, 1)}
         print(json.dumps({"seed": seed, **result}), flush=True)
-        report["summary"] = mbe_study.summarize(report["by_seed"])
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(path + ".tmp", path)
+        report = write_report(path, report)
+    report["summary"] = mbe_study.summarize(report["by_seed"])
+    return report
+
+
+def write_report(path: str, report: dict) -> dict:
+    """Writes `report` with the seeds of the same study found in `path` merged in (commands for
+    different seeds may run side by side in one workdir) and returns what it wrote."""
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous["settings"] == json.loads(json.dumps(report["settings"])):
+            for key in ("by_seed", "seconds"):
+                report[key] = {**previous[key], **report[key]}
+    report["summary"] = mbe_study.summarize(report["by_seed"])
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
     return report
 
 

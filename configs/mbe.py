@@ -1,7 +1,7 @@
 r"""4x4 Sudoku with one grid row per block: a task where later blocks inform earlier ones.
 
   python launch/train.py --config=configs/mbe.py --workdir=/tmp/mbe_sft                 # plain SFT
-  python launch/train.py --config=configs/mbe.py:mbe_steps=300 --workdir=/tmp/mbe_sft_k # + MBE SFT
+  python launch/train.py --config=configs/mbe.py:mbe_steps=150 --workdir=/tmp/mbe_sft_k # + MBE SFT
   python bench/mbe.py --study --config=configs/mbe.py --workdir=/tmp/mbe_study --seeds=0,1,2
 
 The compact Sudoku of configs/quickstart.py:task=sudoku4x4 (prompt: the puzzle's 16 cells, 0 =
@@ -40,16 +40,16 @@ PROMPT_TOKENS = 16
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, rows_per_block=1, steps=1200, mbe_steps=0)
+    a = parse_arg(arg, rows_per_block=1, steps=600, mbe_steps=0)
     if a.rows_per_block not in (1, 2, 4):
         raise ValueError(f"rows_per_block: expected 1, 2 or 4 (a divisor of the grid's {GRID_ROWS} rows), "
                          f"found {a.rows_per_block}")
     c = base_config()
     c.total_steps = a.steps
-    # Every 100 steps, all kept: bench/mbe.py --study starts the MBE-SFT run from the plain run's
+    # Every 50 steps, all kept: bench/mbe.py --study starts the MBE-SFT run from the plain run's
     # checkpoint at step steps - mbe_steps.
-    c.checkpoint_every = 100
-    c.keep_checkpoints = a.steps // 100 + 1
+    c.checkpoint_every = 50
+    c.keep_checkpoints = a.steps // 50 + 1
     c.log_every = 50
     # The quickstart's model settings: the tiny preset, dense MoE and the dense attention oracle on CPU.
     c.model.preset = "tiny"
