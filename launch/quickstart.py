@@ -39,6 +39,7 @@ import copy
 import json
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -168,23 +169,24 @@ def summarize(by_seed: dict) -> dict:
             for row, by_mode in rows.items()}
 
 
-def story(by_seed: dict, fast: str = "S", careful: str = "Q") -> dict:
+def story(by_seed: dict, fast: str = "S", careful: Optional[str] = "Q") -> dict:
     """What the main job is meant to show, per training seed: each RL algorithm's lift of
     held-out accuracy over its SFT model (points, in mode `fast`), and for every row the speed
-    of `fast` against `careful` (TPF ratio) with the accuracy it costs (points, careful - fast).
-    With the spread over seeds of each figure and its minimum (what holds on every seed)."""
+    of `fast` against `careful` (TPF ratio) with the accuracy it costs (points, careful - fast;
+    none without `careful`). With the spread over seeds of each figure and its minimum (what
+    holds on every seed)."""
     lift, speed = {}, {}
     for seed, result in sorted(by_seed.items()):
         sft = result.get("sft", {})
         for row, by_mode in result.items():
-            if fast in by_mode and careful in by_mode:
+            if careful is not None and fast in by_mode and careful in by_mode:
                 f, c = by_mode[fast], by_mode[careful]
                 speed.setdefault(row, {})[seed] = {
                     "tpf_ratio": f["tpf"] / c["tpf"] if c["tpf"] > 0 else float("nan"),
                     "accuracy_cost_points": 100.0 * (c["accuracy"] - f["accuracy"])}
             if row in rl_loop.INNER_UPDATES and fast in by_mode and fast in sft:
                 lift.setdefault(row, {})[seed] = 100.0 * (by_mode[fast]["accuracy"] - sft[fast]["accuracy"])
-    out = {"modes": [fast, careful],
+    out = {"modes": [fast, careful] if careful is not None else [fast],
            "rl_lift_points": {a: dict(by_seed=v, **spread(list(v.values()))) for a, v in lift.items()},
            "speed": {row: {"by_seed": v, "tpf_ratio": spread([x["tpf_ratio"] for x in v.values()]),
                            "accuracy_cost_points": spread([x["accuracy_cost_points"] for x in v.values()])}
@@ -289,8 +291,7 @@ def main(argv):
         report["likelihood_cost"] = cost
     report["by_seed"] = merged
     report["summary"] = summarize(merged)
-    if len(FLAGS.modes) >= 2:
-        report["story"] = story(merged, *FLAGS.modes[:2])
+    report["story"] = story(merged, *FLAGS.modes[:2]) if len(FLAGS.modes) > 1 else story(merged, FLAGS.modes[0], None)
     report.update(eval_examples=len(examples), eval_seconds_per_model=round(eval_seconds, 1),
                   seconds=round(time.perf_counter() - t0, 1))
     with open(path + ".tmp", "w") as f:
@@ -311,7 +312,7 @@ def main(argv):
             print(f"{name:<6} {mode:<5} {acc['mean']:>9.3f} {m['reward']['mean']:>8.3f} {m['tpf']['mean']:>6.2f}{extra}")
     if "story" in report:
         st = report["story"]
-        fast, careful = st["modes"]
+        fast, careful = (st["modes"] + [None])[:2]
         for alg, v in st["rl_lift_points"].items():
             seeds = ", ".join(f"seed {s} {x:+.1f}" for s, x in v["by_seed"].items())
             print(f"{ROW_NAMES[alg]} lift of {fast} accuracy over SFT, points: {seeds} (min {v['min']:+.1f})")

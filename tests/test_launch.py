@@ -137,6 +137,14 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert [s for s, _ in read_events(str(tmp_path / "rl_ebpo" / "tb"))["reward_mean"]] == [1, 2]
     for row in ("SFT    S", "SFT    Q", "RL     S", "RL     Q"):
         assert row in out.stdout
+    story = report["story"]  # what the main job shows, per seed: RL's lift and S's speed over Q
+    assert story["modes"] == ["S", "Q"] and list(story["rl_lift_points"]) == ["ebpo"]
+    lift = 100 * (report["rl"]["S"]["accuracy"] - report["sft"]["S"]["accuracy"])
+    assert story["rl_lift_points"]["ebpo"]["by_seed"]["0"] == pytest.approx(lift)
+    for row, stage in (("sft", "sft"), ("ebpo", "rl")):
+        q_tpf = report[stage]["Q"]["tpf"]
+        assert q_tpf == 0 or story["speed"][row]["tpf_ratio"]["mean"] == pytest.approx(report[stage]["S"]["tpf"] / q_tpf)
+    assert "EBPO lift of S accuracy over SFT, points: seed 0" in out.stdout and "S vs Q, EBPO: TPF" in out.stdout
     cost = report["likelihood_cost"]  # the vectorized terms equal the per-block loop's on the run's batch
     assert cost["completion_blocks"] >= 4 and cost["forwards"]["per_block_loop"] == 8
     assert cost["max_abs_term_diff"] < 1e-3 and cost["vectorized_s"] > 0
@@ -151,6 +159,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert set(report["rl_by_algorithm"]) == {"ebpo", "dipo"} and report["rl_run"]["algorithm"] == "dipo"
     assert report["seeds"] == [0, 1] and set(report["by_seed"]["0"]) == {"sft", "sft_longer", "ebpo", "dipo"}
     assert set(report["by_seed"]["1"]) == {"sft", "sft_longer", "dipo"}
+    assert set(report["story"]["rl_lift_points"]["dipo"]["by_seed"]) == {"0", "1"}  # only S decoded: no speed rows
+    assert report["story"]["rl_lift_points"]["dipo"]["n"] == 2
     assert _jsonl(tmp_path / "seed_1" / "sft_longer" / "metrics.jsonl")[-1]["step"] == 8
     assert [r["step"] for r in _jsonl(tmp_path / "seed_1" / "rl_dipo" / "metrics.jsonl")] == [1]
     for row, n in (("sft", 2), ("sft_longer", 2), ("dipo", 2), ("ebpo", 1)):

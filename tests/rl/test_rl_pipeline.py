@@ -111,3 +111,15 @@ def test_update_settings_the_step_cannot_honour_are_errors(data_dir):
         check(**{"rl.mini_batches": 2, "optim.accum_steps": 3})
     with pytest.raises(ConfigError, match=r"optim.expert_bias_rate: expected 0 for RL .*found 0.01"):
         check(**{"optim.expert_bias_rate": 0.01})
+
+
+def test_the_quickstart_rl_stage_drops_the_sft_expert_bias_balancing():
+    """configs/quickstart.py balances experts in SFT (trained from scratch); its RL stage runs the
+    RL step, which does not update the bias, so the stage config carries the section's rate (0)."""
+    from helpers import load_config
+
+    cfg = load_config("quickstart.py")
+    assert cfg.optim.expert_bias_rate > 0
+    stage = rl_loop.stage_config(cfg)
+    assert stage.optim.expert_bias_rate == 0.0 and stage.total_steps == cfg.rl_stage.steps
+    assert rl_loop.check_update_config(stage) == cfg.rl.prompts_per_step * cfg.rl.group_size
