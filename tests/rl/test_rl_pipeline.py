@@ -114,11 +114,12 @@ def test_update_settings_the_step_cannot_honour_are_errors(data_dir):
 
 
 def test_the_quickstart_rl_stage_drops_the_sft_expert_bias_balancing():
-    """configs/quickstart.py balances experts in SFT (trained from scratch); its RL stage runs the
-    RL step, which does not update the bias, so the stage config carries the section's rate (0)."""
+    """An SFT stage that balances experts (trained from scratch, as measured for the quickstart);
+    its RL stage runs the RL step, which does not update the bias, so the stage config carries the
+    section's rate (0)."""
     from helpers import load_config
 
-    cfg = load_config("quickstart.py")
+    cfg = load_config("quickstart.py", **{"optim.expert_bias_rate": 1e-3})
     assert cfg.optim.expert_bias_rate > 0
     stage = rl_loop.stage_config(cfg)
     assert stage.optim.expert_bias_rate == 0.0 and stage.total_steps == cfg.rl_stage.steps
