@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llada_jax import decode, launcher, rewards, train
+from llada_jax import launcher, train
 from llada_jax.evaluation import heldout
 
 FLAGS = flags.FLAGS
@@ -75,24 +75,23 @@ def main(argv):
     run = launcher.load(FLAGS.checkpoint or os.path.join(workdir, "checkpoints"))
     block = FLAGS.block_length or cfg.objective.block_size
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
-    prompts, metas = heldout.prompts_and_metas(examples, run.tokenizer, cfg.data.template)
+    prompts = heldout.prompts_and_metas(examples, run.tokenizer, cfg.data.template)[0]
     gen_length = max(cfg.data.seq_len - max(len(p) for p in prompts), 1)
     gen_length = -(-gen_length // block) * block
     report = {"checkpoint": FLAGS.checkpoint, "examples": len(examples), "block_length": block,
               "gen_length": gen_length, "runs": []}
     variants = [(m, None) for m in FLAGS.modes] + ([(m, 1.1) for m in FLAGS.modes] if FLAGS.without_editing else [])
     for mode, editing in variants:
-        out = decode.generate(run.params, run.config, prompts, gen_length=gen_length, block_length=block,
-                              preset=mode, editing_threshold=editing, record_trajectory=True,
-                              eos_id=run.tokenizer.eos_id, mask_id=run.tokenizer.mask_id)
-        texts = [heldout.completion_text(t, run.tokenizer) for t in out.tokens]
-        scores = np.asarray(rewards.score(texts, metas, "by_task")[0])
-        steps = np.asarray(out.steps)
-        row = {"mode": mode, "editing": editing is None,
-               "accuracy": round(float(np.mean(scores >= 1.0)), 4), "reward": round(float(np.mean(scores)), 4),
-               "tpf": round(float(np.sum(out.num_generated) / max(np.sum(out.forwards), 1)), 3),
-               "forwards_per_sample": round(float(np.mean(out.forwards)), 2),
-               "denoising_steps_per_block": round(float(steps.mean()) / (gen_length // block), 2)}
+        kw = {} if editing is None else {"editing_threshold": editing}
+        r = heldout.evaluate(run.params, run.config, run.tokenizer, examples, mode=mode, gen_length=gen_length,
+                             block_length=block, batch_size=len(examples), template=cfg.data.template,
+                             return_outputs=True, record_trajectory=True, eos_id=run.tokenizer.eos_id,
+                             mask_id=run.tokenizer.mask_id, **kw)
+        out = r["outputs"][0]  # one batch
+        row = {"mode": mode, "editing": editing is None, "accuracy": round(r["accuracy"], 4),
+               "reward": round(r["reward"], 4), "tpf": round(r["tpf"], 3),
+               "forwards_per_sample": round(r["forwards_per_sample"], 2),
+               "denoising_steps_per_block": round(float(np.mean(out.steps)) / (gen_length // block), 2)}
         row.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in block_steps(
             np.asarray(out.trajectory.write_step), np.asarray(out.trajectory.prompt_lengths), gen_length,
             block).items()})

@@ -57,11 +57,11 @@ def _cpu_and_wall(fn, *args, repeats: int):
 def quickstart_moe(repeats: int) -> dict:
     """The quickstart config's SFT step and decoding forwards under each MoE back end, same weights."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import quickstart  # configs/quickstart.py
+    from common import quickstart_config  # configs/common.py
 
     from llada_jax.train import objectives, trainer
 
-    cfg = quickstart.get_config()
+    cfg = quickstart_config()
     length, prompt = cfg.data.seq_len, cfg.data.seq_len // 2
     tokens = jax.random.randint(jax.random.key(1), (cfg.data.batch_size, length), 0, 500)
     batch = {"tokens": tokens, "loss_mask": jnp.arange(length)[None, :].repeat(cfg.data.batch_size, 0) >= prompt}

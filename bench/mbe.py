@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -93,12 +94,7 @@ def study(cfg, workdir: str) -> dict:
                 "batch_size": cfg.data.batch_size, "eval_examples": len(examples), "mbe_window": FLAGS.mbe_window,
                 "mbe_select": FLAGS.mbe_select, "modes": list(FLAGS.modes)}
     path = os.path.join(workdir, "mbe_study.json")
-    report = {"settings": settings, "by_seed": {}, "seconds": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if json.loads(json.dumps(settings)) == previous["settings"]:  # same study: keep its seeds
-            report = previous
+    report = same_study(path, settings) or {"settings": settings, "by_seed": {}, "seconds": {}}  # keep its seeds
     for seed in (int(s) for s in FLAGS.seeds):
         if str(seed) in report["by_seed"]:  # done by an earlier command of this study
             continue
@@ -133,15 +129,22 @@ def study(cfg, workdir: str) -> dict:
     return report
 
 
+def same_study(path: str, settings: dict) -> Optional[dict]:
+    """The report in `path` if it is one of a study with these `settings` (compared as JSON), else None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        previous = json.load(f)
+    return previous if previous["settings"] == json.loads(json.dumps(settings)) else None
+
+
 def write_report(path: str, report: dict) -> dict:
     """Writes `report` with the seeds of the same study found in `path` merged in (commands for
     different seeds may run side by side in one workdir) and returns what it wrote."""
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous["settings"] == json.loads(json.dumps(report["settings"])):
-            for key in ("by_seed", "seconds"):
-                report[key] = {**previous[key], **report[key]}
+    previous = same_study(path, report["settings"])
+    if previous is not None:
+        for key in ("by_seed", "seconds"):
+            report[key] = {**previous[key], **report[key]}
     report["summary"] = mbe_study.summarize(report["by_seed"])
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

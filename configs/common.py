@@ -1,6 +1,8 @@
 """Defaults shared by every run config (big_vision style: configs are Python, `get_config(arg)`)."""
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -199,3 +201,13 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.eval_examples = 256
     c.eval_modes = ("S", "Q")
     return c
+
+
+def quickstart_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """configs/quickstart.py's `get_config(arg)`, loaded by path: `import quickstart` could find
+    launch/quickstart.py when a program runs from launch/."""
+    spec = importlib.util.spec_from_file_location("_quickstart_config",
+                                                  os.path.join(os.path.dirname(__file__), "quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

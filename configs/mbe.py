@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config, parse_arg  # noqa: E402
+from common import parse_arg, quickstart_config  # noqa: E402
 
 from llada_jax.evaluation.mbe_study import mbe_schedule  # noqa: E402
 
@@ -44,35 +44,19 @@ def get_config(arg=None):
     if a.rows_per_block not in (1, 2, 4):
         raise ValueError(f"rows_per_block: expected 1, 2 or 4 (a divisor of the grid's {GRID_ROWS} rows), "
                          f"found {a.rows_per_block}")
-    c = base_config()
+    # The quickstart's compact Sudoku with its model, data sizes, noise range and optimizer (the
+    # tiny preset, dense MoE and the dense attention oracle on CPU), SFT only.
+    c = quickstart_config("task=sudoku4x4")
+    del c["rl"], c["rl_stage"]
     c.total_steps = a.steps
     # Every 50 steps, all kept: bench/mbe.py --study starts the MBE-SFT run from the plain run's
     # checkpoint at step steps - mbe_steps.
     c.checkpoint_every = 50
     c.keep_checkpoints = a.steps // 50 + 1
-    c.log_every = 50
-    # The quickstart's model settings: the tiny preset, dense MoE and the dense attention oracle on CPU.
-    c.model.preset = "tiny"
-    c.model.overrides.moe_impl = "dense"
-    c.model.overrides.attention_impl = "xla"
-    c.model.overrides.rope_theta = 10000.0
-    c.model.overrides.partial_rotary_factor = 1.0
-    c.data.task = "sudoku4x4"
-    c.data.task_config.compact = True
-    c.data.template = "plain"
-    c.data.num_train = 20000
-    c.data.num_test = 500
-    c.data.batch_size = 64
-    c.data.seq_len = PROMPT_TOKENS + GRID_ROWS * ROW_TOKENS  # 32: the answer fills its 4 rows, no EOS
+    if c.data.seq_len != PROMPT_TOKENS + GRID_ROWS * ROW_TOKENS:  # 32: the answer fills its 4 rows, no EOS
+        raise ValueError(f"data.seq_len: expected {PROMPT_TOKENS + GRID_ROWS * ROW_TOKENS} (a 16-token puzzle and "
+                         f"its 4 rows), found {c.data.seq_len} in configs/quickstart.py:task=sudoku4x4")
     c.objective.block_size = a.rows_per_block * ROW_TOKENS
     if a.mbe_steps:
         c.objective.mbe_window_schedule = mbe_schedule(a.steps, a.mbe_steps)
-    # As configs/quickstart.py: decoding starts from a fully masked answer; one noised copy per example.
-    c.objective.t_min = 0.1
-    c.objective.t_max = 0.95
-    c.objective.complementary = False
-    c.optim.lr = 3e-3
-    c.optim.warmup_frac = 0.03
-    c.optim.min_lr_ratio = 0.1
-    c.optim.weight_decay = 0.01
     return c

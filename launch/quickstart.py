@@ -148,12 +148,6 @@ def with_seed(cfg, seed: int, **fields):
     return out
 
 
-def spread(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
-
-
 def summarize(by_seed: dict) -> dict:
     """Per row (SFT, SFT+, each RL algorithm) and mode: mean, std, min and max over the seeds
     that have it."""
@@ -165,7 +159,7 @@ def summarize(by_seed: dict) -> dict:
                     cell = rows.setdefault(row, {}).setdefault(mode, {})
                     for k in ("accuracy", "reward", "tpf"):
                         cell.setdefault(k, []).append(m[k])
-    return {row: {mode: {k: spread(v) for k, v in cell.items()} for mode, cell in by_mode.items()}
+    return {row: {mode: {k: heldout.spread(v) for k, v in cell.items()} for mode, cell in by_mode.items()}
             for row, by_mode in rows.items()}
 
 
@@ -187,9 +181,9 @@ def story(by_seed: dict, fast: str = "S", careful: Optional[str] = "Q") -> dict:
             if row in rl_loop.INNER_UPDATES and fast in by_mode and fast in sft:
                 lift.setdefault(row, {})[seed] = 100.0 * (by_mode[fast]["accuracy"] - sft[fast]["accuracy"])
     out = {"modes": [fast, careful] if careful is not None else [fast],
-           "rl_lift_points": {a: dict(by_seed=v, **spread(list(v.values()))) for a, v in lift.items()},
-           "speed": {row: {"by_seed": v, "tpf_ratio": spread([x["tpf_ratio"] for x in v.values()]),
-                           "accuracy_cost_points": spread([x["accuracy_cost_points"] for x in v.values()])}
+           "rl_lift_points": {a: dict(by_seed=v, **heldout.spread(list(v.values()))) for a, v in lift.items()},
+           "speed": {row: {"by_seed": v, "tpf_ratio": heldout.spread([x["tpf_ratio"] for x in v.values()]),
+                           "accuracy_cost_points": heldout.spread([x["accuracy_cost_points"] for x in v.values()])}
                      for row, v in speed.items()}}
     return out
 

@@ -82,14 +82,16 @@ def generate_everywhere(params, model_config: ModelConfig, prompts: Sequence[Seq
 def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Mapping[str, Any]], *,
              mode: str = "S", gen_length: int = 16, block_length: int = 16, batch_size: int = 64,
              reward: str = "by_task", template: str = "chat", rng: Optional[Any] = None, mesh=None,
-             **generate_kw) -> dict:
-    """Decodes every example's prompt in `mode` and scores it. Returns accuracy, reward, TPF, counts.
+             return_outputs: bool = False, **generate_kw) -> dict:
+    """Decodes every example's prompt in `mode` and scores it. Returns accuracy, reward, TPF, counts;
+    with `return_outputs` also `outputs`, each batch's `decode.GenerateOutput` in order (what a
+    study reads beyond the metrics: tokens, MBE forwards, the trajectory with `record_trajectory`).
 
     With `mesh` (`params` as sharded there), batches are decoded across the mesh and its
     processes (`generate_everywhere`); every process passes the same examples and gets the
     same metrics back."""
     prompts, metas = prompts_and_metas(examples, tokenizer, template)
-    scores, tpf, forwards, generated = [], [], [], []
+    scores, tpf, forwards, generated, outputs = [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         kw = dict(gen_length=gen_length, block_length=block_length, preset=mode, rng=rng, **generate_kw)
@@ -103,9 +105,11 @@ def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Ma
         forwards.append(np.asarray(out.forwards))
         generated.append(np.asarray(out.num_generated))
         tpf.append(np.asarray(out.tpf))
+        if return_outputs:
+            outputs.append(out)
     scores = np.concatenate(scores)
     forwards, generated = np.concatenate(forwards), np.concatenate(generated)
-    return {
+    return {**({"outputs": outputs} if return_outputs else {}),
         "mode": mode,
         "n": int(len(scores)),
         "accuracy": float(np.mean(scores >= 1.0)),
@@ -114,3 +118,11 @@ def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Ma
         "forwards_per_sample": float(forwards.mean()),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def spread(values: Sequence[float]) -> dict:
+    """A metric over training seeds (or any repeats): mean, std (ddof 1; 0 for a single value),
+    min, max and count."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}

@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from llada_jax import decode, rewards
+from llada_jax import decode
 from llada_jax.evaluation import heldout
 from llada_jax.model.config import ModelConfig
 
@@ -68,27 +68,18 @@ def decode_variant(params, config: ModelConfig, tokenizer, examples: Sequence[Ma
                    mbe_window: int, block_length: int, gen_length: int, template: str,
                    batch_size: int = 256, **generate_kw) -> tuple[dict, list[list[int]]]:
     """Greedy decoding of every example's prompt in `mode` with `mbe_window` (0: off), scored with
-    the task's reward. Returns the metrics (`METRICS` but `answers_changed_by_mbe`) and the tokens."""
-    prompts, metas = heldout.prompts_and_metas(examples, tokenizer, template)
-    scores, forwards, generated, edits, mbe_forwards, tokens = [], [], [], [], [], []
-    for i in range(0, len(prompts), batch_size):
-        out = decode.generate(params, config, prompts[i:i + batch_size], gen_length=gen_length,
-                              block_length=block_length, preset=mode, mbe_window=mbe_window,
-                              eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id, record_trajectory=True,
-                              **generate_kw)
-        texts = [heldout.completion_text(t, tokenizer) for t in out.tokens]
-        r, _ = rewards.score(texts, metas[i:i + batch_size], "by_task")
-        scores.append(np.asarray(r))
-        forwards.append(np.asarray(out.forwards))
-        generated.append(np.asarray(out.num_generated))
-        edits.append(edits_per_row(out.trajectory, [len(t) for t in out.tokens]))
-        mbe_forwards.append(np.asarray(out.mbe_forwards))
-        tokens += [list(t) for t in out.tokens]
-    scores, forwards, generated = np.concatenate(scores), np.concatenate(forwards), np.concatenate(generated)
-    return {"accuracy": float(np.mean(scores >= 1.0)), "reward": float(np.mean(scores)),
-            "tpf": float(generated.sum() / max(forwards.sum(), 1)),
-            "edits_per_sample": float(np.concatenate(edits).mean()),
-            "mbe_forwards_per_sample": float(np.concatenate(mbe_forwards).mean()), "n": int(len(scores))}, tokens
+    the task's reward (`heldout.evaluate`). Returns the metrics (`METRICS` but
+    `answers_changed_by_mbe`) and the tokens."""
+    r = heldout.evaluate(params, config, tokenizer, examples, mode=mode, gen_length=gen_length,
+                         block_length=block_length, batch_size=batch_size, template=template, return_outputs=True,
+                         mbe_window=mbe_window, eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
+                         record_trajectory=True, **generate_kw)
+    outs = r["outputs"]
+    edits = np.concatenate([edits_per_row(o.trajectory, [len(t) for t in o.tokens]) for o in outs])
+    mbe_forwards = np.concatenate([np.asarray(o.mbe_forwards) for o in outs])
+    return {"accuracy": r["accuracy"], "reward": r["reward"], "tpf": r["tpf"],
+            "edits_per_sample": float(edits.mean()), "mbe_forwards_per_sample": float(mbe_forwards.mean()),
+            "n": r["n"]}, [list(t) for o in outs for t in o.tokens]
 
 
 def run_variants(models: Mapping[str, Any], config: ModelConfig, tokenizer, examples, *, modes: Sequence[str],
@@ -110,13 +101,6 @@ def run_variants(models: Mapping[str, Any], config: ModelConfig, tokenizer, exam
     return {v.name: out[v.name] for v in VARIANTS if v.name in out}
 
 
-def spread(values: Sequence[float]) -> dict:
-    """Mean, std (ddof 1; 0 for a single value), min, max and count."""
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
-
-
 def summarize(by_seed: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> dict:
     """`{seed: {variant: {mode: {metric: value}}}}` -> `{variant: {mode: {metric: spread}}}` over
     the seeds that have each cell, variants in `VARIANTS` order."""
@@ -128,7 +112,8 @@ def summarize(by_seed: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float
                     if k in metrics:
                         cells.setdefault(variant, {}).setdefault(mode, {}).setdefault(k, []).append(metrics[k])
     order = [v.name for v in VARIANTS]
-    return {variant: {mode: {k: spread(v) for k, v in by_metric.items()} for mode, by_metric in cells[variant].items()}
+    return {variant: {mode: {k: heldout.spread(v) for k, v in by_metric.items()}
+                      for mode, by_metric in cells[variant].items()}
             for variant in sorted(cells, key=lambda n: order.index(n) if n in order else len(order))}
 
 
