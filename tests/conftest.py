@@ -8,9 +8,10 @@ from helpers import xla_flags  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # A persistent compilation cache shared by the test processes and the launchers they start:
-# identical programs (e.g. the runs of the resume test) compile once.
+# identical programs (e.g. the runs of the resume test) compile once, the small ones too (a cache
+# read costs less than the shortest XLA:CPU compile; tests/helpers.py says what this saves).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llada_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # With libtpu installed (the test extra, for tests/test_aot.py), JAX tries its TPU plugin at start-up:
 # let parallel test processes load it at once (no TPU is opened) and skip the GCE metadata query.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
