@@ -25,6 +25,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "llada2_tiny")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`heavy` tests first, the rest in their order: xdist deals the first tests out round-robin, so
+    the longest runs start at once on both workers instead of one of them ending the run alone.
+    Only tests without module-scoped fixtures are marked (moving one would set its module's
+    fixtures up twice)."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: ties keep order
+
+
 @pytest.fixture(scope="session")
 def fixture_dir():
     if not os.path.isdir(FIXTURE_DIR):

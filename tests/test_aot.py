@@ -129,6 +129,7 @@ def test_compile_reports_a_job_that_does_not_fit_readably(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.heavy
 def test_sft_config_resolves_splash_and_expert_parallel_on_its_tpu_mesh():
     """configs/sft.py with nothing about back ends or the mesh passed: "auto" resolves for the TPU
     (splash, expert_parallel on the config's expert axis), the mesh is the config's (fsdp=-1 x

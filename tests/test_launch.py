@@ -110,6 +110,7 @@ def test_generate_reports_a_bad_prompts_file(fixture_dir, task_tokenizer, tmp_pa
     assert out.returncode != 0 and f"{bad}:2: not JSON" in out.stderr
 
 
+@pytest.mark.heavy
 def test_quickstart_runs_end_to_end(tmp_path):
     """The README's main command, shortened: SFT, evaluation, RL, evaluation, the table and the report."""
     out = _run("launch/quickstart.py", f"--workdir={tmp_path}", "--config.total_steps=6", "--config.log_every=3",

@@ -19,6 +19,7 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 3
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     # the kernel inherits this environment: one CPU device, this checkout's package

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import ROOT, load_config, xla_flags
 from llada_jax import model, train
@@ -36,6 +37,7 @@ def _rows(workdir):
     return [{k: v for k, v in r.items() if not k.startswith(rl_loop.TIME_PREFIX)} for r in train.read_metrics(str(workdir))]
 
 
+@pytest.mark.heavy
 def test_rl_with_lora_takes_steps_and_resumes_exactly_after_sigkill(tmp_path):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "user_reward.py").write_text(REWARD)

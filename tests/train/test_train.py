@@ -539,6 +539,7 @@ def _skewed_router_run(tiny_hf, rate, steps):
     return np.asarray(imbalance), params["moe_layers"]["moe"]["expert_bias"], state.params["moe_layers"]["moe"]["expert_bias"]
 
 
+@pytest.mark.heavy
 def test_expert_bias_update_balances_a_skewed_router(tiny_hf):
     imbalance, before, after = _skewed_router_run(tiny_hf, rate=1e-2, steps=300)
     first, last = imbalance[:10].mean(), imbalance[-50:].mean()
@@ -589,6 +590,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.heavy
 def test_cpt_block_schedule_compiles_each_size_once_and_resumes_exactly(tmp_path):
     """Block sizes 8, 32 (MDLM), 8 over 6 steps: one compiled step per size however often the
     schedule returns to it, the step's size logged, and a run killed after the first step of the
