@@ -54,6 +54,7 @@ def _config(stage: str, rank: int):
     else:
         cfg.total_steps = FLAGS.sft_steps
         cfg.checkpoint_every = FLAGS.sft_steps
+        cfg.log_every = 1  # the step-1 log marks the end of the first call (compilation) for step_s
         cfg.optim.warmup_frac = 0.0
     cfg.lora.rank = rank
     if rank:

@@ -17,7 +17,7 @@ The defaults are plans for this hardware with no overrides (README "Memory plans
                    moe_impl=expert_parallel routing per device, no expert axis)
   size=mini,lora   LoRA rank 8 on every projection, the base frozen in bf16 (lora.base_dtype),
                    L = 4096, global batch 8, v5e-8 (8 chips x 16 GB: fsdp=8, expert_parallel
-                   routing per device, no expert axis); compiled as overrides of size=mini
+                   routing per device, no expert axis); compiled as is
                    (bench/plans/lora.jsonl): 13.4 GiB per chip of 15.75
 
 The fitting plan they carry: full remat, the chunked lm_head + log-prob (always on,
