@@ -1,7 +1,7 @@
 r"""Chat SFT with one conversation per padded row against packed rows, printed as one JSON object.
 
   python bench/pack.py                              # small preset, L = 4096, block 32, 3 steps each
-  python bench/pack.py --seq_len=1024 --steps=2     # what fits a 23 GB CPU host (see below)
+  python bench/pack.py --preset=tiny --seq_len=1024 --steps=2   # a quick look
 
 A synthetic chat JSONL (multi-turn conversations whose rendered lengths follow a lognormal,
 median --median tokens, sigma --sigma, at most --seq_len tokens) is read with the user-data
@@ -16,13 +16,15 @@ the target is >= 0.95 packed), and the SFT step (`train.make_train_step`: the co
 loss, AdamW) of the `small` preset timed on --steps batches of --batch rows, as real tokens per
 second. Both modes run the same compiled step (same shapes), one after the other. The preset's
 vocabulary is cut to the locally built task tokenizer's (512 ids, its mask / EOS ids), so the
-benchmark needs no download; `attention_impl=blocked` (the CPU choice of `auto`).
+benchmark needs no download. The attention kernel and the MoE back end are configs/sft.py's
+"auto", resolved for the device the step runs on (`model.backends`; on CPU: blocked attention,
+dense MoE), unless --attention_impl / --moe_impl name one.
 
 On CPU only ratios measured side by side in one run are meaningful. Memory: at L = 4096 (a
-composite input of 8192 positions, two rows with complementary masking) XLA:CPU asks for 39.6 GB
-of temporaries with `--remat=none` and 31.3 GB with `--remat=full` (measured 2026-12-06), so on a
-23 GB host the step runs at --seq_len=1024; the data-side figures (real-token fractions) are
-logged before the step is compiled and stand on their own.
+composite input of 8192 positions, two rows with complementary masking) and --remat=full, XLA:CPU
+asks for 8.0 GB of temporaries with the dense MoE and 6.5 GB with `tiled`, but 31.3 GB with the
+preset's own `ragged` (XLA:CPU lowers `ragged_dot` to a masked dense dot over every expert: 64
+here), the figure that once kept this step off a 23 GB host.
 """
 
 import json
@@ -42,6 +44,7 @@ from common import base_config  # noqa: E402
 
 from llada_jax import data, train  # noqa: E402
 from llada_jax.data.tokenizer import build_task_tokenizer  # noqa: E402
+from llada_jax.model import backends  # noqa: E402
 from llada_jax.model.config import get_config  # noqa: E402
 from llada_jax.parallel import sharding  # noqa: E402
 
@@ -57,8 +60,10 @@ flags.DEFINE_integer("packing_bins", 64, "Open rows of the packer (data.packing_
 flags.DEFINE_integer("batch", 1, "Rows per timed step.")
 flags.DEFINE_integer("steps", 3, "Timed steps per mode (after one compile / warm-up step).")
 flags.DEFINE_integer("seed", 0, "Data seed.")
-flags.DEFINE_string("remat", "full", "remat_policy of the timed step (`none` asked XLA:CPU for 39.6 GB of "
-                    "temporaries at L = 4096, `full` for 31.3 GB).")
+flags.DEFINE_string("remat", "full", "remat_policy of the timed step.")
+flags.DEFINE_string("attention_impl", "auto", "Attention kernel of the timed step (`auto`: the device's choice).")
+flags.DEFINE_string("moe_impl", "auto", "MoE back end of the timed step (`auto`: the device's choice; the "
+                    "preset's `ragged` densifies on XLA:CPU, see the docstring).")
 
 _WORDS = ("12+34", "=46", "7*8", "(3-1)", "sum", "of", "the", "and", "99", "0,", "1", "x=", "4/2")
 
@@ -104,19 +109,22 @@ def main(argv):
              "packed": data.packed_sft_dataset(examples, tok, packing_bins=FLAGS.packing_bins, **common)}
 
     config = get_config(FLAGS.preset, vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                        pad_token_id=tok.pad_id, attention_impl="blocked", remat_policy=FLAGS.remat)
+                        pad_token_id=tok.pad_id, attention_impl=FLAGS.attention_impl, moe_impl=FLAGS.moe_impl,
+                        remat_policy=FLAGS.remat)
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    config = backends.resolve(config, mesh)  # what launcher.setup does for configs/sft.py
     cfg = base_config()
     cfg.total_steps = 1000
     obj = train.build_objective(cfg, config, extra_special_ids=tok.special_ids).replace(block_size=FLAGS.block)
     tx = train.make_optimizer(cfg)
-    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     shardings = train.state_shardings(config, tx, mesh)
     state = train.init_state(config, tx, mesh, jax.random.key(0), shardings)
     step_fn = None
 
     out = {"device": jax.devices()[0].device_kind, "platform": platform.machine(), "preset": FLAGS.preset,
            "params": config.param_counts()["total"], "vocab_size": config.vocab_size, "seq_len": FLAGS.seq_len,
-           "block": FLAGS.block, "batch": FLAGS.batch, "packing_bins": FLAGS.packing_bins,
+           "block": FLAGS.block, "batch": FLAGS.batch, "remat": FLAGS.remat,
+           "attention_impl": config.attention_impl, "moe_impl": config.moe_impl, "packing_bins": FLAGS.packing_bins,
            "conversations": {"count": int(lengths.size), "median_tokens": int(np.median(lengths)),
                              "mean_tokens": round(float(lengths.mean()), 1),
                              "p90_tokens": int(np.percentile(lengths, 90)), "max_tokens": int(lengths.max())}}
@@ -148,12 +156,19 @@ def main(argv):
                 t0 = time.perf_counter()
                 state, metrics = jax.block_until_ready(step_fn(state, b, jax.random.key(1)))
                 times.append(time.perf_counter() - t0)
+        # Over the timed rows only (a few: their real counts vary more than the fraction's 64 rows),
+        # and at the mode's real-token fraction (every step runs the same program on the same shapes,
+        # so a row's time does not depend on what it holds).
         out[name].update({"step_s": [round(t, 2) for t in times],
                           "real_tokens_per_s": round(real_timed / sum(times), 1),
+                          "real_tokens_per_s_at_fraction": round(
+                              out[name]["real_token_fraction"] * FLAGS.batch * FLAGS.seq_len / np.mean(times), 1),
                           "loss_last_step": round(float(metrics["loss"]), 4)})
     out["packed_over_padded"] = {
         "real_token_fraction": round(out["packed"]["real_token_fraction"] / out["padded"]["real_token_fraction"], 2),
-        "real_tokens_per_s": round(out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"], 2)}
+        "real_tokens_per_s": round(out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"], 2),
+        "real_tokens_per_s_at_fraction": round(out["packed"]["real_tokens_per_s_at_fraction"]
+                                               / out["padded"]["real_tokens_per_s_at_fraction"], 2)}
     print(json.dumps(out, indent=2))
 
 
