@@ -156,7 +156,8 @@ def rl_config(algorithm: str = "ebpo") -> ml_collections.ConfigDict:
     c.preset = "S"  # decoding preset of the rollouts (decoding.PRESETS)
     c.temperature = 1.0  # rollout sampling temperature (0 = greedy)
     # Compute dtype of the rollouts' decoding (activations, KV cache): None = the model's
-    # (`model.overrides.dtype`); "bfloat16" decodes as a bf16 release is served.
+    # (`model.overrides.dtype`); "bfloat16" decodes as a bf16 release is served. Where it is not the
+    # params' dtype, the rollouts decode a copy of θ cast to it once per step (router kept fp32).
     c.rollout_dtype = config_dict.placeholder(str)
     # "groups": decode.rollouts (each prompt prefilled once for its G rows, the batch shrinking as
     # rows finish, rewards scored as they do); "generate": the static batch of decode.generate.

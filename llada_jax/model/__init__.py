@@ -10,15 +10,16 @@ The pure functions are re-exported here: `from llada_jax import model; model.for
 
 from llada_jax.model import masks
 from llada_jax.model.config import PRESETS, ConfigError, ModelConfig, get_config
-from llada_jax.model.transformer import (Attention, DecoderLayer, MLP, MoE, RMSNorm, Transformer, abstract_params,
-                                         as_mask, forward, forward_cached, forward_with_router, hidden_states,
-                                         hidden_states_with_router, init_cache, init_params, init_sharded,
-                                         logits_from_hidden, output_stats, rope)
+from llada_jax.model.transformer import (FP32_PARAMS, Attention, DecoderLayer, MLP, MoE, RMSNorm, Transformer,
+                                         abstract_params, as_mask, compute_params, forward, forward_cached,
+                                         forward_with_router, hidden_states, hidden_states_with_router, init_cache,
+                                         init_params, init_sharded, logits_from_hidden, output_stats, rope)
 from llada_jax.model.moe import EXPERT_IMPLS, experts_dense, experts_ragged, experts_tiled, route
 
 __all__ = [
-    "Attention", "ConfigError", "DecoderLayer", "EXPERT_IMPLS", "MLP", "MoE", "ModelConfig", "PRESETS", "RMSNorm",
-    "Transformer", "abstract_params", "as_mask", "experts_dense", "experts_ragged", "experts_tiled", "forward", "forward_cached",
-    "forward_with_router", "get_config", "hidden_states", "hidden_states_with_router", "init_cache", "init_params",
-    "init_sharded", "logits_from_hidden", "masks", "output_stats", "rope", "route",
+    "Attention", "ConfigError", "DecoderLayer", "EXPERT_IMPLS", "FP32_PARAMS", "MLP", "MoE", "ModelConfig", "PRESETS",
+    "RMSNorm", "Transformer", "abstract_params", "as_mask", "compute_params", "experts_dense", "experts_ragged",
+    "experts_tiled", "forward", "forward_cached", "forward_with_router", "get_config", "hidden_states",
+    "hidden_states_with_router", "init_cache", "init_params", "init_sharded", "logits_from_hidden", "masks",
+    "output_stats", "rope", "route",
 ]

@@ -144,7 +144,9 @@ def _leaf_shapes(config: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
 
 
 def _fp32_leaf(leaf: tuple) -> bool:
-    return leaf[-1] in ("router", "expert_bias")  # router is fp32 throughout (REFERENCE §1)
+    from llada_jax.model.transformer import FP32_PARAMS
+
+    return leaf[-1] in FP32_PARAMS  # router is fp32 throughout (REFERENCE §1)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -371,6 +371,29 @@ def abstract_params(config: ModelConfig):
     return jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
 
 
+# Parameters every forward uses in fp32 whatever the compute dtype: the router and its balancing
+# bias (REFERENCE §1). Every other weight is cast to the compute dtype where it is used.
+FP32_PARAMS = ("router", "expert_bias")
+
+
+def compute_params(params, dtype):
+    """A copy of `params` for a forward that computes in `dtype` (e.g. the bf16 rollouts of fp32
+    training): every floating leaf cast to `dtype` except `FP32_PARAMS`. Every other weight is cast
+    to the compute dtype where a forward reads it, so a forward of the copy under a config whose
+    `dtype` is `dtype` equals that forward of `params` bit for bit, holding and reading half the
+    bytes (bf16 from fp32) and casting nothing per forward. Jit it with the params' shardings to
+    make the copy in place on a mesh (elementwise: each shard casts its own rows)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", None)
+        if name in FP32_PARAMS or not jnp.issubdtype(x.dtype, jnp.floating) or isinstance(x, QArray):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params, is_leaf=lambda x: isinstance(x, QArray))
+
+
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
     """An empty KV cache for `length` positions: {"dense"|"moe": {"k", "v": [L, B, S, K, H]}}."""
     dtype = jnp.dtype(dtype or config.dtype)

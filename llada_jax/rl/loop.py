@@ -418,6 +418,16 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         """The params that decode: the state's, or the base with the adapters merged."""
         return merge(adapters.base, state.params) if adapters else state.params
 
+    # The rollouts' copy of θ in their compute dtype (rl.rollout_dtype, else the model's `dtype`),
+    # made once per step where the params are held in another (bf16 compute of fp32 params): the
+    # same tokens as decoding the params as they are (every weight but the router's is cast where it
+    # is used), at half the bytes held and read. In place on the run's mesh (an elementwise cast of
+    # each shard): the decode layout is the training one.
+    rollout_dtype = r.get("rollout_dtype") or model_config.dtype
+    rollout_copy = None
+    if jnp.dtype(rollout_dtype) != jnp.dtype(model_config.param_dtype):
+        rollout_copy = jax.jit(functools.partial(model.compute_params, dtype=rollout_dtype))
+
     eval_examples = [] if r.eval_every <= 0 else (
         _file_examples(r.eval_file, "auto", "rl.eval_file")
         if r.eval_file else list(train.open_examples(cfg, workdir, r.eval_split)))[:r.eval_examples]
@@ -452,7 +462,8 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
         # Rows are scored as they finish decoding, in the reward threads beside the decode.
         scorer = rewards.Scorer(metas, reward, workers=r.reward_workers, timeout_s=r.reward_timeout_s)
         t = time.perf_counter()
-        out = rollout(params, model_config, prompts, cfg, jax.random.fold_in(rollout_key, s), mesh,
+        out = rollout(rollout_copy(params) if rollout_copy else params, model_config, prompts, cfg,
+                      jax.random.fold_in(rollout_key, s), mesh,
                       on_finish=lambda row, tokens: scorer.add(row, heldout.completion_text(tokens, tokenizer)))
         decode_s = time.perf_counter() - t
         block = cfg.objective.block_size

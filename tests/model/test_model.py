@@ -181,6 +181,36 @@ def test_bf16_compute_tracks_fp32(tiny_hf, fwd):
     assert np.isfinite(out).all()
 
 
+def test_a_compute_dtype_copy_of_the_params_changes_nothing_but_bytes(tiny_hf, fwd):
+    """`compute_params(params, bf16)`: the router and its bias stay fp32, every other weight is bf16,
+    and under a bf16-compute config the copy's forward, cached forward and sampled decode equal the
+    fp32 params' bit for bit (every other weight is cast to the compute dtype where it is read)."""
+    from llada_jax import decode
+
+    config, params = tiny_hf
+    bf = config.replace(dtype="bfloat16")
+    copy = jax.jit(lambda p: model.compute_params(p, "bfloat16"))(params)
+    leaves = jax.tree_util.tree_leaves_with_path(copy)
+    kept = {jax.tree_util.keystr(k) for k, v in leaves if v.dtype == jnp.float32}
+    assert kept and all(k.endswith(("['router']", "['expert_bias']")) for k in kept)
+    assert all(v.dtype == jnp.bfloat16 for k, v in leaves if jax.tree_util.keystr(k) not in kept)
+    full = sum(v.nbytes for v in jax.tree_util.tree_leaves(params))
+    assert sum(v.nbytes for _, v in leaves) < 0.55 * full
+    tokens = jnp.asarray(fwd["ids_blockcausal"])
+    mask = masks.block_causal(64, 16)
+    np.testing.assert_array_equal(model.forward(copy, bf, tokens, mask=mask), model.forward(params, bf, tokens, mask=mask))
+    cache = model.init_cache(bf, 2, 64)
+    pos, index = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.zeros((2,), jnp.int32)
+    got = model.forward_cached(copy, bf, tokens[:, :16], pos, mask[None, :16], cache, index)
+    want = model.forward_cached(params, bf, tokens[:, :16], pos, mask[None, :16], cache, index)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    kw = dict(gen_length=32, block_length=16, preset="S", temperature=1.0, rng=jax.random.key(3), eos_early_stop=True)
+    ids = np.random.default_rng(0).integers(0, config.mask_token_id, size=16).tolist()
+    prompts = [ids, ids[:7]]
+    a, b = decode.generate(copy, bf, prompts, **kw), decode.generate(params, bf, prompts, **kw)
+    assert a.tokens == b.tokens and np.array_equal(a.forwards, b.forwards)
+
+
 def test_init_param_dtype_and_router_stays_fp32():
     config = get_config("tiny", param_dtype="bfloat16")
     params = model.init_params(config, jax.random.key(0))

@@ -9,6 +9,7 @@ import threading
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -272,6 +273,37 @@ def test_prompt_rows_from_chat_jsonl_and_when_nothing_fits(data_dir, tmp_path):
     cfg.data.seq_len, cfg.rl.gen_length = 20, 18
     with pytest.raises(ConfigError, match=r"data.seq_len: .* every one of the 2 prompts longer than 2 tokens"):
         rl_loop.prompt_rows(cfg, str(tmp_path), tokenizer)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides,want", [
+    ({}, None),  # fp32 compute of fp32 params: the params as they are
+    ({"rl.rollout_dtype": "bfloat16"}, "bfloat16"),
+    ({"model.overrides.dtype": "bfloat16"}, "bfloat16"),  # mixed precision: the model's compute dtype
+])
+def test_rollouts_decode_a_copy_of_theta_in_their_compute_dtype(data_dir, tmp_path, monkeypatch, overrides, want):
+    """Where the rollouts compute in another dtype than the params are held in, `run_rl` hands
+    them a copy cast once per step (`model.compute_params`: router fp32, the rest bf16); else the
+    state's params themselves."""
+    seen = []
+
+    def rollout(params, model_config, prompts, cfg, key, mesh=None, on_finish=None):
+        seen.append({jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(params)})
+        raise _Stop
+
+    monkeypatch.setattr(rl_loop, "rollout", rollout)
+    with pytest.raises(_Stop):
+        run(rl_config(data_dir, **overrides), tmp_path / "run", reward_fn=digit_fraction)
+    (dtypes,) = seen
+    fp32 = {k for k, d in dtypes.items() if d == jnp.float32}
+    if want is None:
+        assert fp32 == set(dtypes)
+    else:
+        assert fp32 and all(k.endswith(("['router']", "['expert_bias']")) for k in fp32)
+        assert {d for k, d in dtypes.items() if k not in fp32} == {jnp.dtype(want)}
 
 
 def test_rollouts_decode_in_rl_rollout_dtype(data_dir, monkeypatch):
