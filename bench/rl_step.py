@@ -27,8 +27,11 @@ completion's program run in the sandbox (`rewards.sandbox`), `--slow_share` of t
 `--slow_s` seconds (a slow test suite), chosen by a hash of the completion.
 
 On CPU only the ratios of this one run mean anything. Memory: the update at gen 256 (canvas 320,
-128 rows) needs more than the 15 GB this project's 23 GB CPU machine had free (killed there even
-with the tiny preset, N = 2 scanned); the README's figures are at smaller sizes.
+128 rows) differentiates through N composite forwards; with `rl.grad_mode=direct` (configs/rl.py's)
+even a scan keeps every timestep's activations for the backward pass, so XLA:CPU plans 20.2 GB of
+temporaries for 32 rows and asked for 80.7 GB for 128 (tiny preset, N = 8, dense `xla`
+attention). The defaults here, `replay` (one timestep's activations: REFERENCE §6, Memory), a
+scan, and blocked attention, plan 9.1 GB for 128 rows.
 """
 
 import copy
@@ -63,7 +66,11 @@ flags.DEFINE_float("slow_s", 0.5, "Seconds a slow program sleeps.")
 flags.DEFINE_float("sharpen", 6.0, "lm_head scale of the synthetic policy.")
 flags.DEFINE_float("eos_scale", 1.6, "EOS column norm / mean column norm of the synthetic policy.")
 flags.DEFINE_integer("timesteps", 8, "EBPO likelihood timesteps N of the update (rl.num_timesteps).")
-flags.DEFINE_string("vectorize", "batch", "rl.vectorize of the update: batch (N timesteps at once) or scan.")
+flags.DEFINE_string("vectorize", "scan", "rl.vectorize of the update: batch (N timesteps at once) or scan.")
+flags.DEFINE_string("grad_mode", "replay", "rl.grad_mode of the update: replay (one timestep's activations) "
+                    "or direct (every timestep's: see the docstring's memory figures).")
+flags.DEFINE_string("attention_impl", "blocked", "model.overrides.attention_impl (configs/rl.py pins the "
+                    "quickstart's dense `xla`; blocked is the CPU's choice).")
 flags.DEFINE_list("arms", ["before", "after"], "Arms to run, in this order.")
 
 ARMS = {"before": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False},
@@ -87,7 +94,8 @@ def _config(data_dir: str, arm: str):
                  "objective.block_size": FLAGS.block, "total_steps": FLAGS.steps, "checkpoint_every": 10 ** 6,
                  "rl.prompts_per_step": FLAGS.prompts, "rl.group_size": FLAGS.group, "rl.gen_length": FLAGS.gen,
                  "rl.eval_every": 0, "rl.reward_workers": FLAGS.workers, "rl.skip_no_signal": False,
-                 "rl.num_timesteps": FLAGS.timesteps, "rl.vectorize": FLAGS.vectorize, **ARMS[arm]}
+                 "rl.num_timesteps": FLAGS.timesteps, "rl.vectorize": FLAGS.vectorize, "rl.grad_mode": FLAGS.grad_mode,
+                 "model.overrides.attention_impl": FLAGS.attention_impl, **ARMS[arm]}
     with cfg.unlocked():
         for key, value in overrides.items():
             node = cfg
@@ -114,7 +122,8 @@ def main(argv):
     root = tempfile.mkdtemp(prefix="rl_step_")
     out = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "platform": platform.machine(),
            "preset": FLAGS.preset, "prompts": FLAGS.prompts, "group": FLAGS.group, "gen": FLAGS.gen,
-           "block": FLAGS.block, "timesteps": FLAGS.timesteps, "vectorize": FLAGS.vectorize, "steps_counted": FLAGS.steps - 1, "reward_workers": FLAGS.workers,
+           "block": FLAGS.block, "timesteps": FLAGS.timesteps, "vectorize": FLAGS.vectorize, "grad_mode": FLAGS.grad_mode,
+           "attention_impl": FLAGS.attention_impl, "steps_counted": FLAGS.steps - 1, "reward_workers": FLAGS.workers,
            "slow_share": FLAGS.slow_share, "slow_s": FLAGS.slow_s, "arms": {}}
     for arm in FLAGS.arms:
         cfg = _config(os.path.join(root, "data"), arm)
