@@ -9,8 +9,8 @@ The pure functions are re-exported here: `from llada_jax import model; model.for
 """
 
 from llada_jax.model import masks
-from llada_jax.model.config import PRESETS, ConfigError, ModelConfig, get_config
-from llada_jax.model.transformer import (FP32_PARAMS, Attention, DecoderLayer, MLP, MoE, RMSNorm, Transformer,
+from llada_jax.model.config import FP32_PARAMS, PRESETS, ConfigError, ModelConfig, get_config
+from llada_jax.model.transformer import (Attention, DecoderLayer, MLP, MoE, RMSNorm, Transformer,
                                          abstract_params, as_mask, compute_params, forward, forward_cached,
                                          forward_with_router, hidden_states, hidden_states_with_router, init_cache,
                                          init_params, init_sharded, logits_from_hidden, output_stats, rope)

@@ -20,6 +20,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "names")
 # Activations named with `checkpoint_name` in model/transformer.py; remat_policy="names" saves `remat_save` of them.
 REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_out", "layer_out")
 DTYPES = ("float32", "bfloat16", "float16")
+# Parameters every forward uses in fp32 whatever the compute dtype: the router and its balancing
+# bias (REFERENCE §1). Every other weight is cast to the compute dtype where it is used
+# (`transformer.compute_params`, `hf` loading).
+FP32_PARAMS = ("router", "expert_bias")
 
 
 class ConfigError(ValueError):

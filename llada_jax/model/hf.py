@@ -31,7 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llada_jax.model.config import ModelConfig
+from llada_jax.model.config import FP32_PARAMS, ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -144,8 +144,6 @@ def _leaf_shapes(config: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
 
 
 def _fp32_leaf(leaf: tuple) -> bool:
-    from llada_jax.model.transformer import FP32_PARAMS
-
     return leaf[-1] in FP32_PARAMS  # router is fp32 throughout (REFERENCE §1)
 
 

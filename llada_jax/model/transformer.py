@@ -24,7 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from llada_jax import kernels
 from llada_jax.model import lora
-from llada_jax.model.config import ModelConfig
+from llada_jax.model.config import FP32_PARAMS, ModelConfig
 from llada_jax.kernels import AttentionMask
 from llada_jax.kernels.logits import chunked_output_stats, rms_norm
 from llada_jax.model.moe import EXPERT_IMPLS, route
@@ -371,11 +371,6 @@ def abstract_params(config: ModelConfig):
     return jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
 
 
-# Parameters every forward uses in fp32 whatever the compute dtype: the router and its balancing
-# bias (REFERENCE §1). Every other weight is cast to the compute dtype where it is used.
-FP32_PARAMS = ("router", "expert_bias")
-
-
 def compute_params(params, dtype):
     """A copy of `params` for a forward that computes in `dtype` (e.g. the bf16 rollouts of fp32
     training): every floating leaf cast to `dtype` except `FP32_PARAMS`. Every other weight is cast
@@ -386,8 +381,8 @@ def compute_params(params, dtype):
     dtype = jnp.dtype(dtype)
 
     def cast(path, x):
-        name = getattr(path[-1], "key", None)
-        if name in FP32_PARAMS or not jnp.issubdtype(x.dtype, jnp.floating) or isinstance(x, QArray):
+        if isinstance(x, QArray) or getattr(path[-1], "key", None) in FP32_PARAMS \
+                or not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         return x.astype(dtype)
 
