@@ -13,10 +13,13 @@ token (`tests/decode/test_rollouts.py`), with less work:
     first EOS. Without Multi-Block Editing a finished block never changes, so the answer up to the
     first EOS is the one a full decode gives; the canvas past the stop keeps the mask id and the
     trajectory holds the writes actually made (DiPO's exact record of this decode);
-  * compaction: the loop runs in segments (one compiled `lax.while_loop` each) that end once at
-    most half the batch is still running; the running rows (their canvas, cache rows, counters,
-    sampling keys) are then gathered into a batch of half the size, down to `min_rows`. Forwards
-    follow the live rows instead of the slowest one; a few batch sizes, a few programs;
+  * compaction: the loop runs in segments (one compiled `lax.while_loop` each) that end once the
+    running rows fit the next smaller batch size; they (their canvas, cache rows, counters,
+    sampling keys) are then gathered into it. The sizes go down in equal steps of about an eighth
+    of the rows (`batch_sizes`), so forwards follow the live rows instead of the slowest one: a
+    batch of RL completions that mostly run long (`bench/rl_step.py`'s: a quarter at the full
+    length) computes 1.30x fewer row-forwards than the static batch this way, against 1.06x by
+    halvings (the live rows' own forwards are 1.40x fewer). A few batch sizes, a few programs;
   * `on_finish(row, tokens)` gets each row's answer once it is done (a segment also ends every
     `steps_per_call` forwards when some row has finished), so a caller can score finished rows
     while the others decode.
@@ -108,13 +111,19 @@ def _gather(state: DecodeState, prompt_lens, num_blocks, row_keys, index, pad):
     return state, take(prompt_lens), take(num_blocks), take(row_keys)
 
 
-def batch_sizes(rows: int, min_rows: int = 1, levels: int = 4) -> tuple[int, ...]:
-    """The batch sizes the decode shrinks through: `rows`, then halvings while they stay multiples
-    of `min_rows`, at most `levels` sizes (each is a compiled program)."""
-    out = [rows]
-    while len(out) < levels and out[-1] % 2 == 0 and (out[-1] // 2) % min_rows == 0:
-        out.append(out[-1] // 2)
-    return tuple(out)
+def batch_sizes(rows: int, min_rows: int = 1, levels: int = 8, min_step: int = 4) -> tuple[int, ...]:
+    """The batch sizes the decode shrinks through: `rows`, then `rows` less one step at a time, at
+    most `levels` sizes (each is a compiled program). The step is `rows // levels`, at least
+    `min_step` rows (small batches gain little from finer steps and would compile more programs),
+    rounded up to a multiple of `min_rows` (the mesh's batch ways), so every size is one where
+    `rows` is."""
+    for name, value in (("rows", rows), ("min_rows", min_rows), ("levels", levels), ("min_step", min_step)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            fail(name, "an integer >= 1", value)
+    if rows % min_rows:
+        fail("rows", f"a multiple of min_rows={min_rows}", rows)
+    step = -(-max(rows // levels, min_step, min_rows) // min_rows) * min_rows
+    return tuple(range(rows, 0, -step))[:levels]
 
 
 def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, gen_length: int,
@@ -124,7 +133,7 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
                     top_p: Optional[float] = None, penalty_lambda: float = 0.0, mask_id: Optional[int] = None,
                     eos_id: Optional[int] = None, rng: Optional[jax.Array] = None, preset: Optional[str] = None,
                     llada20: Optional[bool] = None, record_trajectory: bool = False, compact: bool = True,
-                    steps_per_call: int = 16, levels: int = 4,
+                    steps_per_call: int = 16, levels: int = 8,
                     on_finish: Optional[Callable[[int, list[int]], None]] = None,
                     mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
     """`group_size` rollouts of each prompt: the `GenerateOutput` of `generate` over the rows
@@ -172,6 +181,8 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
     all_prompt_lens = np.repeat(prompt_lens, group_size)
     all_canvas_lens = np.repeat(canvas_lens, group_size)
     sizes = batch_sizes(n, ways if n % ways == 0 else n, levels) if compact else (n,)
+    # A segment returns early for a finished row only when someone is waiting to hear of it.
+    report_after = steps_per_call if on_finish is not None else np.iinfo(np.int32).max
 
     context = contextlib.ExitStack()
     if mesh is not None:
@@ -193,7 +204,7 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
         while True:
             stop_at = sizes[level + 1] if level + 1 < len(sizes) else 0
             state, _ = _segment(params, state, lens, blocks, knobs, row_keys, jnp.int32(stop_at),
-                                jnp.int32(steps_per_call), config=config, settings=settings)
+                                jnp.int32(report_after), config=config, settings=settings)
             phase = np.asarray(state.phase)
             new = np.flatnonzero((phase == DONE) & (where >= 0) & ~done[np.maximum(where, 0)])
             if new.size:

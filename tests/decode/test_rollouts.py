@@ -68,19 +68,46 @@ def _same(got, want, rows):
     assert len(got.tokens) == rows
 
 
+def test_batch_sizes_step_down_evenly_and_check_their_arguments():
+    assert rollouts.batch_sizes(128) == (128, 112, 96, 80, 64, 48, 32, 16)
+    assert rollouts.batch_sizes(64) == (64, 56, 48, 40, 32, 24, 16, 8)
+    assert rollouts.batch_sizes(256, min_rows=8) == (256, 224, 192, 160, 128, 96, 64, 32)
+    assert rollouts.batch_sizes(96, min_rows=16) == (96, 80, 64, 48, 32, 16)  # steps of whole mesh ways
+    assert rollouts.batch_sizes(96, min_rows=16, levels=4) == (96, 64, 32)  # 96 // 4 rounded up to ways
+    assert rollouts.batch_sizes(12) == (12, 8, 4)  # at least `min_step` rows a step
+    assert rollouts.batch_sizes(3) == (3,)
+    with pytest.raises(decode.OptionError, match="rows: expected a multiple of min_rows=8, found 12"):
+        rollouts.batch_sizes(12, min_rows=8)
+    with pytest.raises(decode.OptionError, match="levels: expected an integer >= 1, found 0"):
+        rollouts.batch_sizes(12, levels=0)
+
+
 @pytest.mark.parametrize("sampled", [False, True])
-def test_group_rollouts_equal_generate(tiny_hf, prompts, sampled):
+def test_group_rollouts_equal_generate(tiny_hf, prompts, sampled, monkeypatch):
     """G rollouts of each prompt, early-stopped and compacted, equal `generate` over the repeated
     rows with eos_early_stop (everything) and without it (the answers); `on_finish` reports each
-    row once, with its answer; DiPO's write record (sampled) is the same record."""
+    row once, with its answer; DiPO's write record (sampled) is the same record. Every segment of
+    the loop runs in the smallest batch size that holds the rows still running when it starts."""
     config, params = tiny_hf
     rows = [p for p in prompts for _ in range(G)]
     kw = dict(gen_length=GEN, block_length=B, preset="S")
     if sampled:
         kw.update(temperature=1.0, rng=jax.random.key(7), record_trajectory=True)
+    segments = []  # (batch size, rows running at the start)
+    segment = rollouts._segment
+
+    def recording_segment(params, state, *args, **kwargs):
+        segments.append((state.phase.shape[0], int((np.asarray(state.phase) != rollouts.DONE).sum())))
+        return segment(params, state, *args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "_segment", recording_segment)
     finished = []
     got = rollouts.generate_groups(params, config, prompts, group_size=G, steps_per_call=2,
                                    on_finish=lambda r, toks: finished.append((r, toks)), **kw)
+    sizes = rollouts.batch_sizes(len(rows))
+    assert sizes == (12, 8, 4)
+    assert all(size == min(s for s in sizes if s >= live) for size, live in segments), segments
+    assert len({size for size, _ in segments}) >= 2, segments
     want = decode.generate(params, config, rows, eos_early_stop=True, **kw)
     _same(got, want, len(rows))
     assert sorted(r for r, _ in finished) == list(range(len(rows)))
