@@ -3,6 +3,7 @@ r"""One RL step, before and after group rollouts, side by side in one run, print
   python bench/rl_step.py                                   # tiny preset, 16 prompts x 8, gen 256, block 32
   python bench/rl_step.py --preset=small                    # the issue's full settings (slow on a CPU)
   python bench/rl_step.py --prompts=4 --group=4 --gen=128 --steps=2   # a quick look
+  python bench/rl_step.py --decode_only                     # the two rollout decodes alone
 
 Both arms run `rl.loop.run_rl` (EBPO, its default μ = 2, N = `--timesteps`) for `--steps` steps from the
 same params on the same prompts with the same reward; only the rollout settings differ:
@@ -26,6 +27,11 @@ end at varied lengths (printed: their quantiles). The reward: a code-execution v
 completion's program run in the sandbox (`rewards.sandbox`), `--slow_share` of them sleeping
 `--slow_s` seconds (a slow test suite), chosen by a hash of the completion.
 
+`--decode_only` times just the decodes of the first step's rollouts, `rl.loop.rollout` under each
+arm's settings from the same policy, prompts and key (no rewards, no update; `--reps` runs of each
+after one that compiles, the arms interleaved): the decode's own ratio, which on this 2-core CPU
+the step blurs, as the reward programs scored during the after arm's decode take its cores.
+
 On CPU only the ratios of this one run mean anything. Memory: the update at gen 256 (canvas 320,
 128 rows) differentiates through N composite forwards; with `rl.grad_mode=direct` (configs/rl.py's)
 even a scan keeps every timestep's activations for the backward pass, so XLA:CPU plans 20.2 GB of
@@ -39,6 +45,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 import zlib
 
 import jax
@@ -72,6 +79,8 @@ flags.DEFINE_string("grad_mode", "replay", "rl.grad_mode of the update: replay (
 flags.DEFINE_string("attention_impl", "blocked", "model.overrides.attention_impl (configs/rl.py pins the "
                     "quickstart's dense `xla`; blocked is the CPU's choice).")
 flags.DEFINE_list("arms", ["before", "after"], "Arms to run, in this order.")
+flags.DEFINE_bool("decode_only", False, "Time only the arms' rollout decodes (module docstring).")
+flags.DEFINE_integer("reps", 3, "--decode_only: timed decodes per arm.")
 
 ARMS = {"before": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False},
         "after": {"rl.rollout_engine": "groups", "rl.eos_early_stop": True}}
@@ -116,6 +125,37 @@ def _policy(model_config, key):
     return params
 
 
+def decode_only(root: str) -> dict:
+    """Each arm's `rl.loop.rollout` of the first step's prompts, timed (module docstring)."""
+    cfgs = {arm: _config(os.path.join(root, "data"), arm) for arm in FLAGS.arms}
+    cfg = cfgs[FLAGS.arms[0]]
+    workdir = os.path.join(root, "decode")
+    model_config = train.build_model_config(cfg)
+    tokenizer = train.load_tokenizer(cfg, workdir)
+    params = _policy(model_config, jax.random.key(0))
+    rows, _ = rl_loop.prompt_rows(cfg, workdir, tokenizer)
+    prompts = [row["prompt"] for row in next(rl_loop.prompt_iterator(cfg, rows))]
+    key = jax.random.key(1)
+    outs, times = {}, {arm: [] for arm in FLAGS.arms}
+    for arm in FLAGS.arms:  # compiles
+        outs[arm] = rl_loop.rollout(params, model_config, prompts, cfgs[arm], key)
+    for _ in range(FLAGS.reps):
+        for arm in FLAGS.arms:
+            t0 = time.perf_counter()
+            rl_loop.rollout(params, model_config, prompts, cfgs[arm], key)
+            times[arm].append(round(time.perf_counter() - t0, 3))
+    out = {"arms": {}}
+    for arm, o in outs.items():
+        lengths = [len(t) for t in o.tokens]
+        out["arms"][arm] = {"decode_s": float(np.median(times[arm])), "times_s": times[arm],
+                    "row_forwards": int(np.sum(o.forwards)), "slowest_row_forwards": int(np.max(o.forwards)),
+                    "completion_tokens_quantiles": [int(q) for q in np.quantile(lengths, [0.1, 0.5, 0.9])]}
+    if {"before", "after"} <= set(out["arms"]):
+        out["decode_speedup"] = round(out["arms"]["before"]["decode_s"] / out["arms"]["after"]["decode_s"], 2)
+        out["same_tokens"] = outs["before"].tokens == outs["after"].tokens
+    return out
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -125,6 +165,11 @@ def main(argv):
            "block": FLAGS.block, "timesteps": FLAGS.timesteps, "vectorize": FLAGS.vectorize, "grad_mode": FLAGS.grad_mode,
            "attention_impl": FLAGS.attention_impl, "steps_counted": FLAGS.steps - 1, "reward_workers": FLAGS.workers,
            "slow_share": FLAGS.slow_share, "slow_s": FLAGS.slow_s, "arms": {}}
+    if FLAGS.decode_only:
+        del out["steps_counted"]
+        out.update(decode_only=True, reps=FLAGS.reps, **decode_only(root))
+        print(json.dumps(out, indent=2))
+        return
     for arm in FLAGS.arms:
         cfg = _config(os.path.join(root, "data"), arm)
         workdir = os.path.join(root, arm)
