@@ -147,9 +147,10 @@ def decode_only(root: str) -> dict:
     out = {"arms": {}}
     for arm, o in outs.items():
         lengths = [len(t) for t in o.tokens]
-        out["arms"][arm] = {"decode_s": float(np.median(times[arm])), "times_s": times[arm],
-                    "row_forwards": int(np.sum(o.forwards)), "slowest_row_forwards": int(np.max(o.forwards)),
-                    "completion_tokens_quantiles": [int(q) for q in np.quantile(lengths, [0.1, 0.5, 0.9])]}
+        out["arms"][arm] = {
+            "decode_s": float(np.median(times[arm])), "times_s": times[arm], "row_forwards": int(np.sum(o.forwards)),
+            "slowest_row_forwards": int(np.max(o.forwards)),
+            "completion_tokens_quantiles": [int(q) for q in np.quantile(lengths, [0.1, 0.5, 0.9])]}
     if {"before", "after"} <= set(out["arms"]):
         out["decode_speedup"] = round(out["arms"]["before"]["decode_s"] / out["arms"]["after"]["decode_s"], 2)
         out["same_tokens"] = outs["before"].tokens == outs["after"].tokens
