@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, xla_flags
-from llada_jax import decode, rewards, train
+from llada_jax import rewards, train
 from llada_jax.decode import rollouts
 from llada_jax.model.config import ConfigError
 from llada_jax.rl import loop as rl_loop
