@@ -94,6 +94,13 @@ def fail(field, expected, found):
     raise OptionError(field, expected, found)
 
 
+def check_int(field: str, value, lo: int, hi: Optional[int] = None) -> None:
+    """`value` is an integer (not a bool) in [lo, hi), or `OptionError` names `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
+            or (hi is not None and value >= hi):
+        fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
+
+
 def _as_prompt_list(prompts) -> list[list[int]]:
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
@@ -140,11 +147,6 @@ def check_options(config: ModelConfig, *, gen_length: int, block_length: int = 3
     mask_id = config.mask_token_id if mask_id is None else mask_id
     eos_id = config.eos_token_id if eos_id is None else eos_id
     vocab = config.vocab_size
-
-    def check_int(field, value, lo, hi=None):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
-                or (hi is not None and value >= hi):
-            fail(field, f"an integer in [{lo}, {hi})" if hi is not None else f"an integer >= {lo}", value)
 
     for field, value in (("threshold", threshold), ("editing_threshold", editing_threshold),
                          ("temperature", temperature), ("penalty_lambda", penalty_lambda), ("top_p", top_p),

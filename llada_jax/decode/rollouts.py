@@ -46,7 +46,7 @@ import numpy as np
 from llada_jax.decode import kvcache
 from llada_jax.decode.generation import GenerateOutput, prepare_canvas, summarize
 from llada_jax.decode.loop import DONE, DecodeState, init_state, row_keys_for, step
-from llada_jax.decode.options import (DecodeSettings, check_options, check_prompts, fail, make_knobs,
+from llada_jax.decode.options import (DecodeSettings, check_int, check_options, check_prompts, fail, make_knobs,
                                       trajectory_capacity)
 from llada_jax.model.config import ModelConfig
 
@@ -118,8 +118,7 @@ def batch_sizes(rows: int, min_rows: int = 1, levels: int = 8, min_step: int = 4
     rounded up to a multiple of `min_rows` (the mesh's batch ways), so every size is one where
     `rows` is."""
     for name, value in (("rows", rows), ("min_rows", min_rows), ("levels", levels), ("min_step", min_step)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            fail(name, "an integer >= 1", value)
+        check_int(name, value, 1)
     if rows % min_rows:
         fail("rows", f"a multiple of min_rows={min_rows}", rows)
     step = -(-max(rows // levels, min_step, min_rows) // min_rows) * min_rows
@@ -150,10 +149,8 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
         editing_threshold=editing_threshold, max_post_steps=max_post_steps, eos_early_stop=eos_early_stop,
         temperature=temperature, top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda, mask_id=mask_id,
         eos_id=eos_id, preset=preset, llada20=llada20)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        fail("group_size", "an integer >= 1", group_size)
-    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1:
-        fail("steps_per_call", "an integer >= 1", steps_per_call)
+    check_int("group_size", group_size, 1)
+    check_int("steps_per_call", steps_per_call, 1)
     greedy = temperature == 0.0
     if not greedy and rng is None:
         fail("rng", "a PRNG key when temperature > 0", rng)
