@@ -150,6 +150,28 @@ def addition_reward(completion: str, meta: Mapping) -> float:
     return correct / len(pairs)
 
 
+
+ADDITION_KINDS = ("right", "carryless", "other")
+
+
+def addition_answer_kinds(completion: str, meta: Mapping) -> list[tuple[str, bool]]:
+    """Per pair of a several-pair prompt (`meta["pairs"]`), what the completion's answer is and
+    whether the sum needs a carry: ("right", needs_carry) for the exact sum, ("carryless", True) for
+    the noisy teacher's answer where it differs (`sum_without_carries`), ("other", needs_carry) for
+    anything else, a missing or malformed answer included. Parsed as `addition_reward` parses."""
+    if "pairs" not in meta:
+        raise ValueError(f"meta: expected a several-pair addition record with 'pairs', found keys {sorted(meta)}")
+    parts = answer_text(completion).split(",")
+    kinds = []
+    for k, (a, b) in enumerate(meta["pairs"]):
+        needs_carry = sum_without_carries(a, b) != a + b
+        got = int(parts[k][1:]) if k < len(parts) and re.fullmatch(r"=\d+", parts[k]) else None
+        kind = ("right" if got == a + b else "carryless" if needs_carry and got == sum_without_carries(a, b)
+                else "other")
+        kinds.append((kind, needs_carry))
+    return kinds
+
+
 # --------------------------------------------------------------------------------- countdown
 _OPS: dict[str, Callable[[fractions.Fraction, fractions.Fraction], fractions.Fraction]] = {
     "+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x / y}

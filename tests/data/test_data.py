@@ -149,6 +149,25 @@ def test_multi_pair_addition_spans_blocks_with_partial_credit():
     assert not keys(test) & keys(tasks.addition_examples(500, "train", cfg=cfg))  # pairs never shared
 
 
+def test_addition_answer_kinds_tell_the_teachers_error_from_others():
+    """bench/sums.py's classes: the right sum, the noisy teacher's carry-less one, anything else;
+    every noisy demonstration is right or carry-less, and only sums that need a carry are ever
+    carry-less."""
+    meta = {"task": "addition", "pairs": [[7, 35], [12, 49], [55, 66], [80, 9]]}  # carries: 1st, 2nd, 3rd
+    assert tasks.addition_answer_kinds("=042,=051,=011,=089", meta) == [
+        ("right", True), ("carryless", True), ("carryless", True), ("right", False)]
+    assert tasks.addition_answer_kinds("=043,=061", meta) == [
+        ("other", True), ("right", True), ("other", True), ("other", False)]  # missing answers: other
+    assert [k for k, _ in tasks.addition_answer_kinds("=042,=061,=121,=079", meta)][3] == "other"
+    cfg = tasks.AdditionConfig(max_digits=2, zero_pad=True, num_pairs=4, carry_error_rate=0.6)
+    kinds = [k for ex in tasks.addition_examples(300, "train", cfg=cfg)
+             for k in tasks.addition_answer_kinds(ex["response"], ex["meta"])]
+    assert {k for k, _ in kinds} == {"right", "carryless"}
+    assert all(needs for k, needs in kinds if k == "carryless")
+    with pytest.raises(ValueError, match="meta: expected a several-pair addition record with 'pairs'"):
+        tasks.addition_answer_kinds("=1", {"task": "addition", "a": 0, "b": 1})
+
+
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_held_out_splits_hold_distinct_problems(task):
     """Validation and test are drawn without replacement and never share a problem with train or
