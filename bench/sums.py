@@ -51,8 +51,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     cfg, workdir = FLAGS.config, FLAGS.workdir
-    if cfg.data.task != "addition" or cfg.data.task_config.get("num_pairs", 1) < 2:
-        raise app.UsageError(f"--config: expected the several-pair addition task, found task {cfg.data.task!r}")
+    pairs = cfg.data.task_config.get("num_pairs", 1)
+    if cfg.data.task != "addition" or pairs < 2:
+        raise app.UsageError(f"--config: expected the several-pair addition task (data.task 'addition', "
+                             f"num_pairs >= 2), found task {cfg.data.task!r} with num_pairs {pairs}")
     train.enable_compilation_cache()
     examples = list(train.open_examples(cfg, workdir, "test"))[:FLAGS.eval_examples]
     report = {"examples": len(examples), "block_length": cfg.objective.block_size, "runs": []}

@@ -143,12 +143,10 @@ def addition_reward(completion: str, meta: Mapping) -> float:
         return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
     pairs = meta["pairs"]
     parts = answer.split(",")
-    correct = sum(k < len(parts) and re.fullmatch(r"=\d+", parts[k]) is not None and int(parts[k][1:]) == a + b
-                  for k, (a, b) in enumerate(pairs))
+    correct = sum(kind == "right" for kind, _ in addition_answer_kinds(completion, meta))
     if len(parts) != len(pairs):
         correct = min(correct, len(pairs) - 1)  # extra or missing answers: never full credit
     return correct / len(pairs)
-
 
 
 ADDITION_KINDS = ("right", "carryless", "other")
@@ -158,7 +156,7 @@ def addition_answer_kinds(completion: str, meta: Mapping) -> list[tuple[str, boo
     """Per pair of a several-pair prompt (`meta["pairs"]`), what the completion's answer is and
     whether the sum needs a carry: ("right", needs_carry) for the exact sum, ("carryless", True) for
     the noisy teacher's answer where it differs (`sum_without_carries`), ("other", needs_carry) for
-    anything else, a missing or malformed answer included. Parsed as `addition_reward` parses."""
+    anything else, a missing or malformed answer included (`addition_reward` counts the "right" ones)."""
     if "pairs" not in meta:
         raise ValueError(f"meta: expected a several-pair addition record with 'pairs', found keys {sorted(meta)}")
     parts = answer_text(completion).split(",")
