@@ -162,10 +162,10 @@ def addition_answer_kinds(completion: str, meta: Mapping) -> list[tuple[str, boo
     parts = answer_text(completion).split(",")
     kinds = []
     for k, (a, b) in enumerate(meta["pairs"]):
-        needs_carry = sum_without_carries(a, b) != a + b
+        carryless = sum_without_carries(a, b)
+        needs_carry = carryless != a + b
         got = int(parts[k][1:]) if k < len(parts) and re.fullmatch(r"=\d+", parts[k]) else None
-        kind = ("right" if got == a + b else "carryless" if needs_carry and got == sum_without_carries(a, b)
-                else "other")
+        kind = "right" if got == a + b else "carryless" if needs_carry and got == carryless else "other"
         kinds.append((kind, needs_carry))
     return kinds
 
