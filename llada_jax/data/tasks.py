@@ -81,6 +81,12 @@ class AdditionConfig:
     # after pair k: every answer is a block of its own (completions span num_pairs blocks, what
     # EBPO's block decomposition needs) and the reward gives partial credit.
     num_pairs: int = 1
+    # Free spellings (several pairs only): with this probability, independently per token, a
+    # response writes an answer's "=" as ":" and a separating "," as ";" ("=042;:061,=121"), in
+    # every split. Neither spelling is wrong (the reward reads both), the way text leaves a writer
+    # synonyms: a model that learnt the teacher is ~(1 - p) sure of the usual one, which S mode's
+    # tau_mask (0.5) accepts at once and Q mode's (0.7) does not. 0 keeps "=" and ",".
+    spelling_choice: float = 0.0
     validation_fraction: float = 0.05
 
 
@@ -108,6 +114,11 @@ def addition_stream(split: str, seed: int = 0, cfg: AdditionConfig = AdditionCon
         raise ValueError(f"carry_error_rate: expected a probability in [0, 1], found {cfg.carry_error_rate}")
     if cfg.num_pairs < 1:
         raise ValueError(f"num_pairs: expected an integer >= 1, found {cfg.num_pairs}")
+    if not 0.0 <= cfg.spelling_choice < 0.5:
+        raise ValueError(f"spelling_choice: expected a probability in [0, 0.5), found {cfg.spelling_choice}")
+    if cfg.spelling_choice and cfg.num_pairs == 1:
+        raise ValueError("spelling_choice: expected 0 with num_pairs 1 (a one-pair answer has no '=' or ','), found "
+                         f"{cfg.spelling_choice}")
     rng = _rng(seed, split)
     w = cfg.max_digits if cfg.zero_pad else 0
     while True:
@@ -126,8 +137,10 @@ def addition_stream(split: str, seed: int = 0, cfg: AdditionConfig = AdditionCon
             yield {"prompt": prompts[0] + "=", "response": answers[0],
                     "meta": {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}}
         else:
-            yield {"prompt": "".join(prompts), "response": ",".join("=" + x for x in answers),
-                    "meta": {"task": "addition", "pairs": pairs}}
+            def spell(usual: str, other: str) -> str:  # draws only when the choice is on: same problems otherwise
+                return other if cfg.spelling_choice and rng.random() < cfg.spelling_choice else usual
+            response = "".join((spell(",", ";") if k else "") + spell("=", ":") + x for k, x in enumerate(answers))
+            yield {"prompt": "".join(prompts), "response": response, "meta": {"task": "addition", "pairs": pairs}}
 
 
 def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig = AdditionConfig()) -> list[dict]:
@@ -137,12 +150,13 @@ def addition_examples(num: int, split: str, seed: int = 0, cfg: AdditionConfig =
 
 def addition_reward(completion: str, meta: Mapping) -> float:
     """1.0 iff the answer is exactly the decimal sum; with several pairs (`meta["pairs"]`), the
-    fraction of the comma-separated `=sum` answers that are exact (1.0 = all of them)."""
+    fraction of the comma-separated `=sum` answers that are exact (1.0 = all of them; ";" and ":"
+    read as "," and "=", AdditionConfig.spelling_choice)."""
     answer = answer_text(completion)
     if "pairs" not in meta:
         return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
     pairs = meta["pairs"]
-    parts = answer.split(",")
+    parts = re.split(r"[,;]", answer)
     correct = sum(kind == "right" for kind, _ in addition_answer_kinds(completion, meta))
     if len(parts) != len(pairs):
         correct = min(correct, len(pairs) - 1)  # extra or missing answers: never full credit
@@ -159,12 +173,12 @@ def addition_answer_kinds(completion: str, meta: Mapping) -> list[tuple[str, boo
     anything else, a missing or malformed answer included (`addition_reward` counts the "right" ones)."""
     if "pairs" not in meta:
         raise ValueError(f"meta: expected a several-pair addition record with 'pairs', found keys {sorted(meta)}")
-    parts = answer_text(completion).split(",")
+    parts = re.split(r"[,;]", answer_text(completion))  # either spelling (AdditionConfig.spelling_choice)
     kinds = []
     for k, (a, b) in enumerate(meta["pairs"]):
         carryless = sum_without_carries(a, b)
         needs_carry = carryless != a + b
-        got = int(parts[k][1:]) if k < len(parts) and re.fullmatch(r"=\d+", parts[k]) else None
+        got = int(parts[k][1:]) if k < len(parts) and re.fullmatch(r"[=:]\d+", parts[k]) else None
         kind = "right" if got == a + b else "carryless" if needs_carry and got == carryless else "other"
         kinds.append((kind, needs_carry))
     return kinds

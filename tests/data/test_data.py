@@ -149,6 +149,32 @@ def test_multi_pair_addition_spans_blocks_with_partial_credit():
     assert not keys(test) & keys(tasks.addition_examples(500, "train", cfg=cfg))  # pairs never shared
 
 
+def test_addition_free_spellings_are_read_as_the_usual_ones():
+    """spelling_choice: each "=" and separating "," is written ":" / ";" with its probability,
+    independently, in every split; the reward and the answer kinds read either spelling, and
+    with the choice off the problems and responses are those of the default config."""
+    cfg = tasks.AdditionConfig(max_digits=2, zero_pad=True, num_pairs=4, carry_error_rate=0.6)
+    free = dataclasses.replace(cfg, spelling_choice=0.4)
+    meta = {"task": "addition", "pairs": [[7, 35], [12, 49], [55, 66], [80, 9]]}
+    assert tasks.reward(":042;=061,:121;:089", meta) == 1.0
+    assert tasks.reward(":042;=051", meta) == 0.25
+    assert [k for k, _ in tasks.addition_answer_kinds(":042;:051,=011;=089", meta)] == [
+        "right", "carryless", "carryless", "right"]
+    for split in ("train", "test"):
+        exs = tasks.addition_examples(400, split, cfg=free)
+        text = "".join(ex["response"] for ex in exs)
+        assert all(re.fullmatch(r"[=:]\d{3}([,;][=:]\d{3}){3}", ex["response"]) for ex in exs)
+        assert 0.35 < text.count(":") / (4 * len(exs)) < 0.45 and 0.35 < text.count(";") / (3 * len(exs)) < 0.45
+        if split == "test":
+            assert all(tasks.reward(ex["response"], ex["meta"]) == 1.0 for ex in exs)
+    assert tasks.addition_examples(50, "train", cfg=dataclasses.replace(free, spelling_choice=0.0)) == \
+        tasks.addition_examples(50, "train", cfg=cfg)
+    with pytest.raises(ValueError, match=r"spelling_choice: expected a probability in \[0, 0.5\), found 0.6"):
+        tasks.addition_examples(1, "train", cfg=dataclasses.replace(free, spelling_choice=0.6))
+    with pytest.raises(ValueError, match="spelling_choice: expected 0 with num_pairs 1"):
+        tasks.addition_examples(1, "train", cfg=dataclasses.replace(free, num_pairs=1))
+
+
 def test_addition_answer_kinds_tell_the_teachers_error_from_others():
     """bench/sums.py's classes: the right sum, the noisy teacher's carry-less one, anything else;
     every noisy demonstration is right or carry-less, and only sums that need a carry are ever
