@@ -89,12 +89,14 @@ def evaluate(params, model_config: ModelConfig, tokenizer, examples: Sequence[Ma
 
     With `mesh` (`params` as sharded there), batches are decoded across the mesh and its
     processes (`generate_everywhere`); every process passes the same examples and gets the
-    same metrics back."""
+    same metrics back. Sampling (`rng`, temperature > 0): batch k draws with `fold_in(rng, k)`, so
+    no two batches share their noise."""
     prompts, metas = prompts_and_metas(examples, tokenizer, template)
     scores, tpf, forwards, generated, outputs = [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        kw = dict(gen_length=gen_length, block_length=block_length, preset=mode, rng=rng, **generate_kw)
+        key = None if rng is None else jax.random.fold_in(rng, i // batch_size)
+        kw = dict(gen_length=gen_length, block_length=block_length, preset=mode, rng=key, **generate_kw)
         if mesh is None:
             out = decode.generate(params, model_config, prompts[i:i + batch_size], **kw)
         else:

@@ -224,3 +224,32 @@ def test_eval_launcher_decodes_end_to_end_on_a_mesh(fixture_dir, tokenizer, tmp_
     assert events["eval/S/accuracy"] == [(0, summary["S"]["accuracy"])]
     png = tmp_path / "out" / "speed_accuracy.png"
     assert png.stat().st_size > 10_000 and f"wrote {png}" in out.stderr
+
+
+def test_sampled_heldout_batches_draw_their_own_noise(tokenizer, tmp_path):
+    """heldout.evaluate at temperature > 0: batch k decodes with fold_in(rng, k), as `generate`
+    alone with that key does; the same prompts in two batches are not drawn with one key."""
+    import jax
+    import numpy as np
+
+    from helpers import load_config
+    from llada_jax import decode, model, train
+    from llada_jax.data import tasks
+    from llada_jax.evaluation import heldout
+
+    cfg = load_config("quickstart.py")
+    model_config = train.build_model_config(cfg)
+    params = model.init_params(model_config, jax.random.key(0))
+    tok = tokenizer[0]
+    four = [{"messages": [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["response"]}],
+             "meta": ex["meta"]}
+            for ex in tasks.addition_examples(4, "test", cfg=tasks.AdditionConfig(max_digits=2, zero_pad=True, num_pairs=4))]
+    rng = jax.random.key(3)
+    kw = dict(mode="S", gen_length=20, block_length=5, template="plain", batch_size=4, temperature=1.0)
+    res = heldout.evaluate(params, model_config, tok, four + four, rng=rng, return_outputs=True, **kw)
+    first, second = (np.asarray(o.tokens) for o in res["outputs"])
+    assert not np.array_equal(first, second)  # one key for both batches drew them alike
+    prompts, _ = heldout.prompts_and_metas(four, tok, "plain")
+    alone = decode.generate(params, model_config, prompts, gen_length=20, block_length=5, preset="S",
+                            temperature=1.0, rng=jax.random.fold_in(rng, 1))
+    np.testing.assert_array_equal(second, np.asarray(alone.tokens))
