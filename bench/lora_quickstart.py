@@ -56,6 +56,9 @@ def _config(stage: str, rank: int):
         cfg.checkpoint_every = FLAGS.sft_steps
         cfg.log_every = 1  # the step-1 log marks the end of the first call (compilation) for step_s
         cfg.optim.warmup_frac = 0.0
+        # From a trained SFT model, full and LoRA alike: the from-scratch balancing of the
+        # quickstart's SFT (optim.expert_bias_rate) moves the bias, which LoRA keeps frozen.
+        cfg.optim.expert_bias_rate = 0.0
     cfg.lora.rank = rank
     if rank:
         cfg.optim.lr = FLAGS.lora_lr

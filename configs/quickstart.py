@@ -7,9 +7,13 @@ r"""The quickstart: a tiny MoE model trained from scratch on an offline task, th
 Default task: four 2-digit sums at fixed width per prompt ("07+3512+4955+6680+09" ->
 "=042,=061,=121,=089"), taught by a noisy teacher that drops every carry in 60% of its
 demonstrations, pair by pair (REFERENCE §8: imitation then has a ceiling that the exact reward
-can lift). With blocks of 5 tokens each sum's answer is a block of its own, 20 tokens after its
-pair, so a completion spans 4 blocks and EBPO's block terms do real work. `pairs=1` is the one-block variant (one sum,
-one 16-token block); `noise=0.0` trains on clean demonstrations.
+can lift), and that writes each "=" as ":" and each "," as ";" in 40% of its answers, token by
+token (`spelling`: free choices, read either way by the reward, like a writer's synonyms; a
+model that learnt them is ~60% sure of the usual one, which S mode's tau_mask 0.5 accepts at
+once and Q mode's 0.7 does not). With blocks of 5 tokens each sum's answer is a block of its
+own, 20 tokens after its pair, so a completion spans 4 blocks and EBPO's block terms do real
+work. `pairs=1` is the one-block variant (one sum, one 16-token block); `noise=0.0` trains on
+clean demonstrations; `spelling=0` keeps "=" and ",".
 """
 
 import os
@@ -22,18 +26,15 @@ from common import base_config, parse_arg, rl_config  # noqa: E402
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, task="addition", noise=0.6, pairs=4, spelling=0.0)
+    a = parse_arg(arg, task="addition", noise=0.6, pairs=4, spelling=0.4)
     c = base_config()
-    # The default pipeline took 676 s alone on 2 CPU cores, SFT (~0.4 s a step) most of it.
-    # Longer SFT learns the task more surely (an earlier 2500-step run, seed 0: 10.5% / 56.1%
-    # held-out against 5.9% / 51.1% at 1000; at 1000 steps seeds 1 and 2 had not finished learning
-    # it) and makes RL's climb quicker: README *Measured*, with a 1500-step candidate default.
     c.total_steps = 1000
     c.checkpoint_every = 250
     c.log_every = 50
     c.model.preset = "tiny"
     # XLA:CPU lowers ragged_dot to a masked dense dot: the dense path is faster here
-    # (bench/forward.py). Accelerator configs keep the default ragged_dot path.
+    # (bench/forward.py). Accelerator configs keep the default ragged_dot path. The four sums
+    # train with `tiled` (four_sum_schedule).
     c.model.overrides.moe_impl = "dense"
     # The dense attention oracle, pinned: the README's measured results were made with it ("auto"
     # would pick `blocked` on a CPU, equal to 1e-5 but not bit for bit).
@@ -51,7 +52,7 @@ def get_config(arg=None):
         c.data.task_config.carry_error_rate = a.noise
         if pairs > 1:
             c.data.task_config.num_pairs = pairs
-        if a.spelling:
+        if a.spelling and pairs > 1:
             c.data.task_config.spelling_choice = a.spelling
     if a.task == "sudoku4x4":
         c.data.task_config.compact = True
@@ -90,4 +91,28 @@ def get_config(arg=None):
     c.rl_stage.checkpoint_every = 10
     c.rl_stage.lr = 1e-4  # constant (rl_loop.make_rl_optimizer)
     c.rl_stage.weight_decay = 0.0
+    if a.task == "addition" and pairs > 1:
+        four_sum_schedule(c)
     return c
+
+
+def four_sum_schedule(c) -> None:
+    """The default task's SFT, chosen on three training seeds (README *Measured*, "The default since
+    2026-12-07"): at the earlier 1000 steps of 64 rows, dense MoE, weight decay 0.01, the SFT loss
+    fell in a jump whose step was the seed's (~650 to never), and 2 of 3 seeds gave EBPO nothing to
+    lift. Each of these brought that jump forward on the seed that lagged, measured side by side:
+    - 2000 steps of 32 rows, the same examples seen: twice the updates, and less wall time on two
+      CPU cores than 1000 of 64 (a 32-row step costs under half of a 64-row one there);
+    - weight decay 1.0 (as grokking studies train algorithmic tasks): seed 1's jump at step
+      ~650-700 (1000 steps of 64 rows, no free spellings), where at 0.1 it had not ended by 700;
+    - the expert-bias balancing (aux-loss-free, REFERENCE §1) with the `tiled` back end, which
+      computes each token's 4 experts instead of all 16: trained from scratch the router
+      otherwise sends every token to the same 4 experts, and seed 1 with the free spellings
+      ended 2000 steps of 32 rows at loss ~2.0 without it, ~0.9 with it (jump at ~1100-1450).
+    """
+    c.total_steps = 2000
+    c.checkpoint_every = 500
+    c.data.batch_size = 32
+    c.optim.weight_decay = 1.0
+    c.optim.expert_bias_rate = 1e-3
+    c.model.overrides.moe_impl = "tiled"

@@ -4,7 +4,7 @@ Minutes on a CPU, nothing downloaded.
 
   python launch/quickstart.py --workdir=/tmp/llada_quickstart
   python launch/quickstart.py --config.rl.algorithm=espo   # or dipo: same task, same stages
-  python launch/quickstart.py --seeds=0,1,2 --algorithms=ebpo,espo,dipo --sft_longer_steps=1000
+  python launch/quickstart.py --seeds=0,1,2 --algorithms=ebpo,espo,dipo --sft_longer_steps=2000
 
 Stages (configs/quickstart.py):
   1. SFT: block-diffusion M2T + T2T training from scratch (<workdir>/sft).

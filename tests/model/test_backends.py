@@ -59,10 +59,12 @@ def test_cpu_mesh_resolves_to_blocked():
 
 def test_quickstart_keeps_its_backends():
     """The quickstart's results stay bit-identical: its config pins the dense attention oracle and
-    the dense MoE, which "auto" would not pick on a CPU."""
-    cfg = load_config("quickstart.py")
-    got = backends.resolve(train.build_model_config(cfg), train.mesh_from_config(cfg))
-    assert (got.attention_impl, got.moe_impl) == ("xla", "dense")
+    the MoE back end it was measured with (the four sums: `tiled`; its other tasks: `dense`),
+    which "auto" would not pick on a CPU."""
+    for arg, moe in ((None, "tiled"), ("task=sudoku4x4", "dense")):
+        cfg = load_config("quickstart.py", arg)
+        got = backends.resolve(train.build_model_config(cfg), train.mesh_from_config(cfg))
+        assert (got.attention_impl, got.moe_impl) == ("xla", moe), arg
 
 
 def test_auto_moe_at_trace_time_equals_the_resolved_back_end():

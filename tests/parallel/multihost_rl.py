@@ -49,7 +49,7 @@ def main(argv):
     cfg = load_config("quickstart.py", **{
         "data.data_dir": data_dir, "data.num_train": 2000, "data.num_test": 50, "data.batch_size": 8,
         "total_steps": 3, "checkpoint_every": 3, "log_every": 1, "optim.lr": 1e-2, "optim.warmup_frac": 0.0,
-        "lora.rank": 4, "lora.alpha": 8.0, "lora.base_dtype": "bfloat16"})
+        "lora.rank": 4, "lora.alpha": 8.0, "lora.base_dtype": "bfloat16", "optim.expert_bias_rate": 0.0})
     model_config = train.build_model_config(cfg)
     base = jax.device_get(jax.jit(model.init_params, static_argnums=0)(model_config, jax.random.key(7)))
     tokenizer = train.load_tokenizer(cfg, lora_dir)

@@ -18,7 +18,8 @@ from llada_jax.train import checkpoint
 def _cfg(data_dir, **overrides):
     small = {"data.num_train": 2000, "data.num_test": 50, "data.batch_size": 8, "data.data_dir": data_dir,
              "total_steps": 20, "checkpoint_every": 10, "log_every": 1, "mesh.data": 4, "mesh.fsdp": 2,
-             "lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.25, "optim.lr": 1e-2, "optim.warmup_frac": 0.0}
+             "lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.25, "optim.lr": 1e-2, "optim.warmup_frac": 0.0,
+             "optim.expert_bias_rate": 0.0}  # the quickstart's SFT balances experts; LoRA freezes the bias
     return load_config("quickstart.py", **{**small, **overrides})
 
 
@@ -157,7 +158,7 @@ def test_aot_plans_the_lora_sft_step():
     from llada_jax import aot
     from llada_jax.parallel import sharding
 
-    cfg = load_config("quickstart.py", **{"lora.rank": 4, "data.batch_size": 8})
+    cfg = load_config("quickstart.py", **{"lora.rank": 4, "data.batch_size": 8, "optim.expert_bias_rate": 0.0})
     mesh = sharding.make_mesh(data=4, fsdp=2)
     job = aot.sft_job(cfg, mesh)
     state, _, _, base = job.args
