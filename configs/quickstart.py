@@ -98,11 +98,14 @@ def get_config(arg=None):
 
 def four_sum_schedule(c) -> None:
     """The default task's SFT, chosen on three training seeds (README *Measured*, "The default since
-    2026-12-07"): at the earlier 1000 steps of 64 rows, dense MoE, weight decay 0.01, the SFT loss
-    fell in a jump whose step was the seed's (~650 to never), and 2 of 3 seeds gave EBPO nothing to
-    lift. Each of these brought that jump forward on the seed that lagged, measured side by side:
-    - 2000 steps of 32 rows, the same examples seen: twice the updates, and less wall time on two
-      CPU cores than 1000 of 64 (a 32-row step costs under half of a 64-row one there);
+    2026-12-07": EBPO lifts +75.0 / +64.1 / +64.1 points). At the earlier 1000 steps of 64 rows,
+    dense MoE, weight decay 0.01, the SFT loss fell in a jump whose step was the seed's (~650 to
+    never), and 2 of 3 seeds gave EBPO nothing to lift. Each of these brought that jump forward on the seed that lagged, measured side by side:
+    - steps of 32 rows: with the two settings below, 2000 of them (the examples of 1000 steps of
+      64) took every seed through the jump, at steps ~1100-1600; with the `tiled` back end such a
+      step costs under a third of the old one on two CPU cores (2000 steps alone in ~4 minutes,
+      1000 of 64 rows dense in ~7), so 3000 leave room after the jump (measured at steps ~800 /
+      ~1300 / ~2100 on seeds 0 / 1 / 2) in a job of 9.5 minutes;
     - weight decay 1.0 (as grokking studies train algorithmic tasks): seed 1's jump at step
       ~650-700 (1000 steps of 64 rows, no free spellings), where at 0.1 it had not ended by 700;
     - the expert-bias balancing (aux-loss-free, REFERENCE §1) with the `tiled` back end, which
@@ -110,7 +113,7 @@ def four_sum_schedule(c) -> None:
       otherwise sends every token to the same 4 experts, and seed 1 with the free spellings
       ended 2000 steps of 32 rows at loss ~2.0 without it, ~0.9 with it (jump at ~1100-1450).
     """
-    c.total_steps = 2000
+    c.total_steps = 3000
     c.checkpoint_every = 500
     c.data.batch_size = 32
     c.optim.weight_decay = 1.0

@@ -132,7 +132,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data_d
     line = next((l for l in out.splitlines() if "checkpoint step 24 cannot be restored" in l), None)
     assert line is not None, out
     assert "trying step 20" in line and "ZSTD_decompressStream() failed" in line, line
-    assert "Traceback" not in out, out
+    # No crash: a traceback may only be Python's "Exception ignored in: <coroutine ...>" report of an
+    # array read Orbax had in flight when the corrupt one failed (seen under load, not every run).
+    ignored = out.count("Exception ignored in: <coroutine object _read_array_index_and_device_put")
+    assert out.count("Traceback") == ignored, out
     assert _metrics(workdir) == ref_rows  # 1-20 kept, 21-24 logged again, bit for bit
     steps = checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps()
     assert steps == [16, 20, 24] and (workdir / "checkpoints" / "unrestorable_step_24").is_dir()
@@ -140,14 +143,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data_d
 
 def test_init_from_a_params_checkpoint(tmp_path, data_dir, reference_rows):
     """launch/train.py --init_from=<params-only Orbax checkpoint>: with the learning rate at zero
-    one step leaves the params where they started, so the run's step-1 checkpoint holds exactly the
-    params it was given (the reference run's last), and its loss is the trained model's."""
+    (and the expert-bias balancing, which has a rate of its own, off) one step leaves the params
+    where they started, so the run's step-1 checkpoint holds exactly the params it was given (the
+    reference run's last), and its loss is the trained model's."""
     ref_dir, ref_rows = reference_rows
     config, params = checkpoint.load_params(str(ref_dir / "checkpoints"))
     checkpoint.save_params(str(tmp_path / "params"), config, params)
     workdir = tmp_path / "run"
     run = _launch(workdir, data_dir, ["--config.total_steps=1", "--config.checkpoint_every=1", "--config.optim.lr=0",
-                                      f"--init_from={tmp_path / 'params'}"])
+                                      "--config.optim.expert_bias_rate=0", f"--init_from={tmp_path / 'params'}"])
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out
     _, got = checkpoint.load_params(str(workdir / "checkpoints"), config=config)
