@@ -100,7 +100,8 @@ def four_sum_schedule(c) -> None:
     """The default task's SFT, chosen on three training seeds (README *Measured*, "The default since
     2026-12-07": EBPO lifts +75.0 / +64.1 / +64.1 points). At the earlier 1000 steps of 64 rows,
     dense MoE, weight decay 0.01, the SFT loss fell in a jump whose step was the seed's (~650 to
-    never), and 2 of 3 seeds gave EBPO nothing to lift. Each of these brought that jump forward on the seed that lagged, measured side by side:
+    never), and 2 of 3 seeds gave EBPO nothing to lift. Each of these brought that jump forward on
+    the seed that lagged, measured side by side:
     - steps of 32 rows: with the two settings below, 2000 of them (the examples of 1000 steps of
       64) took every seed through the jump, at steps ~1100-1600; with the `tiled` back end such a
       step costs under a third of the old one on two CPU cores (2000 steps alone in ~4 minutes,
