@@ -121,6 +121,10 @@ def addition_stream(split: str, seed: int = 0, cfg: AdditionConfig = AdditionCon
                          f"{cfg.spelling_choice}")
     rng = _rng(seed, split)
     w = cfg.max_digits if cfg.zero_pad else 0
+
+    def spell(usual: str, other: str) -> str:  # draws only when the choice is on: same problems otherwise
+        return other if cfg.spelling_choice and rng.random() < cfg.spelling_choice else usual
+
     while True:
         pairs, prompts, answers = [], [], []
         while len(pairs) < cfg.num_pairs:
@@ -137,8 +141,6 @@ def addition_stream(split: str, seed: int = 0, cfg: AdditionConfig = AdditionCon
             yield {"prompt": prompts[0] + "=", "response": answers[0],
                     "meta": {"task": "addition", "a": pairs[0][0], "b": pairs[0][1]}}
         else:
-            def spell(usual: str, other: str) -> str:  # draws only when the choice is on: same problems otherwise
-                return other if cfg.spelling_choice and rng.random() < cfg.spelling_choice else usual
             response = "".join((spell(",", ";") if k else "") + spell("=", ":") + x for k, x in enumerate(answers))
             yield {"prompt": "".join(prompts), "response": response, "meta": {"task": "addition", "pairs": pairs}}
 
@@ -156,8 +158,8 @@ def addition_reward(completion: str, meta: Mapping) -> float:
     if "pairs" not in meta:
         return float(re.fullmatch(r"\d+", answer) is not None and int(answer) == meta["a"] + meta["b"])
     pairs = meta["pairs"]
-    parts = re.split(r"[,;]", answer)
-    correct = sum(kind == "right" for kind, _ in addition_answer_kinds(completion, meta))
+    parts = _answer_parts(answer)
+    correct = sum(kind == "right" for kind, _ in _pair_kinds(parts, pairs))
     if len(parts) != len(pairs):
         correct = min(correct, len(pairs) - 1)  # extra or missing answers: never full credit
     return correct / len(pairs)
@@ -173,9 +175,19 @@ def addition_answer_kinds(completion: str, meta: Mapping) -> list[tuple[str, boo
     anything else, a missing or malformed answer included (`addition_reward` counts the "right" ones)."""
     if "pairs" not in meta:
         raise ValueError(f"meta: expected a several-pair addition record with 'pairs', found keys {sorted(meta)}")
-    parts = re.split(r"[,;]", answer_text(completion))  # either spelling (AdditionConfig.spelling_choice)
+    return _pair_kinds(_answer_parts(answer_text(completion)), meta["pairs"])
+
+
+def _answer_parts(answer: str) -> list[str]:
+    """A several-pair answer's per-pair parts, split at either separator ("," or ";",
+    AdditionConfig.spelling_choice)."""
+    return re.split(r"[,;]", answer)
+
+
+def _pair_kinds(parts: list[str], pairs) -> list[tuple[str, bool]]:
+    """`addition_answer_kinds` of an answer already split by `_answer_parts`."""
     kinds = []
-    for k, (a, b) in enumerate(meta["pairs"]):
+    for k, (a, b) in enumerate(pairs):
         carryless = sum_without_carries(a, b)
         needs_carry = carryless != a + b
         got = int(parts[k][1:]) if k < len(parts) and re.fullmatch(r"[=:]\d+", parts[k]) else None
