@@ -1,7 +1,9 @@
 """The RL loop's mini-batched updates, one-step off-policy pipelining and preemption (rl_loop.run_rl):
 θ_old's terms in every update are those of the params that drew the rollouts, and a run stopped by
-SIGTERM saves at that step and resumes to the uninterrupted run's metrics, pipelining on."""
+SIGTERM saves at that step and resumes to the uninterrupted run's metrics, pipelining on; one
+SIGKILLed after a checkpoint (launch/rl.py) resumes exactly too."""
 
+import json
 import os
 import signal
 import threading
@@ -15,6 +17,7 @@ from llada_jax import rl, train
 from llada_jax.model.config import ConfigError
 from llada_jax.rl import loop as rl_loop
 from llada_jax.train import checkpoint
+from rl_launch import killed_and_uninterrupted, prepare, rows
 from test_rl_loop import data_dir, digit_fraction, rl_config, run, without_time  # noqa: F401 (a fixture)
 
 # 4 prompts x 4 rollouts = 16 per step in 2 mini-batches of 8 (one row per fake device), each
@@ -124,3 +127,25 @@ def test_the_quickstart_rl_stage_drops_the_sft_expert_bias_balancing():
     stage = rl_loop.stage_config(cfg)
     assert stage.optim.expert_bias_rate == 0.0 and stage.total_steps == cfg.rl_stage.steps
     assert rl_loop.check_update_config(stage) == cfg.rl.prompts_per_step * cfg.rl.group_size
+
+
+@pytest.mark.heavy
+def test_sigkill_then_resume_is_exact_with_pipelining_and_the_reward_pool(tmp_path):
+    """launch/rl.py pipelined (one step off-policy), in 2 mini-batches of 2 micro-batches, the
+    user's verifier scored in the pool's threads: SIGKILLed once its step-2 checkpoint is written
+    (which carries step 3's decoded, scored rollouts and θ_old's terms), the rerun logs every
+    metric of the uninterrupted run and ends on its params bit for bit."""
+    flags = ("--config.rl.pipeline=True", "--config.rl.mini_batches=2", "--config.optim.accum_steps=2",
+             "--config.rl.reward_workers=2")
+    prepare(tmp_path)
+    killed_and_uninterrupted(tmp_path, flags)
+
+    saved = json.loads((tmp_path / "killed" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
+    assert saved["pending"]["s"] == 2, sorted(saved)  # step 3's rollouts (0-based 2) came from the checkpoint
+    want = rows(tmp_path / "ref")
+    assert [r["step"] for r in want] == [1, 2, 3, 4] and [r["rollout_staleness"] for r in want] == [0, 1, 1, 1]
+    assert all(r["updated"] == 1 and np.isfinite(r["loss"]) for r in want), want
+    assert rows(tmp_path / "killed") == want
+    _, got = checkpoint.load_params(str(tmp_path / "killed" / "checkpoints"))
+    _, ref = checkpoint.load_params(str(tmp_path / "ref" / "checkpoints"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(ref))
