@@ -15,9 +15,11 @@ as a grain `MapDataset` of `{"messages", "meta"}` examples.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, ClassVar, Mapping, Sequence
 
 import grain
@@ -153,10 +155,14 @@ def _prepare(builder: tfds.core.GeneratorBasedBuilder, overwrite: bool) -> str:
         return str(builder.data_dir)
     modes = tfds.download.GenerateMode
     mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
-    print(f"generating {builder.name}/{builder.builder_config.name} in {builder.data_dir} ...", flush=True)
+    # On stderr, with TFDS' own banners ("Downloading and preparing ..."): a program's stdout stays
+    # its output (the benchmarks print one JSON object there, also on a first run that builds data).
+    print(f"generating {builder.name}/{builder.builder_config.name} in {builder.data_dir} ...", file=sys.stderr,
+          flush=True)
     # TFDS' own progress bars and "Downloading ..." banner describe downloads we never make.
     tfds.disable_progress_bar()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return str(builder.data_dir)
 
 

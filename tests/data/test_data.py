@@ -234,6 +234,14 @@ def test_prepared_splits_round_trip(data_dir):
     assert stored == expected
 
 
+def test_preparing_data_leaves_stdout_to_the_program(tmp_path, capfd):
+    """What a first run's data build says (ours and TFDS' banners) goes to stderr: a benchmark's
+    stdout is its one JSON object even when it builds its data."""
+    data.prepare_task("addition", str(tmp_path), num_train=20, num_test=5)
+    out, err = capfd.readouterr()
+    assert out == "" and "generating addition/" in err and "Downloading and preparing" in err, (out, err)
+
+
 def test_reusing_a_config_name_with_other_settings_fails(data_dir):
     data.prepare_task("addition", data_dir, num_train=120, num_test=40, seed=3)  # identical: reused
     with pytest.raises(data.DataError, match="generated with"):
