@@ -552,9 +552,9 @@ def step(params, state: DecodeState, prompt_lens: Int[Array, "N"], num_blocks: I
     return jax.lax.cond(in_window.any(), window_op, block_op, state)
 
 
-def row_keys_for(rng: jax.Array, n: int) -> jax.Array:
-    """The per-row sampling keys `generate` uses: fold_in(rng, row)."""
-    return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n))
+def row_keys_for(rng: jax.Array, n: int, offset=0) -> jax.Array:
+    """The per-row sampling keys `generate` uses: fold_in(rng, row), rows `offset .. offset + n - 1`."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, offset + jnp.arange(n))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "on_block"))

@@ -28,9 +28,11 @@ Sampling keys are those of `generate`: row r (its index among the N rows) sample
 `fold_in(rng, r)` folded with its own forward count, and the keys travel with the rows when the
 batch shrinks, so the draws do not depend on which rows share a forward.
 
-A mesh of one process: the rows' arrays follow the model's sharding constraints (batch sizes are
-kept multiples of the mesh's batch ways while they shrink). Several processes would have to agree
-on every compaction; the RL loop decodes those with `generate` (same tokens, no shared prefill).
+A mesh of this process's devices: the rows' arrays follow the model's sharding constraints (batch
+sizes are kept multiples of the mesh's batch ways while they shrink). On several processes each
+decodes its own rows on its own devices (the RL loop: its prompts, on `hosts.process_blocks`'s
+local block with a whole copy of the params, rows numbered by `row_offset`): no process waits on
+another's compactions. A global batch over several processes is `generate`'s.
 """
 
 from __future__ import annotations
@@ -71,14 +73,15 @@ def prefill_groups(params, config: ModelConfig, canvas, prompt_lens, *, group_si
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "group_size"))
-def _start(params, canvas, prompt_lens, rng, *, config, settings, group_size):
-    """The loop state of the P * G rows after the shared prefill, and their sampling keys."""
+def _start(params, canvas, prompt_lens, rng, row_offset, *, config, settings, group_size):
+    """The loop state of the P * G rows after the shared prefill, and their sampling keys (rows
+    numbered from `row_offset`)."""
     cache = prefill_groups(params, config, canvas, prompt_lens, group_size=group_size,
                            block_length=settings.block_length, chunk_blocks=settings.prefill_chunk_blocks)
     rows = jnp.repeat(canvas, group_size, axis=0)
     lens = jnp.repeat(prompt_lens, group_size, axis=0)
     state = init_state(params, rows, lens, config=config, settings=settings, cache=cache)
-    return state, row_keys_for(rng, rows.shape[0])
+    return state, row_keys_for(rng, rows.shape[0], row_offset)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnums=(1,))
@@ -134,7 +137,7 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
                     llada20: Optional[bool] = None, record_trajectory: bool = False, compact: bool = True,
                     steps_per_call: int = 16, levels: int = 8,
                     on_finish: Optional[Callable[[int, list[int]], None]] = None,
-                    mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
+                    mesh: Optional[jax.sharding.Mesh] = None, row_offset: int = 0) -> GenerateOutput:
     """`group_size` rollouts of each prompt: the `GenerateOutput` of `generate` over the rows
     `[p for p in prompts for _ in range(group_size)]` with the same keywords and `rng` (see the
     module docstring for what is shared and skipped). Multi-Block Editing is not offered.
@@ -142,7 +145,12 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
     `compact`: shrink the batch as rows finish (through `levels` batch sizes; False keeps every
     row in every forward, as `generate`). `on_finish(row, tokens)`: called on the host with each
     row's answer (up to and including the first EOS) once it is done, in finishing order.
-    `mesh`: a one-process mesh to decode on (the params as sharded there).
+    `mesh`: a mesh of this process's devices to decode on (the params as sharded there; on
+    several processes each decodes its own prompts on its own devices, e.g. on
+    `hosts.process_blocks(...).local` with `hosts.process_local_copy` params). `row_offset`: the
+    index of the first row among all rows (sampling keys are `generate`'s for rows `row_offset`,
+    `row_offset + 1`, ...: a process decoding a slice of a global batch draws what one process
+    decoding the whole batch draws for those rows); `on_finish` and the output count from 0.
     """
     opts = check_options(
         config, gen_length=gen_length, block_length=block_length, threshold=threshold,
@@ -155,10 +163,12 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
     if not greedy and rng is None:
         fail("rng", "a PRNG key when temperature > 0", rng)
     ways = 1
+    check_int("row_offset", row_offset, 0)
     if mesh is not None:
-        if jax.process_count() > 1:
-            fail("mesh", "a mesh of this one process (several processes: decode.generate)",
-                 f"{jax.process_count()} processes")
+        others = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()})
+        if others:
+            fail("mesh", f"a mesh of this process's devices (process {jax.process_index()}; a global batch over "
+                 "several processes: decode.generate)", f"devices of processes {others}")
         from llada_jax.parallel import hosts
 
         ways = hosts.batch_ways(mesh)
@@ -171,10 +181,6 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
         greedy=greedy, filter_top=not greedy and (top_k is not None or top_p is not None), use_cache=True,
         mbe_window=0,
         record_writes=trajectory_capacity(block_length, max_post_steps, 0) if record_trajectory else 0)
-    knobs = make_knobs(config.vocab_size, threshold=opts["threshold"], editing_threshold=opts["editing_threshold"],
-                       temperature=temperature, top_k=top_k, top_p=top_p, penalty_lambda=penalty_lambda,
-                       max_post_steps=max_post_steps, eos_early_stop=opts["eos_early_stop"], llada20=opts["llada20"])
-    rng = jax.random.key(0) if rng is None else rng
     all_prompt_lens = np.repeat(prompt_lens, group_size)
     all_canvas_lens = np.repeat(canvas_lens, group_size)
     sizes = batch_sizes(n, ways if n % ways == 0 else n, levels) if compact else (n,)
@@ -189,9 +195,14 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
 
         context.enter_context(jax.set_mesh(mesh))
         context.enter_context(nn.logical_axis_rules(sharding.DEFAULT_RULES))
-    with context:
-        state, row_keys = _start(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), rng, config=config,
-                                 settings=settings, group_size=group_size)
+    with context:  # arrays made in here live on `mesh`, not on a caller's (a global mesh of several processes)
+        knobs = make_knobs(config.vocab_size, threshold=opts["threshold"],
+                           editing_threshold=opts["editing_threshold"], temperature=temperature, top_k=top_k,
+                           top_p=top_p, penalty_lambda=penalty_lambda, max_post_steps=max_post_steps,
+                           eos_early_stop=opts["eos_early_stop"], llada20=opts["llada20"])
+        rng = jax.random.key(0) if rng is None else process_local_value(rng)
+        state, row_keys = _start(params, jnp.asarray(canvas), jnp.asarray(prompt_lens), rng, jnp.int32(row_offset),
+                                 config=config, settings=settings, group_size=group_size)
         lens = jnp.asarray(all_prompt_lens)
         blocks = jnp.asarray(all_canvas_lens // block_length)
         where = np.arange(n)  # batch position -> row (-1: padding)
@@ -230,6 +241,19 @@ def generate_groups(params, config: ModelConfig, prompts, *, group_size: int, ge
                 where = np.where(pad, -1, where[index])
     final = DecodeState(cache=None, post_steps=None, stale=None, **{f: kept.get(f) for f in _KEPT})
     return summarize(final, all_prompt_lens, all_canvas_lens, gen_length, settings)
+
+
+def process_local_value(x):
+    """`x` as this process's own array: a global array every process holds whole (a replicated key
+    on a mesh of several processes) becomes its local copy; anything else is returned as is."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if not x.sharding.is_fully_replicated:
+        fail("rng", "a key every process holds whole", x.sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x).addressable_data(0)),
+                                        impl=jax.random.key_impl(x))
+    return jnp.asarray(np.asarray(x.addressable_data(0)))
 
 
 def _answer(canvas_row: np.ndarray, prompt_len: int, gen_length: int, eos_id: int) -> list[int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -249,6 +249,63 @@ def host_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
     if not filled.all():
         raise ValueError(f"host_local: process {jax.process_index()} does not hold all of its rows [{lo}, {lo + n})")
     return out
+
+
+# ------------------------------------------------------------------------------ process-local work
+class ProcessBlocks(NamedTuple):
+    """A mesh cut into one block of devices per process (`process_blocks`)."""
+    local: Mesh    # this process's devices, the mesh's axis names, each axis this process's share of it
+    stacked: Mesh  # every process's block along a leading "processes" axis: the mesh's devices
+
+
+def process_blocks(mesh: Mesh) -> Optional[ProcessBlocks]:
+    """`mesh` as one block per process (the same shape for all), or None where some process's
+    devices are not a block of it. With one process, the block is the mesh."""
+    owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    blocks = {}
+    for p in np.unique(owner):
+        mine = owner == p
+        index = [np.flatnonzero(mine.any(axis=tuple(j for j in range(mine.ndim) if j != i))) for i in range(mine.ndim)]
+        block = np.ix_(*index)
+        if not mine[block].all():
+            return None
+        blocks[int(p)] = mesh.devices[block]
+    if len({b.shape for b in blocks.values()}) != 1:
+        return None
+    types = tuple(getattr(mesh, "axis_types", ()) or ())
+    auto = jax.sharding.AxisType.Auto
+    stacked = Mesh(np.stack([blocks[p] for p in sorted(blocks)]), ("processes",) + tuple(mesh.axis_names),
+                   **({"axis_types": (auto,) + types} if types else {}))
+    local = Mesh(blocks[jax.process_index()], mesh.axis_names, **({"axis_types": types} if types else {}))
+    return ProcessBlocks(local=local, stacked=stacked)
+
+
+_COPIES: dict = {}
+
+
+def _identity(tree):
+    return tree
+
+
+def process_local_copy(tree: Any, blocks: ProcessBlocks, fn=None) -> Any:
+    """A copy of `tree` (arrays on the mesh `blocks` cuts; `fn(tree)` if given, e.g. a cast) held
+    whole by every process: each leaf laid out over this process's block as it is over the mesh
+    (its PartitionSpec, on the block's smaller axes), returned as arrays of this process alone, on
+    `blocks.local`. What a computation each process runs on its own takes (the RL rollouts of its
+    own prompts). One jitted program that every process runs: the gathers across processes."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    specs = jax.tree_util.tree_map(
+        lambda x: x.sharding.spec if isinstance(getattr(x, "sharding", None), NamedSharding) else PartitionSpec(), tree)
+    flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+    key = (fn, blocks.stacked, treedef, tuple(flat))
+    if key not in _COPIES:  # one program per tree and function, traced once
+        stacked = jax.tree_util.tree_map(lambda s: NamedSharding(blocks.stacked, s), specs, is_leaf=is_spec)
+        _COPIES[key] = jax.jit(fn or _identity, out_shardings=stacked)
+    copy = _COPIES[key](tree)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_single_device_arrays(
+            x.shape, NamedSharding(blocks.local, s), [shard.data for shard in x.addressable_shards]),
+        copy, specs, is_leaf=is_spec)
 
 
 def allgather(x: Any) -> Any:

@@ -270,8 +270,12 @@ def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]],
     prompt prefilled once for its G rows, rows stopped at their EOS (`rl.eos_early_stop`) and
     the batch shrunk as they finish; `on_finish(row, tokens)` hears of each row as it finishes.
     "generate" is the static batch of `decode.generate` (every row decoded until the slowest is
-    done; `on_finish` called for every row at the end), also what several processes use: they
-    would have to agree on every shrink. Both give the same rollouts, token for token.
+    done; `on_finish` called for every row at the end). Both give the same rollouts, token for
+    token. On several processes "groups" has each process decode its own prompts on its own
+    devices (`hosts.process_blocks(mesh).local`, rows numbered as in the global batch so the
+    draws are one process's), from a whole copy of the params on them (`params` as the loop
+    passes them, `hosts.process_local_copy`, or made here from the global ones); where a
+    process's devices are not a block of the mesh it falls back to `generate` (same rollouts).
     """
     r = cfg.rl
     dtype = r.get("rollout_dtype")
@@ -288,6 +292,19 @@ def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]],
     if engine == "groups" and jax.process_count() == 1:
         return group_rollouts.generate_groups(params, model_config, list(prompts), group_size=r.group_size,
                                               on_finish=on_finish, mesh=mesh, **kw)
+    blocks = hosts.process_blocks(mesh) if engine == "groups" and mesh is not None else None
+    if blocks is not None:
+        if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(params)):
+            params = hosts.process_local_copy(params, blocks)
+        n = len(prompts) * r.group_size
+        _, count = hosts.batch_rows(mesh, hosts.batch_ways(mesh), "rl.prompts_per_step x rl.group_size")
+        index, _ = hosts.batch_rows(mesh, n * count, "rl.prompts_per_step x rl.group_size")
+        return group_rollouts.generate_groups(params, model_config, list(prompts), group_size=r.group_size,
+                                              on_finish=on_finish, mesh=blocks.local, row_offset=index * n, **kw)
+    if engine == "groups":
+        logging.log_first_n(logging.WARNING, "rl.rollout_engine=groups: the processes' devices are not one block "
+                            "of the mesh each; rollouts decode as one static batch (decode.generate, the same "
+                            "rollouts)", 1)
     rows = [p for p in prompts for _ in range(r.group_size)]
     out = decode.generate(params, model_config, rows, mesh=mesh, **kw)
     if on_finish is not None:
@@ -421,12 +438,19 @@ def run_rl(cfg: ml_collections.ConfigDict, workdir: str, model_config: ModelConf
     # The rollouts' copy of θ in their compute dtype (rl.rollout_dtype, else the model's `dtype`),
     # made once per step where the params are held in another (bf16 compute of fp32 params): the
     # same tokens as decoding the params as they are (every weight but the router's is cast where it
-    # is used), at half the bytes held and read. In place on the run's mesh (an elementwise cast of
-    # each shard): the decode layout is the training one.
+    # is used), at half the bytes held and read. One process: in place on the run's mesh (an
+    # elementwise cast of each shard), the decode layout is the training one. Several with group
+    # rollouts: each process decodes its own prompts on its own devices, so the copy is gathered
+    # whole onto every process's block of the mesh, laid out there as the params are on the mesh.
     rollout_dtype = r.get("rollout_dtype") or model_config.dtype
-    rollout_copy = None
+    cast = None
     if jnp.dtype(rollout_dtype) != jnp.dtype(model_config.param_dtype):
-        rollout_copy = jax.jit(functools.partial(model.compute_params, dtype=rollout_dtype))
+        cast = functools.partial(model.compute_params, dtype=rollout_dtype)
+    blocks = hosts.process_blocks(mesh) if jax.process_count() > 1 and r.get("rollout_engine", "groups") == "groups" \
+        else None
+    rollout_copy = jax.jit(cast) if cast is not None else None
+    if blocks is not None:
+        rollout_copy = functools.partial(hosts.process_local_copy, blocks=blocks, fn=cast)
 
     eval_examples = [] if r.eval_every <= 0 else (
         _file_examples(r.eval_file, "auto", "rl.eval_file")

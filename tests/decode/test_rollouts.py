@@ -132,3 +132,19 @@ def test_bad_group_options_name_the_field(tiny_hf):
     with pytest.raises(decode.OptionError, match="rng: expected a PRNG key"):
         rollouts.generate_groups(params, config, [[1, 2]], group_size=2, gen_length=GEN, block_length=B, preset="S",
                                  temperature=1.0)
+
+
+def test_a_slice_of_the_rows_from_its_row_offset_draws_what_the_whole_batch_draws(tiny_hf, prompts):
+    """A process decoding its slice of a global batch (the RL loop on several processes: its own
+    prompts on its own devices) passes the index of its first row: its sampled rollouts are
+    those rows of one decode of every row."""
+    config, params = tiny_hf
+    kw = dict(gen_length=GEN, block_length=B, preset="S", temperature=1.0, rng=jax.random.key(7))
+    whole = rollouts.generate_groups(params, config, prompts, group_size=G, **kw)
+    part = rollouts.generate_groups(params, config, prompts[2:], group_size=G, row_offset=2 * G, **kw)
+    assert part.tokens == whole.tokens[2 * G:]
+    np.testing.assert_array_equal(part.canvas, whole.canvas[2 * G:, :part.canvas.shape[1]])
+    from_zero = rollouts.generate_groups(params, config, prompts[2:], group_size=G, **kw)
+    assert from_zero.tokens != part.tokens  # the offset is what lines the draws up
+    with pytest.raises(decode.OptionError, match="row_offset: expected an integer >= 0, found -1"):
+        rollouts.generate_groups(params, config, prompts, group_size=G, row_offset=-1, **kw)

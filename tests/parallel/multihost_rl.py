@@ -3,13 +3,15 @@
   python tests/parallel/multihost_rl.py WORKDIR DATA_DIR [--coordinator_address=... --num_processes=N --process_id=I]
 
 The reward is the fraction of digits in a completion (a random init already varies on it, so
-advantages and updates are not zero). The held-out evaluation runs before the first step and
+advantages and updates are not zero). The mesh is FSDP over every device; the row offsets each
+process's group rollouts started from go to WORKDIR/group_rollouts_<process>.json. The held-out evaluation runs before the first step and
 after the last (the task's reward on the test split).
 
 Then, in the same processes (no second launch: these tests are CI's slowest), 3 LoRA SFT steps
 (rank 4, base frozen in bf16) on a seeded random base into WORKDIR/lora_sft.
 """
 
+import json
 import os
 import sys
 
@@ -38,12 +40,26 @@ def main(argv):
         "data.data_dir": data_dir, "data.num_train": 2000, "data.num_test": 50,  # the SFT tests' data
         "total_steps": 3, "checkpoint_every": 3, "optim.lr": 1e-3, "rl.prompts_per_step": 2, "rl.group_size": 4,
         "rl.inner_updates": 2, "rl.num_timesteps": 2, "rl.beta": 0.01,
+        # FSDP over all 8 devices: on 2 processes the params are split across them, so each one's
+        # rollout copy is gathered from both (hosts.process_local_copy).
+        "mesh.data": 1, "mesh.fsdp": 8,
         # Held-out evaluation before step 1 and after step 3, each process decoding its share:
         # 12 examples, padded to 16 rows (a multiple of the mesh's 8), rows gathered back in order.
         "rl.eval_every": 3, "rl.eval_examples": 12, "rl.eval_modes": ("S",)})
     model_config = train.build_model_config(cfg)
     tokenizer = train.load_tokenizer(cfg, workdir)
+    # Each process decodes its own prompts' group rollouts on its own devices: which rows did it draw?
+    offsets, generate_groups = [], rl_loop.group_rollouts.generate_groups
+
+    def recording(*args, **kwargs):
+        offsets.append(kwargs.get("row_offset", 0))
+        return generate_groups(*args, **kwargs)
+
+    rl_loop.group_rollouts.generate_groups = recording
     rl_loop.run_rl(cfg, workdir, model_config, tokenizer, reward_fn=digit_fraction, progress=False)
+    rl_loop.group_rollouts.generate_groups = generate_groups
+    with open(os.path.join(workdir, f"group_rollouts_{jax.process_index()}.json"), "w") as f:
+        json.dump(offsets, f)
 
     lora_dir = os.path.join(workdir, "lora_sft")
     cfg = load_config("quickstart.py", **{

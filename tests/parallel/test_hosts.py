@@ -205,6 +205,12 @@ def test_rl_and_lora_sft_on_two_hosts_log_the_metrics_of_one(tmp_path, data_dir)
     # The RL loss is a small difference of large terms: the cross-process summation order shows
     # in its last digits (observed 2e-5 relative, 2e-6 absolute), rollouts and rewards are exact.
     _assert_rows_close(got, want, rtol=1e-4)
+    # Group rollouts on both: one process decodes the 8 rows of a step from row 0; on two, each
+    # decodes its own 4 (its prompts) on its own 4 devices from its first row's global index, from
+    # a copy of the FSDP-split params gathered whole onto them: the same rollouts (rewards above).
+    offsets = lambda d, p: json.loads((d / f"group_rollouts_{p}.json").read_text())
+    assert offsets(tmp_path / "one", 0) == [0, 0, 0]
+    assert offsets(tmp_path / "two", 0) == [0, 0, 0] and offsets(tmp_path / "two", 1) == [4, 4, 4]
     # The same processes then ran 3 LoRA SFT steps (adapters only, base in bf16): 2 x 4 logs 1 x 8's
     # rows (steps 2 and 3 see the adapters each step before moved: their gradients are not zero).
     want, got = _metrics(tmp_path / "one" / "lora_sft"), _metrics(tmp_path / "two" / "lora_sft")
