@@ -5,12 +5,15 @@ r"""One RL step, before and after group rollouts, side by side in one run, print
   python bench/rl_step.py --prompts=4 --group=4 --gen=128 --steps=2   # a quick look
   python bench/rl_step.py --decode_only                     # the two rollout decodes alone
 
-Both arms run `rl.loop.run_rl` (EBPO, its default μ = 2, N = `--timesteps`) for `--steps` steps from the
-same params on the same prompts with the same reward; only the rollout settings differ:
+Every arm runs `rl.loop.run_rl` (EBPO, its default μ = 2, N = `--timesteps`) for `--steps` steps from
+the same params on the same prompts with the same reward; only the rollout and scoring settings differ:
 
-  before: `rl.rollout_engine=generate`, `rl.eos_early_stop=False` (the static batch: every row
-          decodes all `gen` tokens, each of a group's G rows prefills the prompt), rewards scored
-          in `rl.reward_workers` threads once the whole batch is decoded;
+  serial: the loop as issue #20 found it: `rl.rollout_engine=generate`, `rl.eos_early_stop=False`
+          (the static batch: every row decodes all `gen` tokens, each of a group's G rows
+          prefills the prompt), then `rl.reward_workers=0`: the completions scored one after
+          another in the loop's thread (not in the default `--arms`: add it, `--arms=serial,before,after`);
+  before: the same static batch, rewards scored in `rl.reward_workers` threads once the whole
+          batch is decoded;
   after:  `rl.rollout_engine=groups`, `rl.eos_early_stop=True` (`decode.rollouts`: each prompt
           prefilled once, rows stop after their EOS, the batch shrinks as they finish), each row
           scored as it finishes, in the same threads, while the others decode.
@@ -78,11 +81,13 @@ flags.DEFINE_string("grad_mode", "replay", "rl.grad_mode of the update: replay (
                     "or direct (every timestep's: see the docstring's memory figures).")
 flags.DEFINE_string("attention_impl", "blocked", "model.overrides.attention_impl (configs/rl.py pins the "
                     "quickstart's dense `xla`; blocked is the CPU's choice).")
-flags.DEFINE_list("arms", ["before", "after"], "Arms to run, in this order.")
+flags.DEFINE_list("arms", ["before", "after"], "Arms to run, in this order: serial, before, after "
+                  "(module docstring).")
 flags.DEFINE_bool("decode_only", False, "Time only the arms' rollout decodes (module docstring).")
 flags.DEFINE_integer("reps", 3, "--decode_only: timed decodes per arm.")
 
-ARMS = {"before": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False},
+ARMS = {"serial": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False, "rl.reward_workers": 0},
+        "before": {"rl.rollout_engine": "generate", "rl.eos_early_stop": False},
         "after": {"rl.rollout_engine": "groups", "rl.eos_early_stop": True}}
 
 
@@ -198,6 +203,11 @@ def main(argv):
         out["rollout_speedup"] = round(b["rollout_s"] / a["rollout_s"], 2)
         # The arms draw the same rollouts: their rewards must agree step for step.
         out["same_rewards"] = b["reward_mean"] == a["reward_mean"]
+    if {"serial", "after"} <= set(out["arms"]):
+        s, a = out["arms"]["serial"], out["arms"]["after"]
+        out["step_speedup_vs_serial"] = round(s["step_s"] / a["step_s"], 2)
+        out["rollout_speedup_vs_serial"] = round(s["rollout_s"] / a["rollout_s"], 2)
+        out["same_rewards_as_serial"] = s["reward_mean"] == a["reward_mean"]
     print(json.dumps(out, indent=2))
 
 
