@@ -24,10 +24,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from llada_jax import train  # noqa: E402
-
 jax.config.update("jax_default_matmul_precision", "highest")
-train.enable_compilation_cache()  # the directory above, bounded; entries an unbounded run wrote get stamped
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "llada2_tiny")
 

@@ -376,33 +376,11 @@ def enable_compilation_cache(path: Optional[str] = None) -> str:
     writing (runs side by side, parallel test workers) loads a truncated executable and aborts."""
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or os.path.expanduser("~/.cache/llada_jax/xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    if not checkpoint.is_url(path):
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-            jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
-        if jax.config.jax_compilation_cache_max_size != -1:
-            _stamp_cache_entries(path)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and not checkpoint.is_url(path):
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path
-
-
-def _stamp_cache_entries(path: str) -> None:
-    """Gives every entry of a bounded cache directory the access-time file JAX's eviction reads.
-
-    An unbounded cache (earlier versions of this package, or any JAX process without a bound)
-    writes entries without one, and a bounded writer then fails on every write (JAX warns "Error
-    writing persistent compilation cache entry ... -atime" and caches nothing new). The entry's
-    modification time stands in, under the directory's lock."""
-    import filelock
-
-    if not os.path.isdir(path):
-        return
-    with filelock.FileLock(os.path.join(path, ".lockfile")):
-        for name in os.listdir(path):
-            stamp = os.path.join(path, name[:-len("-cache")] + "-atime")
-            if name.endswith("-cache") and not os.path.exists(stamp):
-                with open(stamp, "wb") as f:
-                    f.write(os.stat(os.path.join(path, name)).st_mtime_ns.to_bytes(8, "little"))
 
 
 class NonFiniteLossError(FloatingPointError):
