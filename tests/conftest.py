@@ -12,10 +12,6 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # read costs less than the shortest XLA:CPU compile; tests/helpers.py says what this saves).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llada_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# Bounded, so JAX reads and writes each entry under the directory's file lock: unbounded, a worker
-# could read an entry another process is still writing and abort on the truncated executable
-# (train.enable_compilation_cache does the same for users' runs).
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 # With libtpu installed (the test extra, for tests/test_aot.py), JAX tries its TPU plugin at start-up:
 # let parallel test processes load it at once (no TPU is opened) and skip the GCE metadata query.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -361,23 +361,12 @@ def mesh_from_config(cfg: ml_collections.ConfigDict, devices=None):
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert, devices=devices)
 
 
-COMPILATION_CACHE_MAX_BYTES = 16 << 30
-
-
 def enable_compilation_cache(path: Optional[str] = None) -> str:
     """Persists compiled programs across processes (a resumed or repeated run skips compilation).
 
-    `$JAX_COMPILATION_CACHE_DIR` wins; else `path`; else `~/.cache/llada_jax/xla`.
-
-    A local cache directory is bounded (`COMPILATION_CACHE_MAX_BYTES`, least recently used entries
-    go first; `$JAX_COMPILATION_CACHE_MAX_SIZE` wins), which also makes JAX take the directory's
-    file lock around every read and write of an entry. Unbounded, JAX writes entries in place
-    without a lock, so a run reading a program that another run sharing the directory is still
-    writing (runs side by side, parallel test workers) loads a truncated executable and aborts."""
+    `$JAX_COMPILATION_CACHE_DIR` wins; else `path`; else `~/.cache/llada_jax/xla`."""
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or os.path.expanduser("~/.cache/llada_jax/xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and not checkpoint.is_url(path):
-        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path
