@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices and full-precision matmuls (the fixture's tolerance needs it)."""
 
 import fcntl
+import gc
 import os
 import tempfile
 
@@ -31,6 +32,20 @@ def pytest_collection_modifyitems(config, items):
     Only tests without module-scoped fixtures are marked (moving one would set its module's
     fixtures up twice)."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: ties keep order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """After each test module, drop JAX's cached programs (its fixtures are gone by then). Each
+    loaded XLA:CPU executable keeps memory mappings of its code: a worker that kept every program
+    had 35,023 after the 118 tests of tests/train, model and decode (-n 2), on course to pass
+    Linux's default 65,530 per process in a full run of ~290 tests a worker, where loading the
+    next program from the persistent cache died in XLA (a segfault or an abort in
+    `deserialize_executable`, twice in CI, late in the run). With this: at most 11,702. A later
+    module that needs a program again reads it back from the persistent cache."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
