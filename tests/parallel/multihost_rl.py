@@ -4,8 +4,8 @@
 
 The reward is the fraction of digits in a completion (a random init already varies on it, so
 advantages and updates are not zero). The mesh is FSDP over every device; the row offsets each
-process's group rollouts started from go to WORKDIR/group_rollouts_<process>.json. The held-out evaluation runs before the first step and
-after the last (the task's reward on the test split).
+process's group rollouts started from go to WORKDIR/group_rollouts_<process>.json. The held-out
+evaluation runs before the first step and after the last (the task's reward on the test split).
 
 Then, in the same processes (no second launch: these tests are CI's slowest), 3 LoRA SFT steps
 (rank 4, base frozen in bf16) on a seeded random base into WORKDIR/lora_sft.
