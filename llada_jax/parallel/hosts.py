@@ -213,8 +213,7 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray], global_size: Optio
     first = next(iter(local.values()))
     if global_size is None:
         # The count does not depend on the batch size beyond divisibility: ask with one row per slice.
-        ways = math.prod(mesh.shape[a] for a in batch_axes(mesh))
-        _, count = batch_rows(mesh, ways, what)
+        _, count = batch_rows(mesh, batch_ways(mesh), what)
         global_size = first.shape[0] * count
     _, count = batch_rows(mesh, global_size, what)
     out = {}
@@ -272,11 +271,9 @@ def process_blocks(mesh: Mesh) -> Optional[ProcessBlocks]:
         blocks[int(p)] = mesh.devices[block]
     if len({b.shape for b in blocks.values()}) != 1:
         return None
-    types = tuple(getattr(mesh, "axis_types", ()) or ())
-    auto = jax.sharding.AxisType.Auto
     stacked = Mesh(np.stack([blocks[p] for p in sorted(blocks)]), ("processes",) + tuple(mesh.axis_names),
-                   **({"axis_types": (auto,) + types} if types else {}))
-    local = Mesh(blocks[jax.process_index()], mesh.axis_names, **({"axis_types": types} if types else {}))
+                   axis_types=(jax.sharding.AxisType.Auto,) + tuple(mesh.axis_types))
+    local = Mesh(blocks[jax.process_index()], mesh.axis_names, axis_types=mesh.axis_types)
     return ProcessBlocks(local=local, stacked=stacked)
 
 

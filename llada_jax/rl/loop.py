@@ -296,11 +296,11 @@ def rollout(params, model_config: ModelConfig, prompts: Sequence[Sequence[int]],
     if blocks is not None:
         if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(params)):
             params = hosts.process_local_copy(params, blocks)
-        n = len(prompts) * r.group_size
-        _, count = hosts.batch_rows(mesh, hosts.batch_ways(mesh), "rl.prompts_per_step x rl.group_size")
-        index, _ = hosts.batch_rows(mesh, n * count, "rl.prompts_per_step x rl.group_size")
+        # This process's slice of the global rows (its index does not depend on the batch size).
+        index, _ = hosts.batch_rows(mesh, hosts.batch_ways(mesh), "rl.prompts_per_step x rl.group_size")
         return group_rollouts.generate_groups(params, model_config, list(prompts), group_size=r.group_size,
-                                              on_finish=on_finish, mesh=blocks.local, row_offset=index * n, **kw)
+                                              on_finish=on_finish, mesh=blocks.local,
+                                              row_offset=index * len(prompts) * r.group_size, **kw)
     if engine == "groups":
         logging.log_first_n(logging.WARNING, "rl.rollout_engine=groups: the processes' devices are not one block "
                             "of the mesh each; rollouts decode as one static batch (decode.generate, the same "
